@@ -1,0 +1,27 @@
+"""deformarray: deformable convolution and RoI pooling on NumPy and CuPy arrays.
+
+The array type picks the backend: ``numpy.ndarray`` runs Numba-parallel CPU loops,
+``cupy.ndarray`` runs CUDA kernels compiled at run time by NVRTC.
+"""
+
+from ._api import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+from ._config import (
+    get_deterministic,
+    get_workspace_limit,
+    set_deterministic,
+    set_workspace_limit,
+    workspace_limit,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeformConv2dGrads",
+    "deform_conv2d",
+    "deform_conv2d_backward",
+    "get_deterministic",
+    "get_workspace_limit",
+    "set_deterministic",
+    "set_workspace_limit",
+    "workspace_limit",
+]

@@ -1,0 +1,163 @@
+"""All argument checking lives here: shapes, pairs, groups and dtypes.
+
+Each public function calls one checker, which returns normalised parameters or raises
+``ValueError`` (bad shape or value, naming the argument and the expected shape) or
+``TypeError`` (bad type or mixed dtypes). Backends trust what comes out of here.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Element types each backend computes in. Half types exist only on CUDA, where they
+# accumulate in float32.
+CPU_DTYPES = ("float32", "float64")
+CUDA_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
+    """Normalise an int or a pair of ints to a pair, each at least ``minimum``."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        pair = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in value
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _shape_error(name: str, expected: str, got: tuple[int, ...]) -> ValueError:
+    return ValueError(f"{name} must have shape {expected}, got {tuple(got)}")
+
+
+def _check_ndim(name: str, arr: Any, layout: str) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in arr.shape)
+    if len(shape) != layout.count(",") + 1:
+        raise _shape_error(name, layout, shape)
+    return shape
+
+
+def check_dtypes(backend: str, **arrays: Any) -> np.dtype:
+    """All given arrays (``None`` skipped) share one floating dtype the backend supports."""
+    present = {k: v for k, v in arrays.items() if v is not None}
+    dtypes = {k: np.dtype(v.dtype) for k, v in present.items()}
+    first_name, first = next(iter(dtypes.items()))
+    for name, dt in dtypes.items():
+        if dt != first:
+            raise TypeError(
+                f"all arrays must share one dtype: {first_name} is {first}, {name} is {dt}"
+            )
+    allowed = CPU_DTYPES if backend == "numpy" else CUDA_DTYPES
+    if first.name not in allowed:
+        raise TypeError(
+            f"dtype {first} is not supported on the {backend} backend (supported: {', '.join(allowed)})"
+        )
+    return first
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    """Normalised geometry of one deformable convolution call."""
+
+    n: int
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    kh: int
+    kw: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    offset_groups: int
+    h_out: int
+    w_out: int
+    has_bias: bool
+    has_mask: bool
+
+    @property
+    def k(self) -> int:
+        """Kernel points per offset group (kh * kw)."""
+        return self.kh * self.kw
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.n, self.c_out, self.h_out, self.w_out)
+
+
+def conv_params(
+    input: Any,
+    offset: Any,
+    weight: Any,
+    bias: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    mask: Any,
+) -> ConvParams:
+    """Check the arguments of ``deform_conv2d`` and return its normalised geometry."""
+    n, c_in, h, w = _check_ndim("input", input, "(N, C_in, H, W)")
+    c_out, c_per_group, kh, kw = _check_ndim("weight", weight, "(C_out, C_in // groups, kh, kw)")
+    sh, sw = _pair(stride, "stride", 1)
+    ph, pw = _pair(padding, "padding", 0)
+    dh, dw = _pair(dilation, "dilation", 1)
+    if kh < 1 or kw < 1:
+        raise _shape_error("weight", "(C_out, C_in // groups, kh, kw) with kh, kw >= 1", weight.shape)
+    if c_per_group < 1 or c_in % c_per_group:
+        raise ValueError(
+            f"weight.shape[1] = {c_per_group} must divide input channels C_in = {c_in} "
+            f"(weight must have shape (C_out, C_in // groups, kh, kw))"
+        )
+    groups = c_in // c_per_group
+    if c_out < 1 or c_out % groups:
+        raise ValueError(
+            f"weight.shape[0] = C_out = {c_out} must be a positive multiple of groups = {groups}"
+        )
+    h_out = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    w_out = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    if h_out < 1 or w_out < 1:
+        raise ValueError(
+            f"output size would be ({h_out}, {w_out}) for input ({h}, {w}), kernel ({kh}, {kw}), "
+            f"stride ({sh}, {sw}), padding ({ph}, {pw}), dilation ({dh}, {dw}); it must be positive"
+        )
+    k = kh * kw
+    on, oc, oh, ow = _check_ndim("offset", offset, "(N, 2*G*kh*kw, H_out, W_out)")
+    expected_offset = f"(N, 2*G*kh*kw, H_out, W_out) = ({n}, 2*G*{k}, {h_out}, {w_out})"
+    if on != n or oh != h_out or ow != w_out or oc < 2 * k or oc % (2 * k):
+        raise _shape_error("offset", expected_offset, offset.shape)
+    offset_groups = oc // (2 * k)
+    if c_in % offset_groups:
+        raise ValueError(
+            f"offset groups G = offset.shape[1] // (2*kh*kw) = {offset_groups} must divide "
+            f"input channels C_in = {c_in}"
+        )
+    if bias is not None:
+        if tuple(bias.shape) != (c_out,):
+            raise _shape_error("bias", f"(C_out,) = ({c_out},)", bias.shape)
+    if mask is not None:
+        expected_mask = (n, offset_groups * k, h_out, w_out)
+        if tuple(mask.shape) != expected_mask:
+            raise _shape_error("mask", f"(N, G*kh*kw, H_out, W_out) = {expected_mask}", mask.shape)
+    return ConvParams(
+        n=n, c_in=c_in, h=h, w=w, c_out=c_out, kh=kh, kw=kw,
+        stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
+        groups=groups, offset_groups=offset_groups, h_out=h_out, w_out=w_out,
+        has_bias=bias is not None, has_mask=mask is not None,
+    )
+
+
+def check_grad_output(grad_output: Any, expected: tuple[int, ...], layout: str) -> None:
+    """``grad_output`` must have the forward output's shape."""
+    if tuple(int(s) for s in grad_output.shape) != tuple(expected):
+        raise _shape_error("grad_output", f"{layout} = {tuple(expected)}", grad_output.shape)

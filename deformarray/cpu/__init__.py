@@ -1,0 +1,1 @@
+"""Numba CPU backend: one module per operator, shared ``@njit`` helpers in ``_bilinear``."""
