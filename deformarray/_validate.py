@@ -161,3 +161,11 @@ def check_grad_output(grad_output: Any, expected: tuple[int, ...], layout: str) 
     """``grad_output`` must have the forward output's shape."""
     if tuple(int(s) for s in grad_output.shape) != tuple(expected):
         raise _shape_error("grad_output", f"{layout} = {tuple(expected)}", grad_output.shape)
+
+
+def check_plane_size(p: ConvParams) -> None:
+    """The CPU backend indexes one image plane with int32 (half the plan's memory traffic)."""
+    if p.h * p.w >= 2**31:
+        raise ValueError(
+            f"input plane H*W = {p.h}*{p.w} must be below 2**31 elements on the CPU backend"
+        )
