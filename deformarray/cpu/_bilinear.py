@@ -1,69 +1,45 @@
-"""Bilinear sampling helpers shared by the Numba operators.
-
-A "sampling plan" stores, for one sample point, its four corners as flat indices into an
-(H*W) image plane with their bilinear weights and the weights of the two partial
-derivatives. Invalid corners get index 0 and zero weights, so the gather loops that use
-the plan need no branches.
-"""
+"""Bilinear sampling helpers shared by the Numba operators."""
 
 from __future__ import annotations
-
-import math
 
 from numba import njit
 
 
 @njit(cache=True, inline="always")
-def plan_point(h, w, height, width, idx, bw, dhw, dww, j, with_grad):
-    """Fill row ``j`` of the plan arrays (each ``(..., 4)``) for the point ``(h, w)``.
+def corners(h, w, height, width):
+    """The four bilinear corners of the point ``(h, w)`` in an ``height x width`` plane.
+
+    Returns ``(i0, i1, i2, i3, e0, e1, e2, e3, lh, lw)``: flat indices of the corners
+    (low,low), (low,high), (high,low), (high,high); ``e*`` is 1.0 for a corner inside the
+    image and 0.0 otherwise, and its index is then ``height*width``: callers keep one
+    extra zero row there, so gathers and scatters need no branch; ``lh, lw`` are the
+    fractional parts. Bilinear weights are ``e0*(1-lh)*(1-lw), e1*(1-lh)*lw,
+    e2*lh*(1-lw), e3*lh*lw``.
 
     Rule (torchvision forward, mmcv gradient): a point with h <= -1, h >= H, w <= -1 or
-    w >= W samples 0 and has zero gradient; otherwise corners outside the image count
-    as 0. At integer coordinates the floor corner is used (one-sided derivative).
-    NaN coordinates fail every comparison and so sample 0, as in torchvision.
+    w >= W has all ``e* = 0``: it samples 0 and has zero gradient. At integer coordinates
+    the floor corner is the low one (a one-sided derivative). NaN coordinates fail every
+    comparison and sample 0, as in torchvision.
     """
-    for q in range(4):
-        idx[j, q] = 0
-        bw[j, q] = 0.0
-        if with_grad:
-            dhw[j, q] = 0.0
-            dww[j, q] = 0.0
     if not (h > -1.0 and w > -1.0 and h < height and w < width):
-        return
-    h_low = math.floor(h)
-    w_low = math.floor(w)
-    lh = h - h_low
-    lw = w - w_low
-    hh = 1.0 - lh
-    hw = 1.0 - lw
-    hl = int(h_low)
-    wl = int(w_low)
+        out = height * width
+        return out, out, out, out, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    # h, w > -1 here, so truncating h + 1 is floor(h) + 1 (cheaper than a floor call)
+    hl = int(h + 1.0) - 1
+    wl = int(w + 1.0) - 1
+    lh = h - hl
+    lw = w - wl
     top = hl >= 0
     bottom = hl + 1 <= height - 1
     left = wl >= 0
     right = wl + 1 <= width - 1
-    # corner order: (low, low), (low, high), (high, low), (high, high)
-    if top and left:
-        idx[j, 0] = hl * width + wl
-        bw[j, 0] = hh * hw
-        if with_grad:
-            dhw[j, 0] = -hw
-            dww[j, 0] = -hh
-    if top and right:
-        idx[j, 1] = hl * width + wl + 1
-        bw[j, 1] = hh * lw
-        if with_grad:
-            dhw[j, 1] = -lw
-            dww[j, 1] = hh
-    if bottom and left:
-        idx[j, 2] = (hl + 1) * width + wl
-        bw[j, 2] = lh * hw
-        if with_grad:
-            dhw[j, 2] = hw
-            dww[j, 2] = -lh
-    if bottom and right:
-        idx[j, 3] = (hl + 1) * width + wl + 1
-        bw[j, 3] = lh * lw
-        if with_grad:
-            dhw[j, 3] = lw
-            dww[j, 3] = lh
+    out = height * width
+    i0 = hl * width + wl if top and left else out
+    i1 = hl * width + wl + 1 if top and right else out
+    i2 = (hl + 1) * width + wl if bottom and left else out
+    i3 = (hl + 1) * width + wl + 1 if bottom and right else out
+    e0 = 1.0 if top and left else 0.0
+    e1 = 1.0 if top and right else 0.0
+    e2 = 1.0 if bottom and left else 0.0
+    e3 = 1.0 if bottom and right else 0.0
+    return i0, i1, i2, i3, e0, e1, e2, e3, lh, lw

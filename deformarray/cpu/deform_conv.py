@@ -1,18 +1,26 @@
 """Deformable convolution v1/v2 on NumPy arrays: Numba sampling kernels + BLAS products.
 
-Per chunk of the batch (or, for very large images, of one image's output pixels) whose
-buffers fit the workspace bound (``deformarray.set_workspace_limit``):
+Layout. The kernels work channels-last: the input is read as ``(N, H*W, C)`` so that the
+four bilinear corners of a sample point are four contiguous channel vectors, and every
+inner loop runs over channels (vectorised, no gathers). A sample point is shared by all
+channels of its offset group, so its coordinates are computed once per point.
 
-forward   plan (corners + weights of every sample point, shared by all channels of an
-          offset group) -> ``_im2col`` -> ``np.matmul`` per conv group -> + bias
-backward  plan with derivative weights -> columns -> grad weight = grad_out @ cols^T
-          -> grad cols = W^T @ grad_out (reusing the column buffer) -> ``_col2im``
-          (parallel over input-channel blocks: each thread owns its planes, so no races
-          and the same bits every run) -> ``_coord_grad`` (parallel over offset group x
-          kernel point x pixel tile, each writing its own outputs).
+Columns. ``cols`` is ``(nc, P, groups * K * Cg)``: for output pixel p, conv group r,
+kernel point k and channel c of the group, entry ``r*K*Cg + k*Cg + c`` (matching the
+weight reordered to ``(groups, C_out/groups, K*Cg)``), so each conv group's product is one
+BLAS call per image.
 
-Every reduction runs in a fixed order, so the backward is bitwise deterministic for a
-given thread count and workspace bound.
+forward   ``_im2col`` -> ``np.matmul`` per conv group -> + bias
+backward  ``_im2col`` -> grad weight = grad_out @ cols -> grad cols = grad_out^T @ W
+          (written over the column buffer) -> ``_col2im`` (parallel over blocks of input
+          channels: a task owns its channels' values in every pixel, so it adds without
+          races, and always in pixel order) -> ``_coord_grad`` (parallel over output-pixel
+          tiles; each offset/mask gradient value is written once).
+
+Chunking. Images are processed in chunks whose buffers fit the workspace bound
+(``deformarray.set_workspace_limit``); an image too large for the bound is split over its
+output pixels. Every reduction has a fixed order that depends only on the shapes and the
+bound, never on thread scheduling: the backward gives the same bits on every run.
 """
 
 from __future__ import annotations
@@ -22,144 +30,154 @@ from numba import njit, prange
 
 from .. import _config
 from .._validate import ConvParams, check_plane_size
-from ._bilinear import plan_point
+from ._bilinear import corners
 
-_TILE = 256  # output pixels per parallel task: keeps a task's plan slice in L1
-_CBLOCK = 8  # input channels per col2im task: its planes stay in L2
-
-
-# ---------------------------------------------------------------------------------------
-# Numba kernels. Shapes: x (N, C, H*W); offset (N, 2*G*K, HWo); mask (N, G*K, HWo);
-# plan arrays (nc, G, K, P, 4) for the chunk's images n0..n0+nc and pixels p0..p0+P.
-# ---------------------------------------------------------------------------------------
+_TILE = 64  # output pixels per parallel task
+# Reassociation lets LLVM vectorise the channel dot products; the order is still fixed
+# at compile time, so results stay bitwise reproducible. No 'nnan'/'ninf': NaN propagates.
+_FM = {"reassoc", "contract"}
 
 
-@njit(cache=True, parallel=True)
-def _plan(offset, n0, p0, idx, bw, dhw, dww, with_grad, height, width, w_out, kw,
-          sh, sw, ph, pw, dh, dw):
-    nc, n_groups, n_k, n_pix = idx.shape[0], idx.shape[1], idx.shape[2], idx.shape[3]
-    for task in prange(nc * n_groups * n_k):
-        n = task // (n_groups * n_k)
-        g = (task // n_k) % n_groups
-        k = task % n_k
-        i = k // kw
-        j = k % kw
-        off_y = offset[n0 + n, 2 * (g * n_k + k)]
-        off_x = offset[n0 + n, 2 * (g * n_k + k) + 1]
-        pi = idx[n, g, k]
-        pb = bw[n, g, k]
-        pdh = dhw[n, g, k] if with_grad else dhw[0, 0, 0]
-        pdw = dww[n, g, k] if with_grad else dww[0, 0, 0]
+@njit(cache=True, inline="always")
+def _point(off, n, ch, p, ho, wo, k, geo):
+    """Corners of the sample point of kernel point k (offset channel pair ch) at (ho, wo)."""
+    height, width, w_out, kw, sh, sw, ph, pw, dh, dw, n_k = geo
+    h = ho * sh - ph + (k // kw) * dh + off[n, 2 * ch, p]
+    w = wo * sw - pw + (k % kw) * dw + off[n, 2 * ch + 1, p]
+    return corners(h, w, height, width)
+
+
+# Channel runs. A "block" is a set of channels of one offset group (so they share sample
+# points); its channels form contiguous runs inside one conv group each. runs[b, j] =
+# (first channel, length, column index of the first channel at kernel point 0); the column
+# index at kernel point k adds k * Cg. Inner loops then run over contiguous channels.
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _im2col(xt, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs, cols):
+    """cols[n, pp, r*K*Cg + k*Cg + c] = mask * bilinear sample of channel c at its point.
+
+    xt is (nc, H*W + 1, C) with a zero last row, read for corners outside the image.
+    Arrays are indexed in full: per-point views would cost reference counting.
+    """
+    w_out, n_k = geo[2], geo[10]
+    nc, n_pix = cols.shape[0], cols.shape[1]
+    n_tiles = (n_pix + _TILE - 1) // _TILE
+    for task in prange(nc * n_tiles):
+        n = task // n_tiles
+        t = task % n_tiles
+        a = np.empty(4, xt.dtype)  # the weights in the data's precision
+        for pp in range(t * _TILE, min((t + 1) * _TILE, n_pix)):
+            p = p0 + pp
+            ho = p // w_out
+            wo = p - ho * w_out
+            for b in range(block_group.shape[0]):
+                g = block_group[b]
+                for k in range(n_k):
+                    ch = g * n_k + k
+                    i0, i1, i2, i3, e0, e1, e2, e3, lh, lw = _point(off, n0 + n, ch, p, ho, wo, k, geo)
+                    s = mask[n0 + n, ch, p] if has_mask else 1.0
+                    a[0] = e0 * (1.0 - lh) * (1.0 - lw) * s
+                    a[1] = e1 * (1.0 - lh) * lw * s
+                    a[2] = e2 * lh * (1.0 - lw) * s
+                    a[3] = e3 * lh * lw * s
+                    a0, a1, a2, a3 = a[0], a[1], a[2], a[3]
+                    for j in range(n_runs[b]):
+                        c0 = runs[b, j, 0]
+                        d0 = runs[b, j, 2] + k * cg
+                        for cc in range(runs[b, j, 1]):
+                            cols[n, pp, d0 + cc] = (a0 * xt[n, i0, c0 + cc] + a1 * xt[n, i1, c0 + cc]
+                                                    + a2 * xt[n, i2, c0 + cc] + a3 * xt[n, i3, c0 + cc])
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs, grad_xt):
+    """grad_xt += adjoint of _im2col. One task per (image, channel block): it owns those
+    channels in every pixel, so it adds without races and always in pixel order.
+    grad_xt is (nc, H*W + 1, C): the last row absorbs corners outside the image."""
+    w_out, n_k = geo[2], geo[10]
+    nc, n_pix = gcols.shape[0], gcols.shape[1]
+    n_blocks = block_group.shape[0]
+    for task in prange(nc * n_blocks):
+        n = task // n_blocks
+        b = task % n_blocks
+        g = block_group[b]
+        a = np.empty(4, grad_xt.dtype)
         for pp in range(n_pix):
             p = p0 + pp
             ho = p // w_out
             wo = p - ho * w_out
-            h = ho * sh - ph + i * dh + off_y[p]
-            w = wo * sw - pw + j * dw + off_x[p]
-            plan_point(h, w, height, width, pi, pb, pdh, pdw, pp, with_grad)
+            for k in range(n_k):
+                ch = g * n_k + k
+                i0, i1, i2, i3, e0, e1, e2, e3, lh, lw = _point(off, n0 + n, ch, p, ho, wo, k, geo)
+                if e0 + e1 + e2 + e3 == 0.0:
+                    continue
+                s = mask[n0 + n, ch, p] if has_mask else 1.0
+                a[0] = e0 * (1.0 - lh) * (1.0 - lw) * s
+                a[1] = e1 * (1.0 - lh) * lw * s
+                a[2] = e2 * lh * (1.0 - lw) * s
+                a[3] = e3 * lh * lw * s
+                a0, a1, a2, a3 = a[0], a[1], a[2], a[3]
+                for j in range(n_runs[b]):
+                    c0 = runs[b, j, 0]
+                    d0 = runs[b, j, 2] + k * cg
+                    for cc in range(runs[b, j, 1]):
+                        v = gcols[n, pp, d0 + cc]
+                        grad_xt[n, i0, c0 + cc] += a0 * v
+                        grad_xt[n, i1, c0 + cc] += a1 * v
+                        grad_xt[n, i2, c0 + cc] += a2 * v
+                        grad_xt[n, i3, c0 + cc] += a3 * v
 
 
-@njit(cache=True, parallel=True)
-def _im2col(x, mask, has_mask, n0, p0, idx, bw, cols):
-    """cols[n, c*K + k, pp] = mask * bilinear sample of channel c at plan point (g(c), k, pp)."""
-    nc, n_groups, n_k, n_pix = idx.shape[0], idx.shape[1], idx.shape[2], idx.shape[3]
-    c_per_g = x.shape[1] // n_groups
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
+                grad_off, grad_mask):
+    """Offset and mask gradients. With S_q = sum_c gcol_c * x_c(corner q) over the point's
+    channels, d/dh = sum_q dh_q S_q, d/dw = sum_q dw_q S_q and d/dmask = sum_q bw_q S_q.
+    Blocks here are whole offset groups; each output value is written by one task."""
+    height, width, w_out, n_k = geo[0], geo[1], geo[2], geo[10]
+    nc, n_pix = gcols.shape[0], gcols.shape[1]
     n_tiles = (n_pix + _TILE - 1) // _TILE
-    for task in prange(nc * n_groups * n_k * n_tiles):
+    for task in prange(nc * n_tiles):
+        n = task // n_tiles
         t = task % n_tiles
-        k = (task // n_tiles) % n_k
-        g = (task // (n_tiles * n_k)) % n_groups
-        n = task // (n_tiles * n_k * n_groups)
-        lo = t * _TILE
-        hi = min(lo + _TILE, n_pix)
-        pi = idx[n, g, k]
-        pb = bw[n, g, k]
-        m = mask[n0 + n, g * n_k + k] if has_mask else mask[0, 0]
-        for cl in range(c_per_g):
-            c = g * c_per_g + cl
-            plane = x[n0 + n, c]
-            row = cols[n, c * n_k + k]
-            for pp in range(lo, hi):
-                v = (pb[pp, 0] * plane[pi[pp, 0]] + pb[pp, 1] * plane[pi[pp, 1]]
-                     + pb[pp, 2] * plane[pi[pp, 2]] + pb[pp, 3] * plane[pi[pp, 3]])
-                if has_mask:
-                    v *= m[p0 + pp]
-                row[pp] = v
-
-
-@njit(cache=True, parallel=True)
-def _col2im(gcols, mask, has_mask, n0, p0, idx, bw, grad_x):
-    """grad_x[n, c] += adjoint of _im2col. Tasks own disjoint channel blocks: race-free."""
-    nc, n_groups, n_k, n_pix = idx.shape[0], idx.shape[1], idx.shape[2], idx.shape[3]
-    c_per_g = grad_x.shape[1] // n_groups
-    blocks_per_g = (c_per_g + _CBLOCK - 1) // _CBLOCK
-    n_tiles = (n_pix + _TILE - 1) // _TILE
-    for task in prange(nc * n_groups * blocks_per_g):
-        n = task // (n_groups * blocks_per_g)
-        g = (task // blocks_per_g) % n_groups
-        b = task % blocks_per_g
-        c_lo = g * c_per_g + b * _CBLOCK
-        c_hi = min(c_lo + _CBLOCK, (g + 1) * c_per_g)
-        for k in range(n_k):
-            pi = idx[n, g, k]
-            pb = bw[n, g, k]
-            m = mask[n0 + n, g * n_k + k] if has_mask else mask[0, 0]
-            for t in range(n_tiles):
-                lo = t * _TILE
-                hi = min(lo + _TILE, n_pix)
-                for c in range(c_lo, c_hi):
-                    plane = grad_x[n0 + n, c]
-                    row = gcols[n, c * n_k + k]
-                    for pp in range(lo, hi):
-                        v = row[pp]
-                        if has_mask:
-                            v *= m[p0 + pp]
-                        plane[pi[pp, 0]] += pb[pp, 0] * v
-                        plane[pi[pp, 1]] += pb[pp, 1] * v
-                        plane[pi[pp, 2]] += pb[pp, 2] * v
-                        plane[pi[pp, 3]] += pb[pp, 3] * v
-
-
-@njit(cache=True, parallel=True)
-def _coord_grad(x, gcols, mask, has_mask, n0, p0, idx, bw, dhw, dww, grad_offset, grad_mask):
-    """Offset and mask gradients: per sample point, a gather over its group's channels."""
-    nc, n_groups, n_k, n_pix = idx.shape[0], idx.shape[1], idx.shape[2], idx.shape[3]
-    c_per_g = x.shape[1] // n_groups
-    n_tiles = (n_pix + _TILE - 1) // _TILE
-    for task in prange(nc * n_groups * n_k * n_tiles):
-        t = task % n_tiles
-        k = (task // n_tiles) % n_k
-        g = (task // (n_tiles * n_k)) % n_groups
-        n = task // (n_tiles * n_k * n_groups)
-        lo = t * _TILE
-        hi = min(lo + _TILE, n_pix)
-        pi = idx[n, g, k]
-        pb = bw[n, g, k]
-        pdh = dhw[n, g, k]
-        pdw = dww[n, g, k]
-        gy = grad_offset[n0 + n, 2 * (g * n_k + k)]
-        gx = grad_offset[n0 + n, 2 * (g * n_k + k) + 1]
-        gm = grad_mask[n0 + n, g * n_k + k] if has_mask else grad_mask[0, 0]
-        for cl in range(c_per_g):
-            c = g * c_per_g + cl
-            plane = x[n0 + n, c]
-            row = gcols[n, c * n_k + k]
-            for pp in range(lo, hi):
-                v0 = plane[pi[pp, 0]]
-                v1 = plane[pi[pp, 1]]
-                v2 = plane[pi[pp, 2]]
-                v3 = plane[pi[pp, 3]]
-                gc = row[pp]
-                gy[p0 + pp] += gc * (pdh[pp, 0] * v0 + pdh[pp, 1] * v1 + pdh[pp, 2] * v2 + pdh[pp, 3] * v3)
-                gx[p0 + pp] += gc * (pdw[pp, 0] * v0 + pdw[pp, 1] * v1 + pdw[pp, 2] * v2 + pdw[pp, 3] * v3)
-                if has_mask:
-                    gm[p0 + pp] += gc * (pb[pp, 0] * v0 + pb[pp, 1] * v1 + pb[pp, 2] * v2 + pb[pp, 3] * v3)
-        if has_mask:
-            # the offset gradient is scaled by the mask once, after the channel sum
-            m = mask[n0 + n, g * n_k + k]
-            for pp in range(lo, hi):
-                gy[p0 + pp] *= m[p0 + pp]
-                gx[p0 + pp] *= m[p0 + pp]
+        for pp in range(t * _TILE, min((t + 1) * _TILE, n_pix)):
+            p = p0 + pp
+            ho = p // w_out
+            wo = p - ho * w_out
+            for b in range(block_group.shape[0]):
+                g = block_group[b]
+                for k in range(n_k):
+                    ch = g * n_k + k
+                    i0, i1, i2, i3, e0, e1, e2, e3, lh, lw = _point(off, n0 + n, ch, p, ho, wo, k, geo)
+                    if e0 + e1 + e2 + e3 == 0.0:
+                        continue  # outside the image: zero gradients (outputs start at zero)
+                    s0 = xt[n, height * width, 0]  # a zero typed like the data
+                    s1 = s0
+                    s2 = s0
+                    s3 = s0
+                    for j in range(n_runs[b]):
+                        c0 = runs[b, j, 0]
+                        d0 = runs[b, j, 2] + k * cg
+                        for cc in range(runs[b, j, 1]):
+                            v = gcols[n, pp, d0 + cc]
+                            s0 += v * xt[n, i0, c0 + cc]
+                            s1 += v * xt[n, i1, c0 + cc]
+                            s2 += v * xt[n, i2, c0 + cc]
+                            s3 += v * xt[n, i3, c0 + cc]
+                    gy = -(1.0 - lw) * e0 * s0 - lw * e1 * s1 + (1.0 - lw) * e2 * s2 + lw * e3 * s3
+                    gx = -(1.0 - lh) * e0 * s0 + (1.0 - lh) * e1 * s1 - lh * e2 * s2 + lh * e3 * s3
+                    if has_mask:
+                        m = mask[n0 + n, ch, p]
+                        grad_off[n0 + n, 2 * ch, p] = gy * m
+                        grad_off[n0 + n, 2 * ch + 1, p] = gx * m
+                        grad_mask[n0 + n, ch, p] = (
+                            e0 * (1.0 - lh) * (1.0 - lw) * s0 + e1 * (1.0 - lh) * lw * s1
+                            + e2 * lh * (1.0 - lw) * s2 + e3 * lh * lw * s3
+                        )
+                    else:
+                        grad_off[n0 + n, 2 * ch, p] = gy
+                        grad_off[n0 + n, 2 * ch + 1, p] = gx
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,56 +185,98 @@ def _coord_grad(x, gcols, mask, has_mask, n0, p0, idx, bw, dhw, dww, grad_offset
 # ---------------------------------------------------------------------------------------
 
 
-def _chunks(p: ConvParams, itemsize: int, plan_weights: int):
-    """Yield (n0, nc, p0, np_) so that each chunk's buffers fit the workspace bound.
+def _chunks(p: ConvParams, itemsize: int, planes: int):
+    """Yield ``(n0, nc, [(p0, np_), ...])``: image chunks and their output-pixel ranges.
 
-    Bytes per output pixel of one image: its column (C_in*K values), its plan
-    (G*K points x 4 corners x (int32 index + plan_weights floats)) and one output/grad
-    column (C_out values) for products that cannot write in place.
+    Workspace of a chunk: ``planes`` channels-last copies of its images (input, and in the
+    backward the input gradient) plus, per output pixel, a column (C_in*K values) and one
+    output value per C_out (products that cannot write in place).
     """
     hw = p.h_out * p.w_out
-    per_pixel = itemsize * (p.c_in * p.k + p.c_out) + p.offset_groups * p.k * 4 * (4 + plan_weights * itemsize)
+    fixed = planes * itemsize * p.c_in * p.h * p.w
+    per_pixel = itemsize * (p.c_in * p.k + p.c_out)
     limit = _config.get_workspace_limit()
-    per_image = per_pixel * hw
+    per_image = fixed + per_pixel * hw
     if per_image <= limit:
         step = max(1, limit // per_image)
         for n0 in range(0, p.n, step):
-            yield n0, min(step, p.n - n0), 0, hw
+            yield n0, min(step, p.n - n0), [(0, hw)]
     else:
-        step = max(1, limit // per_pixel)
+        step = max(1, (limit - fixed) // per_pixel)
+        ranges = [(p0, min(step, hw - p0)) for p0 in range(0, hw, step)]
         for n0 in range(p.n):
-            for p0 in range(0, hw, step):
-                yield n0, 1, p0, min(step, hw - p0)
+            yield n0, 1, ranges
 
 
-def _flat_inputs(p: ConvParams, input, offset, mask):
-    """Contiguous (N, C, H*W)-style views; non-contiguous arrays are copied once."""
-    x = np.ascontiguousarray(input).reshape(p.n, p.c_in, p.h * p.w)
-    off = np.ascontiguousarray(offset).reshape(p.n, -1, p.h_out * p.w_out)
-    if mask is not None:
-        m = np.ascontiguousarray(mask).reshape(p.n, -1, p.h_out * p.w_out)
-    else:
-        m = np.zeros((1, 1, 1), dtype=x.dtype)  # placeholder: Numba needs an array
-    return x, off, m
-
-
-def _make_plan(p: ConvParams, off, dtype, n0, nc, p0, np_, with_grad):
-    shape = (nc, p.offset_groups, p.k, np_, 4)
-    idx = np.empty(shape, dtype=np.int32)
-    bw = np.empty(shape, dtype=dtype)
-    if with_grad:
-        dhw = np.empty(shape, dtype=dtype)
-        dww = np.empty(shape, dtype=dtype)
-    else:
-        dhw = dww = np.zeros((1, 1, 1, 1, 4), dtype=dtype)
+def _geometry(p: ConvParams):
     (sh, sw), (ph, pw), (dh, dw) = p.stride, p.padding, p.dilation
-    _plan(off, n0, p0, idx, bw, dhw, dww, with_grad, p.h, p.w, p.w_out, p.kw, sh, sw, ph, pw, dh, dw)
-    return idx, bw, dhw, dww
+    return (p.h, p.w, p.w_out, p.kw, sh, sw, ph, pw, dh, dw, p.k)
+
+
+def _channel_runs(p: ConvParams, block: int):
+    """Blocks of at most ``block`` channels of one offset group, split into runs that stay
+    in one conv group: ``(block_group (B,), n_runs (B,), runs (B, R, 3))``."""
+    cg = p.c_in // p.groups
+    cgo = p.c_in // p.offset_groups
+    groups, blocks = [], []
+    for g in range(p.offset_groups):
+        for lo in range(g * cgo, (g + 1) * cgo, block):
+            hi = min(lo + block, (g + 1) * cgo)
+            block_runs = []
+            c = lo
+            while c < hi:
+                r = c // cg
+                stop = min(hi, (r + 1) * cg)
+                block_runs.append((c, stop - c, r * (p.k - 1) * cg + c))
+                c = stop
+            groups.append(g)
+            blocks.append(block_runs)
+    runs = np.zeros((len(blocks), max(len(b) for b in blocks), 3), dtype=np.int64)
+    for i, block_runs in enumerate(blocks):
+        runs[i, :len(block_runs)] = block_runs
+    return np.array(groups, dtype=np.int64), np.array([len(b) for b in blocks], dtype=np.int64), runs
+
+
+def _flat(p: ConvParams, offset, mask, dtype):
+    """Offset and mask as contiguous (N, channels, H_out*W_out); a dummy mask if absent."""
+    off = np.ascontiguousarray(offset).reshape(p.n, -1, p.h_out * p.w_out)
+    if mask is None:
+        return off, np.zeros((1, 1, 1), dtype=dtype)  # Numba needs an array of this type
+    return off, np.ascontiguousarray(mask).reshape(p.n, -1, p.h_out * p.w_out)
+
+
+def _channels_last(input, n0, nc):
+    """(nc, H*W + 1, C) channels-last copy of images n0..n0+nc, plus a zero row that the
+    kernels read for corners outside the image."""
+    chunk = input[n0:n0 + nc]
+    _, c, h, w = chunk.shape
+    xt = np.empty((nc, h * w + 1, c), dtype=chunk.dtype)
+    xt[:, :h * w].reshape(nc, h, w, c)[...] = chunk.transpose(0, 2, 3, 1)
+    xt[:, h * w] = 0
+    return xt
 
 
 def _grouped_weight(p: ConvParams, weight):
-    """weight (C_out, C_in/groups, kh, kw) -> (groups, C_out/groups, C_in/groups*K)."""
-    return np.ascontiguousarray(weight).reshape(p.groups, p.c_out // p.groups, -1)
+    """(C_out, Cg, kh, kw) -> (groups, C_out/groups, K*Cg), kernel point major like cols."""
+    cg = p.c_in // p.groups
+    w = np.asarray(weight).reshape(p.groups, p.c_out // p.groups, cg, p.k)
+    return np.ascontiguousarray(w.transpose(0, 1, 3, 2)).reshape(p.groups, p.c_out // p.groups, p.k * cg)
+
+
+def _cols_by_group(p: ConvParams, cols):
+    """View cols (nc, P, groups*K*Cg) as (nc, groups, P, K*Cg)."""
+    nc, np_ = cols.shape[0], cols.shape[1]
+    return cols.reshape(nc, np_, p.groups, -1).transpose(0, 2, 1, 3)
+
+
+def _col2im_block(p: ConvParams, nc: int) -> int:
+    """Channels per col2im task: wide enough to vectorise, narrow enough for >= 8 tasks.
+    Depends on shapes only (never on the thread count), so results do not either."""
+    cgo = p.c_in // p.offset_groups
+    cb = 64
+    while cb > 4 and nc * p.offset_groups * -(-cgo // cb) < 8:
+        cb //= 2
+    return cb
 
 
 def forward(p: ConvParams, input, offset, weight, bias, mask):
@@ -226,18 +286,22 @@ def forward(p: ConvParams, input, offset, weight, bias, mask):
     out = np.empty((p.n, p.c_out, hw), dtype=dtype)
     if p.n == 0:
         return out.reshape(p.out_shape)
-    x, off, m = _flat_inputs(p, input, offset, mask)
+    off, m = _flat(p, offset, mask, dtype)
+    geo = _geometry(p)
+    cg = p.c_in // p.groups
+    runs = _channel_runs(p, p.c_in // p.offset_groups)
     wg = _grouped_weight(p, weight)
     cog = p.c_out // p.groups
-    for n0, nc, p0, np_ in _chunks(p, dtype.itemsize, plan_weights=1):
-        idx, bw, _, _ = _make_plan(p, off, dtype, n0, nc, p0, np_, with_grad=False)
-        cols = np.empty((nc, p.c_in * p.k, np_), dtype=dtype)
-        _im2col(x, m, mask is not None, n0, p0, idx, bw, cols)
-        cols4 = cols.reshape(nc, p.groups, -1, np_)
-        if np_ == hw:
-            np.matmul(wg, cols4, out=out[n0:n0 + nc].reshape(nc, p.groups, cog, hw))
-        else:
-            out[n0, :, p0:p0 + np_] = np.matmul(wg, cols4).reshape(p.c_out, np_)
+    for n0, nc, ranges in _chunks(p, dtype.itemsize, planes=1):
+        xt = _channels_last(input, n0, nc)
+        for p0, np_ in ranges:
+            cols = np.empty((nc, np_, p.c_in * p.k), dtype=dtype)
+            _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
+            colsT = _cols_by_group(p, cols).transpose(0, 1, 3, 2)  # (nc, groups, K*Cg, P)
+            if np_ == hw:
+                np.matmul(wg, colsT, out=out[n0:n0 + nc].reshape(nc, p.groups, cog, hw))
+            else:
+                out[n0, :, p0:p0 + np_] = np.matmul(wg, colsT).reshape(p.c_out, np_)
     if bias is not None:
         out += np.asarray(bias)[None, :, None]
     return out.reshape(p.out_shape)
@@ -248,32 +312,42 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
     check_plane_size(p)
     dtype = input.dtype
     hw = p.h_out * p.w_out
-    grad_x = np.zeros((p.n, p.c_in, p.h * p.w), dtype=dtype)
+    grad_x = np.empty((p.n, p.c_in, p.h, p.w), dtype=dtype)
     grad_off = np.zeros((p.n, 2 * p.offset_groups * p.k, hw), dtype=dtype)
     grad_m = np.zeros((p.n, p.offset_groups * p.k, hw), dtype=dtype) if mask is not None else None
     wg = _grouped_weight(p, weight)
-    grad_w = np.zeros_like(wg)
+    grad_wg = np.zeros_like(wg)
     go = np.ascontiguousarray(grad_output).reshape(p.n, p.groups, p.c_out // p.groups, hw)
     grad_b = go.sum(axis=(0, 3)).reshape(p.c_out) if bias is not None else None
     if p.n > 0:
-        x, off, m = _flat_inputs(p, input, offset, mask)
+        off, m = _flat(p, offset, mask, dtype)
         gm = grad_m if grad_m is not None else np.zeros((1, 1, 1), dtype=dtype)
-        wgt = np.ascontiguousarray(wg.transpose(0, 2, 1))
-        for n0, nc, p0, np_ in _chunks(p, dtype.itemsize, plan_weights=3):
-            idx, bw, dhw, dww = _make_plan(p, off, dtype, n0, nc, p0, np_, with_grad=True)
-            cols = np.empty((nc, p.c_in * p.k, np_), dtype=dtype)
-            _im2col(x, m, mask is not None, n0, p0, idx, bw, cols)
-            cols4 = cols.reshape(nc, p.groups, -1, np_)
-            go_chunk = go[n0:n0 + nc, :, :, p0:p0 + np_]
-            for j in range(nc):
-                grad_w += np.matmul(go_chunk[j], cols4[j].transpose(0, 2, 1))
-            np.matmul(wgt, go_chunk, out=cols4)  # the column buffer now holds grad cols
-            _col2im(cols, m, mask is not None, n0, p0, idx, bw, grad_x)
-            _coord_grad(x, cols, m, mask is not None, n0, p0, idx, bw, dhw, dww, grad_off, gm)
+        geo = _geometry(p)
+        cg = p.c_in // p.groups
+        runs = _channel_runs(p, p.c_in // p.offset_groups)
+        for n0, nc, ranges in _chunks(p, dtype.itemsize, planes=2):
+            xt = _channels_last(input, n0, nc)
+            grad_xt = np.zeros_like(xt)
+            block_runs = _channel_runs(p, _col2im_block(p, nc))
+            for p0, np_ in ranges:
+                cols = np.empty((nc, np_, p.c_in * p.k), dtype=dtype)
+                _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
+                cols_g = _cols_by_group(p, cols)  # (nc, groups, P, K*Cg)
+                go_chunk = go[n0:n0 + nc, :, :, p0:p0 + np_]  # (nc, groups, Cog, P)
+                for j in range(nc):
+                    grad_wg += np.matmul(go_chunk[j], cols_g[j])
+                # the column buffer now receives grad cols = grad_out^T @ W
+                np.matmul(go_chunk.transpose(0, 1, 3, 2), wg, out=cols_g)
+                _col2im(cols, off, m, mask is not None, n0, p0, geo, cg, *block_runs, grad_xt)
+                _coord_grad(xt, cols, off, m, mask is not None, n0, p0, geo, cg, *runs, grad_off, gm)
+            hw_in = p.h * p.w
+            grad_x[n0:n0 + nc] = grad_xt[:, :hw_in].reshape(nc, p.h, p.w, p.c_in).transpose(0, 3, 1, 2)
+    cg = p.c_in // p.groups
+    grad_w = grad_wg.reshape(p.groups, p.c_out // p.groups, p.k, cg).transpose(0, 1, 3, 2)
     return (
-        grad_x.reshape(input.shape),
+        grad_x,
         grad_off.reshape(offset.shape),
-        grad_w.reshape(weight.shape),
+        np.ascontiguousarray(grad_w).reshape(weight.shape),
         grad_b,
         grad_m.reshape(mask.shape) if grad_m is not None else None,
     )

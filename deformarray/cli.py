@@ -1,0 +1,226 @@
+"""``deformarray`` command line: ``info`` (versions, backends, settings) and ``bench``.
+
+Both must work on any machine: a missing cupy, torch or GPU is a one-line reason in the
+output, never a traceback. The benchmark itself lives in ``deformarray._bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Optional, Sequence
+
+from . import _bench
+
+
+# ---------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------
+
+
+def _numba_threading_layer() -> str:
+    """Numba only picks its threading layer on the first parallel call: make a tiny one
+    (well under a second) so the answer is the layer our kernels will really use."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True, cache=False)
+    def touch(a):
+        for i in numba.prange(a.shape[0]):
+            a[i] = i
+
+    try:
+        touch(np.empty(2))
+        return numba.threading_layer()
+    except Exception as exc:  # noqa: BLE001 - no usable layer is a finding, not a crash
+        return f"unavailable ({_bench.one_line(exc)})"
+
+
+def _blas_info() -> str:
+    import numpy as np
+
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        text = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:  # noqa: BLE001 - numpy < 1.25 or an unusual build: not worth failing over
+        return "unknown"
+    tpc, _ = _bench.optional_import("threadpoolctl")
+    if tpc is not None:
+        pools = [p for p in tpc.threadpool_info() if p.get("user_api") == "blas"]
+        if pools:
+            text += f", {pools[0].get('num_threads')} threads"
+    return text
+
+
+def _cupy_lines() -> list[tuple[str, str]]:
+    """cupy: importable? GPU present? device name and compute capability; NVRTC version.
+    NVRTC is asked separately because it works without a GPU (kernels still compile)."""
+    cupy, reason = _bench.optional_import("cupy")
+    if cupy is None:
+        return [("cupy", reason.removeprefix("cupy "))]
+    lines = [("cupy", cupy.__version__)]
+    try:
+        major, minor = cupy.cuda.nvrtc.getVersion()
+        lines.append(("NVRTC", f"{major}.{minor}"))
+    except Exception as exc:  # noqa: BLE001
+        lines.append(("NVRTC", f"unavailable ({_bench.one_line(exc)})"))
+    gpu, reason = _bench.gpu_status()
+    if gpu is None:
+        lines.append(("GPU", f"none: {reason}"))
+        return lines
+    for i in range(gpu.cuda.runtime.getDeviceCount()):
+        lines.append((f"GPU {i}", _bench.describe_gpu(gpu, i)))
+    rt = gpu.cuda.runtime.runtimeGetVersion()
+    drv = gpu.cuda.runtime.driverGetVersion()
+    lines.append(("CUDA", f"runtime {rt // 1000}.{rt % 1000 // 10}, driver {drv // 1000}.{drv % 1000 // 10}"))
+    return lines
+
+
+def _framework_lines() -> list[tuple[str, str]]:
+    lines = []
+    for name in ("torch", "torchvision", "jax"):
+        mod, reason = _bench.optional_import(name)
+        if mod is None:
+            lines.append((name, reason.removeprefix(f"{name} ")))
+            continue
+        extra = ""
+        if name == "torch":
+            cuda = f"CUDA {mod.version.cuda}" if mod.version.cuda else "CPU-only build"
+            extra = f" ({cuda}, {mod.get_num_threads()} threads)"
+        lines.append((name, f"{mod.__version__}{extra}"))
+    return lines
+
+
+def info_lines() -> list[tuple[str, str]]:
+    import numba
+    import numpy as np
+
+    import deformarray
+
+    return [
+        ("deformarray", f"{deformarray.__version__} ({os.path.dirname(deformarray.__file__)})"),
+        ("python", f"{platform.python_version()} ({platform.platform()})"),
+        ("numpy", np.__version__),
+        ("BLAS", _blas_info()),
+        ("numba", numba.__version__),
+        ("numba threads", f"{numba.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS} "
+                          f"(CPU cores: {os.cpu_count()})"),
+        ("threading layer", _numba_threading_layer()),
+        ("workspace bound", f"{deformarray.get_workspace_limit() / _bench.MIB:g} MiB"),
+        ("backends", "numpy (always)" + (", cupy" if _bench.gpu_status()[0] is not None else "")),
+        *_cupy_lines(),
+        *_framework_lines(),
+    ]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    lines = info_lines()
+    if args.json:
+        print(json.dumps(dict(lines), indent=2))
+    else:
+        width = max(len(k) for k, _ in lines)
+        for key, value in lines:
+            print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------
+
+
+def _shapes_arg(text: str) -> list:
+    try:
+        return _bench.parse_shapes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _check_bench_args(args: argparse.Namespace) -> Optional[str]:
+    """Errors argparse cannot see by itself; returned as text for ``parser.error``."""
+    import numba
+
+    if args.threads is not None and args.threads > numba.config.NUMBA_NUM_THREADS:
+        return (f"--threads {args.threads} exceeds Numba's maximum {numba.config.NUMBA_NUM_THREADS} "
+                "(set NUMBA_NUM_THREADS before starting to raise it)")
+    if args.dtype not in (None, *_bench.CPU_DTYPES) and args.backend in (None, "numpy", "all"):
+        return f"--dtype {args.dtype} runs on the cupy backend only: add --backend cupy"
+    return None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    opts = _bench.Options(shapes=args.shapes, dtype=args.dtype, repeat=args.repeat,
+                          backend=args.backend, threads=args.threads)
+    report = _bench.run(opts)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_bench.format_report(report))
+    if not report["results"]:
+        print("nothing was run", file=sys.stderr)
+        return 1
+    # a failing deformarray call is a bug worth a non-zero status; a failing reference is not
+    return 1 if any("error" in row["ours"] for row in report["results"]) else 0
+
+
+# ---------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deformarray", description="deformarray command line tools")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench}")
+
+    info = sub.add_parser("info", help="versions, backends, GPU, settings")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time deform_conv2d against a dense convolution",
+        description="Time deform_conv2d (mask + bias, 3x3, padding 1) forward and forward+backward "
+                    "against a dense convolution of the same shape, from one run.",
+    )
+    bench.add_argument("--shapes", type=_shapes_arg, metavar='"N,C,H,W,Co;..."',
+                       help="shapes to run (default: a CPU set and a GPU set)")
+    bench.add_argument("--dtype", choices=(*_bench.CPU_DTYPES, "float16"),
+                       help="default: float32 on CPU; float32 and float16 on GPU (float16: cupy only)")
+    bench.add_argument("--repeat", type=_positive_int, default=5, help="timed runs per measurement, median kept (default 5)")
+    bench.add_argument("--backend", choices=("numpy", "cupy", "all"),
+                       help="default: numpy, plus cupy when a GPU is present")
+    bench.add_argument("--threads", type=_positive_int, help="Numba (and torch, BLAS) thread count")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    bench.set_defaults(func=cmd_bench, subparser=bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        error = _check_bench_args(args)
+        if error:
+            args.subparser.error(error)  # status 2 and the bench usage line, like argparse's own
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m deformarray.cli`
+    sys.exit(main())
