@@ -32,7 +32,9 @@ MIB = 1 << 20
 # (N, C_in, H, W, C_out). CPU shapes: a ResNet stage, a deep narrow map, a wide shallow one.
 DEFAULT_CPU_SHAPES = ((8, 64, 56, 56, 64), (2, 256, 32, 32, 256), (1, 16, 128, 128, 16))
 # GPU shapes: the same ResNet stage, larger batches/channels, and a detection-size feature map.
-DEFAULT_GPU_SHAPES = ((8, 64, 56, 56, 64), (8, 256, 64, 64, 256), (32, 128, 28, 28, 128), (2, 512, 100, 160, 512))
+DEFAULT_GPU_SHAPES = (
+    (8, 64, 56, 56, 64), (8, 256, 64, 64, 256), (32, 128, 28, 28, 128), (2, 512, 100, 160, 512)
+)
 DEFAULT_GPU_DTYPES = ("float32", "float16")
 CPU_DTYPES = ("float32", "float64")  # the numpy backend's dtypes (SPEC)
 
@@ -441,7 +443,7 @@ def run_case(case: Case, build: Callable[[Inputs], list], repeat: int, progress:
     ours = row["ours"]
     row["ratios"] = {
         name: {ph: _ratio(ours.get(f"{ph}_ms"), row[name].get(f"{ph}_ms")) for ph in ("fwd", "fwdbwd")}
-        for name in row if name in ("dense", "torchvision")
+        for name in ("dense", "torchvision") if name in row
     }
     if "peak_extra_mib" in ours:
         ours["within_workspace"] = ours["peak_extra_mib"] * MIB <= deformarray.get_workspace_limit()
@@ -540,75 +542,94 @@ class Options:
     threads: Optional[int] = None
 
 
-def run(opts: Options) -> dict:
-    """Run the selected sections and return the report (rows, environment, notes)."""
-    import numba
+def _cpu_cases(opts: Options, torch: Optional[Any], torch_reason: str, notes: list) -> list:
+    if torch is None:
+        notes.append(f"{torch_reason}: CPU dense reference is a NumPy im2col+matmul convolution")
+    build = cpu_builder(torch)
+    shapes = opts.shapes or list(map(Shape._make, DEFAULT_CPU_SHAPES))
+    return [(Case("numpy", s, opts.dtype or "float32"), build) for s in shapes]
 
-    import deformarray
 
-    load_note = machine_load_note()  # before we add load ourselves
-    torch, torch_reason = optional_import("torch")
-    threads = configure_threads(opts.threads, torch)
-    want_cpu = opts.backend in (None, "numpy", "all")
-    want_gpu = opts.backend in (None, "cupy", "all")
-    cupy, gpu_reason = gpu_status() if want_gpu else (None, "not requested (--backend numpy)")
-
-    cases: list[tuple[Case, Callable]] = []
-    notes: list[str] = [load_note] if load_note else []
-    if want_cpu:
-        cpu = cpu_builder(torch)
-        dtype = opts.dtype or "float32"
-        cases += [(Case("numpy", s, dtype), cpu) for s in opts.shapes or map(Shape._make, DEFAULT_CPU_SHAPES)]
-        if torch is None:
-            notes.append(f"{torch_reason}: CPU dense reference is a NumPy im2col+matmul convolution")
-    if cupy is not None:
-        tv, tv_reason = optional_import("torchvision") if torch is not None else (None, torch_reason)
-        gpu = gpu_builder(cupy, torch, tv)
-        dtypes = (opts.dtype,) if opts.dtype else DEFAULT_GPU_DTYPES
-        shapes = opts.shapes or list(map(Shape._make, DEFAULT_GPU_SHAPES))
-        cases += [(Case("cupy", s, d), gpu) for d in dtypes for s in shapes]
-        if torch is None or not torch.cuda.is_available():
-            notes.append(f"GPU: no torch CUDA ({torch_reason or 'torch built without CUDA'}): torch columns skipped")
-        elif tv is None:
+def _gpu_cases(opts: Options, cupy: Any, torch: Optional[Any], torch_reason: str, notes: list) -> list:
+    tv, tv_reason = optional_import("torchvision") if torch is not None else (None, torch_reason)
+    if torch is None or not torch.cuda.is_available():
+        notes.append(f"GPU: no CUDA torch ({torch_reason or 'torch is a CPU-only build'}): torch columns skipped")
+    else:
+        torch.backends.cudnn.benchmark = True  # the dense yardstick with its best algorithm
+        if tv is None:
             notes.append(f"GPU: {tv_reason}: torchvision columns skipped")
-        if torch is not None and torch.cuda.is_available():
-            torch.backends.cudnn.benchmark = True  # the dense yardstick at its best algorithm
+    build = gpu_builder(cupy, torch, tv)
+    shapes = opts.shapes or list(map(Shape._make, DEFAULT_GPU_SHAPES))
+    dtypes = (opts.dtype,) if opts.dtype else DEFAULT_GPU_DTYPES
+    return [(Case("cupy", s, d), build) for d in dtypes for s in shapes]
 
+
+def _run_cases(cases: list, repeat: int, cupy: Optional[Any], torch: Optional[Any]) -> list[dict]:
     progress = Progress(len(cases))
     rows = []
     try:
         for case, build in cases:
-            rows.append(run_case(case, build, opts.repeat, progress))
+            rows.append(run_case(case, build, repeat, progress))
             if case.backend == "cupy":
                 release_gpu_memory(cupy, torch)
     finally:
         progress.close()
+    return rows
 
-    for row in rows:
-        for name in ("ours", "dense", "torchvision"):
-            if "error" in row.get(name, {}):
-                notes.append(f"{row['backend']} {_row_shape(row)} {row['dtype']} {name}: {row[name]['error']}")
+
+def _error_notes(rows: list[dict]) -> list[str]:
+    return [
+        f"{row['backend']} {_row_shape(row)} {row['dtype']} {name}: {row[name]['error']}"
+        for row in rows for name in ("ours", "dense", "torchvision") if "error" in row.get(name, {})
+    ]
+
+
+def _environment(torch: Optional[Any], threads: dict, cupy: Optional[Any]) -> dict:
+    import numba
+
+    import deformarray
+
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel Numba code ran (e.g. only the GPU section)
         layer = None
     return {
-        "environment": {
-            "deformarray": deformarray.__version__,
-            "numpy": np.__version__,
-            "numba": numba.__version__,
-            "python": sys.version.split()[0],
-            "torch": getattr(torch, "__version__", None),
-            "threads": threads,
-            "numba_threading_layer": layer,
-            "workspace_limit_mib": deformarray.get_workspace_limit() / MIB,
-            "gpu": describe_gpu(cupy) if cupy is not None else None,
-        },
+        "deformarray": deformarray.__version__,
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "python": sys.version.split()[0],
+        "torch": getattr(torch, "__version__", None),
+        "threads": threads,
+        "numba_threading_layer": layer,
+        "workspace_limit_mib": deformarray.get_workspace_limit() / MIB,
+        "gpu": describe_gpu(cupy) if cupy is not None else None,
+    }
+
+
+def run(opts: Options) -> dict:
+    """Run the selected sections and return the report (rows, environment, notes)."""
+    load_note = machine_load_note()  # before we add load ourselves
+    notes: list[str] = [load_note] if load_note else []
+    torch, torch_reason = optional_import("torch")
+    threads = configure_threads(opts.threads, torch)
+
+    cases = []
+    if opts.backend in (None, "numpy", "all"):
+        cases += _cpu_cases(opts, torch, torch_reason, notes)
+    cupy, gpu_reason = None, "not requested (--backend numpy)"
+    if opts.backend in (None, "cupy", "all"):
+        cupy, gpu_reason = gpu_status()
+    if cupy is not None:
+        cases += _gpu_cases(opts, cupy, torch, torch_reason, notes)
+
+    rows = _run_cases(cases, opts.repeat, cupy, torch)
+    return {
+        "environment": _environment(torch, threads, cupy),
         "settings": {"repeat": opts.repeat, "backends": sorted({c.backend for c, _ in cases}),
                      "kernel": KERNEL, "padding": PADDING},
         "results": rows,
         "gpu_skipped": None if cupy is not None else gpu_reason,
-        "notes": notes,
+        "notes": notes + _error_notes(rows),
     }
 
 
@@ -641,12 +662,14 @@ def _ratio_cell(name: str, phase: str) -> Callable[[dict], str]:
 def _peak_cell(name: str) -> Callable[[dict], str]:
     def cell(row: dict) -> str:
         res = row.get(name) or {}
-        if "peak_extra_mib" not in res:
-            return "-"
-        flag = "" if res.get("within_workspace", True) else " OVER"
-        return f"{res['peak_extra_mib']:.1f}{flag}"
+        return f"{res['peak_extra_mib']:.1f}" if "peak_extra_mib" in res else "-"
 
     return cell
+
+
+def _bound_cell(row: dict) -> str:
+    within = row["ours"].get("within_workspace")
+    return "-" if within is None else ("yes" if within else "NO")
 
 
 def _warmup_cell(row: dict) -> str:
@@ -666,6 +689,7 @@ CPU_COLUMNS = [
     ("dense fwd+bwd ms", _ms("dense", "fwdbwd")),
     ("ratio", _ratio_cell("dense", "fwdbwd")),
     ("peak extra MiB", _peak_cell("ours")),
+    ("in bound", _bound_cell),
     ("warm-up s", _warmup_cell),
 ]
 GPU_COLUMNS = [
@@ -680,6 +704,7 @@ GPU_COLUMNS = [
     ("/tv f+b", _ratio_cell("torchvision", "fwdbwd")),
     ("/cuDNN f+b", _ratio_cell("dense", "fwdbwd")),
     ("peak MiB", _peak_cell("ours")),
+    ("in bound", _bound_cell),
     ("tv peak MiB", _peak_cell("torchvision")),
 ]
 
@@ -707,15 +732,17 @@ def format_report(report: dict) -> str:
         f"deformarray {env['deformarray']} deform_conv2d bench (mask + bias, k={KERNEL}, pad {PADDING}), "
         f"median of {report['settings']['repeat']} runs"
     )
-    out.append(f"threads: numba {th['numba']} ({env['numba_threading_layer'] or 'layer unknown'}), {torch_threads}{blas}; "
+    layer = env["numba_threading_layer"] or "layer unknown"
+    out.append(f"threads: numba {th['numba']} ({layer}), {torch_threads}{blas}; "
                f"workspace bound {env['workspace_limit_mib']:.0f} MiB")
     cpu = [r for r in report["results"] if r["backend"] == "numpy"]
     gpu = [r for r in report["results"] if r["backend"] == "cupy"]
     if cpu:
         out += ["", f"CPU, numpy arrays, {cpu[0]['dtype']}; dense = {_reference_label(cpu, 'dense')}",
                 format_table(CPU_COLUMNS, cpu),
-                "ratio = ours / dense; peak extra = workspace beyond outputs/gradients (NumPy allocations, "
-                "tracemalloc), OVER = above the bound; warm-up = first fwd + first fwd+bwd call (Numba compile)"]
+                "ratio = ours / dense; warm-up = first fwd + first fwd+bwd call (Numba compile)",
+                "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients; "
+                "in bound = within the workspace bound"]
     if gpu:
         out += ["", f"GPU ({env['gpu']}), cupy arrays; tv = {_reference_label(gpu, 'torchvision')}; "
                 f"cuDNN = {_reference_label(gpu, 'dense')}", format_table(GPU_COLUMNS, gpu),

@@ -110,6 +110,7 @@ def info_lines() -> list[tuple[str, str]]:
                           f"(CPU cores: {os.cpu_count()})"),
         ("threading layer", _numba_threading_layer()),
         ("workspace bound", f"{deformarray.get_workspace_limit() / _bench.MIB:g} MiB"),
+        ("deterministic", f"{deformarray.get_deterministic()} (CUDA backward default; CPU always is)"),
         ("backends", "numpy (always)" + (", cupy" if _bench.gpu_status()[0] is not None else "")),
         *_cupy_lines(),
         *_framework_lines(),
@@ -199,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shapes to run (default: a CPU set and a GPU set)")
     bench.add_argument("--dtype", choices=(*_bench.CPU_DTYPES, "float16"),
                        help="default: float32 on CPU; float32 and float16 on GPU (float16: cupy only)")
-    bench.add_argument("--repeat", type=_positive_int, default=5, help="timed runs per measurement, median kept (default 5)")
+    bench.add_argument("--repeat", type=_positive_int, default=5,
+                       help="timed runs per measurement, the median is reported (default 5)")
     bench.add_argument("--backend", choices=("numpy", "cupy", "all"),
                        help="default: numpy, plus cupy when a GPU is present")
     bench.add_argument("--threads", type=_positive_int, help="Numba (and torch, BLAS) thread count")

@@ -91,19 +91,27 @@ def _im2col(xt, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
-def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs, grad_xt):
-    """grad_xt += adjoint of _im2col. One task per (image, channel block): it owns those
-    channels in every pixel, so it adds without races and always in pixel order.
-    grad_xt is (nc, H*W + 1, C): the last row absorbs corners outside the image."""
+def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs, grad_xt, spill):
+    """grad_xt += adjoint of _im2col, without races and in a fixed order.
+
+    Task (image, channel block, part): it owns those channels for its part of the output
+    pixels and adds in pixel order. Part 0 adds into grad_xt, part s > 0 into its own
+    buffer spill[s - 1] (zeroed; the caller adds the spills in part order). Parts exist
+    only when images x blocks alone give too few tasks. grad_xt and spill are
+    (nc, H*W + 1, C): the last row absorbs corners outside the image.
+    """
     w_out, n_k = geo[2], geo[10]
     nc, n_pix = gcols.shape[0], gcols.shape[1]
     n_blocks = block_group.shape[0]
-    for task in prange(nc * n_blocks):
-        n = task // n_blocks
-        b = task % n_blocks
+    n_parts = spill.shape[0] + 1
+    for task in prange(nc * n_blocks * n_parts):
+        n = task // (n_blocks * n_parts)
+        b = (task // n_parts) % n_blocks
+        part = task % n_parts
         g = block_group[b]
+        dst = grad_xt if part == 0 else spill[part - 1]
         a = np.empty(4, grad_xt.dtype)
-        for pp in range(n_pix):
+        for pp in range(part * n_pix // n_parts, (part + 1) * n_pix // n_parts):
             p = p0 + pp
             ho = p // w_out
             wo = p - ho * w_out
@@ -123,10 +131,10 @@ def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, ru
                     d0 = runs[b, j, 2] + k * cg
                     for cc in range(runs[b, j, 1]):
                         v = gcols[n, pp, d0 + cc]
-                        grad_xt[n, i0, c0 + cc] += a0 * v
-                        grad_xt[n, i1, c0 + cc] += a1 * v
-                        grad_xt[n, i2, c0 + cc] += a2 * v
-                        grad_xt[n, i3, c0 + cc] += a3 * v
+                        dst[n, i0, c0 + cc] += a0 * v
+                        dst[n, i1, c0 + cc] += a1 * v
+                        dst[n, i2, c0 + cc] += a2 * v
+                        dst[n, i3, c0 + cc] += a3 * v
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -185,17 +193,17 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
 # ---------------------------------------------------------------------------------------
 
 
-def _chunks(p: ConvParams, itemsize: int, planes: int):
+def _chunks(p: ConvParams, itemsize: int, planes: int, limit: int):
     """Yield ``(n0, nc, [(p0, np_), ...])``: image chunks and their output-pixel ranges.
 
     Workspace of a chunk: ``planes`` channels-last copies of its images (input, and in the
     backward the input gradient) plus, per output pixel, a column (C_in*K values) and one
-    output value per C_out (products that cannot write in place).
+    output value per C_out (products that cannot write in place). The backward plans with
+    3/4 of the bound: the last quarter is for col2im's spill buffers.
     """
     hw = p.h_out * p.w_out
     fixed = planes * itemsize * p.c_in * p.h * p.w
     per_pixel = itemsize * (p.c_in * p.k + p.c_out)
-    limit = _config.get_workspace_limit()
     per_image = fixed + per_pixel * hw
     if per_image <= limit:
         step = max(1, limit // per_image)
@@ -269,14 +277,26 @@ def _cols_by_group(p: ConvParams, cols):
     return cols.reshape(nc, np_, p.groups, -1).transpose(0, 2, 1, 3)
 
 
-def _col2im_block(p: ConvParams, nc: int) -> int:
-    """Channels per col2im task: wide enough to vectorise, narrow enough for >= 8 tasks.
-    Depends on shapes only (never on the thread count), so results do not either."""
+_MIN_TASKS = 8  # parallel tasks wanted per kernel call (a fixed figure, not the thread count)
+
+
+def _col2im_split(p: ConvParams, nc: int, xt_bytes: int):
+    """(channels per col2im block, pixel parts) for a chunk of nc images.
+
+    Blocks are at least 16 channels wide (one AVX-512 vector of float32) so the scatter
+    vectorises; if images x blocks still give fewer than _MIN_TASKS tasks, the pixels are
+    split into parts with their own buffers, as many as a quarter of the workspace bound
+    allows. Both depend only on shapes and the bound (never on the thread count), so the
+    summation order, and the bits, do too.
+    """
     cgo = p.c_in // p.offset_groups
     cb = 64
-    while cb > 4 and nc * p.offset_groups * -(-cgo // cb) < 8:
+    while cb > 16 and nc * p.offset_groups * -(-cgo // cb) < _MIN_TASKS:
         cb //= 2
-    return cb
+    tasks = nc * p.offset_groups * -(-cgo // cb)
+    parts = -(-_MIN_TASKS // tasks)
+    parts = max(1, min(parts, 1 + _config.get_workspace_limit() // (4 * xt_bytes)))
+    return cb, parts
 
 
 def forward(p: ConvParams, input, offset, weight, bias, mask):
@@ -292,7 +312,7 @@ def forward(p: ConvParams, input, offset, weight, bias, mask):
     runs = _channel_runs(p, p.c_in // p.offset_groups)
     wg = _grouped_weight(p, weight)
     cog = p.c_out // p.groups
-    for n0, nc, ranges in _chunks(p, dtype.itemsize, planes=1):
+    for n0, nc, ranges in _chunks(p, dtype.itemsize, planes=1, limit=_config.get_workspace_limit()):
         xt = _channels_last(input, n0, nc)
         for p0, np_ in ranges:
             cols = np.empty((nc, np_, p.c_in * p.k), dtype=dtype)
@@ -325,10 +345,12 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
         geo = _geometry(p)
         cg = p.c_in // p.groups
         runs = _channel_runs(p, p.c_in // p.offset_groups)
-        for n0, nc, ranges in _chunks(p, dtype.itemsize, planes=2):
+        for n0, nc, ranges in _chunks(p, dtype.itemsize, planes=2, limit=3 * _config.get_workspace_limit() // 4):
             xt = _channels_last(input, n0, nc)
             grad_xt = np.zeros_like(xt)
-            block_runs = _channel_runs(p, _col2im_block(p, nc))
+            cb, parts = _col2im_split(p, nc, xt.nbytes)
+            block_runs = _channel_runs(p, cb)
+            spill = np.zeros((parts - 1,) + xt.shape, dtype=dtype)
             for p0, np_ in ranges:
                 cols = np.empty((nc, np_, p.c_in * p.k), dtype=dtype)
                 _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
@@ -338,8 +360,10 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
                     grad_wg += np.matmul(go_chunk[j], cols_g[j])
                 # the column buffer now receives grad cols = grad_out^T @ W
                 np.matmul(go_chunk.transpose(0, 1, 3, 2), wg, out=cols_g)
-                _col2im(cols, off, m, mask is not None, n0, p0, geo, cg, *block_runs, grad_xt)
+                _col2im(cols, off, m, mask is not None, n0, p0, geo, cg, *block_runs, grad_xt, spill)
                 _coord_grad(xt, cols, off, m, mask is not None, n0, p0, geo, cg, *runs, grad_off, gm)
+            for part in range(parts - 1):  # fixed order: deterministic
+                grad_xt += spill[part]
             hw_in = p.h * p.w
             grad_x[n0:n0 + nc] = grad_xt[:, :hw_in].reshape(nc, p.h, p.w, p.c_in).transpose(0, 3, 1, 2)
     cg = p.c_in // p.groups
