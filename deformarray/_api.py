@@ -31,9 +31,10 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     mask ``(N, G*kh*kw, H_out, W_out)``. Returns ``(N, C_out, H_out, W_out)``.
     See docs/deform_conv2d.md for the sampling rules.
     """
-    arrays = dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    backend = backend_of(**arrays)
-    check_dtypes(backend, **arrays)
+    required = dict(input=input, offset=offset, weight=weight)
+    optional = dict(bias=bias, mask=mask)
+    backend = backend_of(required, optional)
+    check_dtypes(backend, **required, **optional)
     p = conv_params(input, offset, weight, bias, stride, padding, dilation, mask)
     return operator_module(backend, "deform_conv").forward(p, input, offset, weight, bias, mask)
 
@@ -57,9 +58,10 @@ def deform_conv2d_backward(
     always deterministic; on CUDA, ``deterministic=True`` (default: ``set_deterministic``)
     selects the bitwise-reproducible reduction.
     """
-    arrays = dict(grad_output=grad_output, input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    backend = backend_of(**arrays)
-    check_dtypes(backend, **arrays)
+    required = dict(grad_output=grad_output, input=input, offset=offset, weight=weight)
+    optional = dict(bias=bias, mask=mask)
+    backend = backend_of(required, optional)
+    check_dtypes(backend, **required, **optional)
     p = conv_params(input, offset, weight, bias, stride, padding, dilation, mask)
     check_grad_output(grad_output, p.out_shape, "(N, C_out, H_out, W_out)")
     if deterministic is None:

@@ -32,13 +32,19 @@ def _array_backend(name: str, arr: Any) -> str:
     )
 
 
-def backend_of(**arrays: Any) -> str:
-    """Name of the backend shared by all given arrays (``None`` skipped); mixed -> TypeError."""
+def backend_of(required: dict[str, Any], optional: dict[str, Any] | None = None) -> str:
+    """Name of the backend shared by all arrays; ``None`` is allowed only among ``optional``.
+
+    Mixed backends, unknown array types or a missing required array raise TypeError.
+    """
     found: dict[str, str] = {}
-    for name, arr in arrays.items():
+    for name, arr in required.items():
         if arr is None:
-            continue
+            raise TypeError(f"{name} is required: pass a numpy.ndarray or cupy.ndarray, not None")
         found[name] = _array_backend(name, arr)
+    for name, arr in (optional or {}).items():
+        if arr is not None:
+            found[name] = _array_backend(name, arr)
     kinds = set(found.values())
     if len(kinds) > 1:
         detail = ", ".join(f"{k} is {v}" for k, v in found.items())

@@ -31,6 +31,7 @@ from numba import njit, prange
 from .. import _config
 from .._validate import ConvParams, check_plane_size
 from ._bilinear import corners
+from ._scratch import Scratch
 
 _TILE = 64  # output pixels per parallel task
 # Reassociation lets LLVM vectorise the channel dot products; the order is still fixed
@@ -253,12 +254,12 @@ def _flat(p: ConvParams, offset, mask, dtype):
     return off, np.ascontiguousarray(mask).reshape(p.n, -1, p.h_out * p.w_out)
 
 
-def _channels_last(input, n0, nc):
+def _channels_last(input, n0, nc, scratch):
     """(nc, H*W + 1, C) channels-last copy of images n0..n0+nc, plus a zero row that the
     kernels read for corners outside the image."""
     chunk = input[n0:n0 + nc]
     _, c, h, w = chunk.shape
-    xt = np.empty((nc, h * w + 1, c), dtype=chunk.dtype)
+    xt = scratch.empty("xt", (nc, h * w + 1, c), chunk.dtype)
     xt[:, :h * w].reshape(nc, h, w, c)[...] = chunk.transpose(0, 2, 3, 1)
     xt[:, h * w] = 0
     return xt
@@ -312,10 +313,11 @@ def forward(p: ConvParams, input, offset, weight, bias, mask):
     runs = _channel_runs(p, p.c_in // p.offset_groups)
     wg = _grouped_weight(p, weight)
     cog = p.c_out // p.groups
+    scratch = Scratch()
     for n0, nc, ranges in _chunks(p, dtype.itemsize, planes=1, limit=_config.get_workspace_limit()):
-        xt = _channels_last(input, n0, nc)
+        xt = _channels_last(input, n0, nc, scratch)
         for p0, np_ in ranges:
-            cols = np.empty((nc, np_, p.c_in * p.k), dtype=dtype)
+            cols = scratch.empty("cols", (nc, np_, p.c_in * p.k), dtype)
             _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
             colsT = _cols_by_group(p, cols).transpose(0, 1, 3, 2)  # (nc, groups, K*Cg, P)
             if np_ == hw:
@@ -345,14 +347,15 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
         geo = _geometry(p)
         cg = p.c_in // p.groups
         runs = _channel_runs(p, p.c_in // p.offset_groups)
+        scratch = Scratch()
         for n0, nc, ranges in _chunks(p, dtype.itemsize, planes=2, limit=3 * _config.get_workspace_limit() // 4):
-            xt = _channels_last(input, n0, nc)
-            grad_xt = np.zeros_like(xt)
+            xt = _channels_last(input, n0, nc, scratch)
+            grad_xt = scratch.zeros("grad_xt", xt.shape, dtype)
             cb, parts = _col2im_split(p, nc, xt.nbytes)
             block_runs = _channel_runs(p, cb)
-            spill = np.zeros((parts - 1,) + xt.shape, dtype=dtype)
+            spill = scratch.zeros("spill", (parts - 1,) + xt.shape, dtype)
             for p0, np_ in ranges:
-                cols = np.empty((nc, np_, p.c_in * p.k), dtype=dtype)
+                cols = scratch.empty("cols", (nc, np_, p.c_in * p.k), dtype)
                 _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
                 cols_g = _cols_by_group(p, cols)  # (nc, groups, P, K*Cg)
                 go_chunk = go[n0:n0 + nc, :, :, p0:p0 + np_]  # (nc, groups, Cog, P)
