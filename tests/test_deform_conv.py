@@ -1,0 +1,359 @@
+"""deform_conv2d / deform_conv2d_backward on NumPy arrays against the float64 reference."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import deformarray as da
+from reference import (
+    geometry,
+    make_case,
+    ref_deform_conv2d,
+    ref_deform_conv2d_backward,
+    sample_corners,
+    sample_point,
+)
+
+DTYPES = [np.float64, np.float32]
+REL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
+GRAD_NAMES = ("input", "offset", "weight", "bias", "mask")
+
+# Geometries (keyword arguments of reference.make_case). Small: the reference is slow Python.
+CASES = {
+    "basic_v2": dict(),
+    "v1_no_bias_stride2_nopad": dict(stride=2, padding=0, mask=False, bias=False, height=7, width=8),
+    "dilation2_groups2_og2": dict(dilation=2, padding=2, groups=2, offset_groups=2, c_out=6),
+    "rect_kernel_pairs": dict(kernel=(2, 3), stride=(2, 1), padding=(0, 1), dilation=(1, 2),
+                              groups=2, offset_groups=4, c_out=6, height=7, width=6),
+    "depthwise_og4_v1": dict(groups=4, offset_groups=4, c_out=8, mask=False),
+    "groups1_og2_stride_pad_pairs": dict(offset_groups=2, stride=(1, 2), padding=(2, 0), c_out=3),
+    "groups2_og1": dict(groups=2, offset_groups=1, c_out=2, bias=False),
+    "large_offsets_leave_image": dict(offset_scale=7.0, offset_groups=2, height=5, width=5),
+    "zero_offsets_pad1": dict(offset_scale=0.0),  # kernel row/col 0 at exactly h = -1 / w = -1
+    "kernel1x1": dict(kernel=1, padding=0, c_out=5, offset_scale=2.0),
+    "single_pixel_out": dict(n=1, c_in=1, c_out=1, height=3, width=3, padding=0),
+    "big_padding": dict(padding=3, height=4, width=5, offset_scale=2.5, n=1),
+}
+
+
+def assert_close(actual, expected, dtype, name, rel=None):
+    """Relative comparison scaled by the reference's largest magnitude."""
+    dtype = np.dtype(dtype)
+    if expected is None:
+        assert actual is None, f"{name}: expected None, got {type(actual)}"
+        return
+    assert isinstance(actual, np.ndarray), f"{name}: not a numpy array ({type(actual)})"
+    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape}, expected {expected.shape}"
+    rel = REL[dtype] if rel is None else rel
+    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=rel, atol=rel * scale,
+                               err_msg=name)
+
+
+def run_forward(case):
+    return da.deform_conv2d(case.input, case.offset, case.weight, **case.kwargs())
+
+
+def run_backward(grad_output, case):
+    return da.deform_conv2d_backward(grad_output, case.input, case.offset, case.weight, **case.kwargs())
+
+
+def check_against_reference(case, rng, dtype):
+    """Forward and all five gradients of the library equal the reference."""
+    y = run_forward(case)
+    y_ref = ref_deform_conv2d(case.input, case.offset, case.weight, **case.kwargs())
+    assert_close(y, y_ref, dtype, "output")
+    go = rng.standard_normal(y_ref.shape).astype(dtype)
+    grads = run_backward(go, case)
+    assert isinstance(grads, da.DeformConv2dGrads)
+    ref = ref_deform_conv2d_backward(go, case.input, case.offset, case.weight, **case.kwargs())
+    for name in GRAD_NAMES:
+        assert_close(getattr(grads, name), getattr(ref, name), dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("geom", list(CASES.values()), ids=list(CASES))
+def test_matches_reference(geom, dtype, rng):
+    case = make_case(rng, dtype=dtype, **geom)
+    check_against_reference(case, rng, dtype)
+
+
+def _targeted_offsets(rng, case, targets_h, targets_w):
+    """Offsets that put every sample point exactly on a value drawn from the targets."""
+    g = geometry(case.input, case.offset, case.weight, case.stride, case.padding, case.dilation)
+    off = np.zeros(case.offset.shape)
+    hit_h, hit_w = set(), set()
+    for n in range(g.n):
+        for og in range(g.offset_groups):
+            for i in range(g.kh):
+                for j in range(g.kw):
+                    ch = 2 * (og * g.kh * g.kw + i * g.kw + j)
+                    for ho in range(g.h_out):
+                        for wo in range(g.w_out):
+                            th = targets_h[rng.integers(len(targets_h))]
+                            tw = targets_w[rng.integers(len(targets_w))]
+                            off[n, ch, ho, wo] = th - (ho * g.sh - g.ph + i * g.dh)
+                            off[n, ch + 1, ho, wo] = tw - (wo * g.sw - g.pw + j * g.dw)
+                            hit_h.add(th)
+                            hit_w.add(tw)
+    return off, hit_h, hit_w
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["v2", "v1"])
+def test_integer_and_border_sample_points(dtype, with_mask, rng):
+    """Samples exactly on integers and on the borders h = -1, 0, H-1, H (same for w)."""
+    H, W = 5, 6
+    case = make_case(rng, n=2, c_in=4, height=H, width=W, c_out=4, kernel=3, padding=1,
+                     offset_groups=2, groups=2 if with_mask else 1, mask=with_mask, dtype=dtype)
+    targets_h = [-2.0, -1.5, -1.0, -0.5, 0.0, 1.0, 2.0, 2.5, H - 1.5, H - 1.0, H - 0.5, float(H), H + 1.0]
+    targets_w = [-2.0, -1.5, -1.0, -0.5, 0.0, 1.0, 3.0, 3.5, W - 1.5, W - 1.0, W - 0.5, float(W), W + 1.0]
+    off, hit_h, hit_w = _targeted_offsets(rng, case, targets_h, targets_w)
+    for must in (-1.0, 0.0, H - 1.0, float(H)):
+        assert must in hit_h
+    for must in (-1.0, 0.0, W - 1.0, float(W)):
+        assert must in hit_w
+    case = case._replace(offset=off.astype(dtype))
+    check_against_reference(case, rng, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_empty_batch(dtype, rng):
+    case = make_case(rng, n=0, c_in=4, c_out=6, groups=2, offset_groups=2, dtype=dtype)
+    y = run_forward(case)
+    assert isinstance(y, np.ndarray) and y.dtype == np.dtype(dtype)
+    assert y.shape == case.out_shape() and y.shape[0] == 0
+    go = np.zeros(y.shape, dtype=dtype)
+    grads = run_backward(go, case)
+    for name in ("input", "offset", "mask"):
+        arr = getattr(grads, name)
+        assert arr.shape == getattr(case, name).shape and arr.dtype == np.dtype(dtype), name
+    for name in ("weight", "bias"):
+        arr = getattr(grads, name)
+        assert arr.shape == getattr(case, name).shape and arr.dtype == np.dtype(dtype), name
+        np.testing.assert_array_equal(arr, 0.0, err_msg=name)
+
+    v1 = case._replace(mask=None, bias=None)
+    grads = run_backward(go, v1)
+    assert grads.mask is None and grads.bias is None
+    assert grads.input.shape == case.input.shape and grads.offset.shape == case.offset.shape
+
+
+def _transposed_view(a):
+    """Same values, non-contiguous (last two axes stored swapped)."""
+    if a.ndim < 2:
+        return _strided_view(a)
+    axes = list(range(a.ndim))
+    axes[-1], axes[-2] = axes[-2], axes[-1]
+    v = np.ascontiguousarray(a.transpose(axes)).transpose(axes)
+    assert not v.flags.c_contiguous or min(a.shape[-2:]) <= 1
+    return v
+
+
+def _strided_view(a):
+    """Same values, every axis strided by 2 inside a larger buffer."""
+    big = np.full(tuple(2 * s for s in a.shape), np.nan, dtype=a.dtype)
+    sl = tuple(slice(None, None, 2) for _ in a.shape)
+    big[sl] = a
+    v = big[sl]
+    assert not v.flags.c_contiguous
+    return v
+
+
+def _reversed_view(a):
+    """Same values through negative strides on every axis."""
+    flip = tuple(slice(None, None, -1) for _ in a.shape)
+    return np.ascontiguousarray(a[flip])[flip]
+
+
+def _fortran(a):
+    return np.asfortranarray(a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("make_view", [_transposed_view, _strided_view, _reversed_view, _fortran],
+                         ids=["transposed", "strided", "reversed", "fortran"])
+def test_non_contiguous_inputs(make_view, dtype, rng):
+    case = make_case(rng, c_in=4, c_out=4, groups=2, offset_groups=2, dtype=dtype)
+    go = rng.standard_normal(case.out_shape()).astype(dtype)
+    y = run_forward(case)
+    grads = run_backward(go, case)
+    view = case._replace(**{f: make_view(getattr(case, f))
+                            for f in ("input", "offset", "weight", "bias", "mask")})
+    for f in ("input", "offset", "weight", "mask"):
+        assert np.array_equal(getattr(view, f), getattr(case, f))
+    y_v = run_forward(view)
+    grads_v = run_backward(make_view(go), view)
+    tight = 1e-12 if dtype == np.float64 else 1e-6
+    assert_close(y_v, y.astype(np.float64), dtype, "output", rel=tight)
+    for name in GRAD_NAMES:
+        assert_close(getattr(grads_v, name), getattr(grads, name).astype(np.float64), dtype,
+                     f"grad {name}", rel=tight)
+
+
+@pytest.mark.parametrize("nan_at", [(3, 3), (0, 0), (4, 5)], ids=["interior", "first", "last"])
+def test_nan_in_input_propagates(nan_at, rng):
+    """A NaN pixel makes exactly the outputs that sample it NaN; the others stay finite.
+
+    Outputs whose samples put positive bilinear weight on the NaN pixel must be NaN. Outputs
+    none of whose samples has the NaN pixel among its in-image corners must stay finite
+    (corners outside the image and points outside it contribute zero, not 0 * x).
+    """
+    H, W = 5, 6
+    case = make_case(rng, n=1, c_in=4, height=H, width=W, c_out=4, groups=2, offset_groups=2,
+                     offset_scale=2.5)
+    c_nan = 1  # conv group 0, offset group 0
+    x = case.input.copy()
+    x[0, c_nan, nan_at[0], nan_at[1]] = np.nan
+    y = da.deform_conv2d(x, case.offset, case.weight, **case.kwargs())
+    g = geometry(x, case.offset, case.weight, case.stride, case.padding, case.dilation)
+    og = c_nan // (g.c_in // g.offset_groups)
+    grp = c_nan // (g.c_in // g.groups)
+    opg = g.c_out // g.groups
+    n_must_nan = n_must_finite = 0
+    for ho in range(g.h_out):
+        for wo in range(g.w_out):
+            touched = positive = False
+            for i in range(g.kh):
+                for j in range(g.kw):
+                    h, w = sample_point(g, case.offset, 0, og, i, j, ho, wo)
+                    for qy, qx, wt, _, _ in sample_corners(h, w, H, W):
+                        if (qy, qx) == nan_at:
+                            touched = True
+                            m = case.mask[0, og * g.kh * g.kw + i * g.kw + j, ho, wo]
+                            positive |= wt > 0 and m > 0
+            for o in range(g.c_out):
+                in_group = o // opg == grp
+                if in_group and positive:
+                    assert np.isnan(y[0, o, ho, wo]), (o, ho, wo)
+                    n_must_nan += 1
+                elif not (in_group and touched):
+                    assert np.isfinite(y[0, o, ho, wo]), (o, ho, wo)
+                    n_must_finite += 1
+    assert n_must_nan > 0 and n_must_finite > 0
+
+
+def test_nan_in_input_zero_offsets(rng):
+    """With zero offsets the NaN pixel reaches its 3x3 neighbourhood of outputs."""
+    case = make_case(rng, n=1, c_in=2, height=7, width=7, c_out=3, offset_scale=0.0)
+    x = case.input.copy()
+    x[0, 0, 3, 3] = np.nan
+    y = da.deform_conv2d(x, case.offset, case.weight, **case.kwargs())
+    assert np.isnan(y[0, :, 2:5, 2:5]).all()
+    # outputs none of whose samples has (3, 3) among its corners (integer points use the
+    # corners (h, w) .. (h + 1, w + 1), so row/col 1 may see it with weight 0)
+    assert np.isfinite(y[0, :, :1, :]).all() and np.isfinite(y[0, :, :, :1]).all()
+    assert np.isfinite(y[0, :, 5:, :]).all() and np.isfinite(y[0, :, :, 5:]).all()
+
+
+def test_backward_bitwise_deterministic(rng):
+    """Large enough for several tasks per thread; two runs give the same bits."""
+    case = make_case(rng, n=4, c_in=16, height=24, width=24, c_out=16, groups=2, offset_groups=2,
+                     offset_scale=3.0)
+    go = rng.standard_normal(case.out_shape())
+    first = run_backward(go, case)
+    y1 = run_forward(case)
+    for _ in range(2):
+        again = run_backward(go, case)
+        for name in GRAD_NAMES:
+            assert getattr(again, name).tobytes() == getattr(first, name).tobytes(), name
+    assert run_forward(case).tobytes() == y1.tobytes()
+    # the CPU backward is deterministic whatever the keyword says
+    loose = da.deform_conv2d_backward(go, case.input, case.offset, case.weight,
+                                      **case.kwargs(), deterministic=False)
+    for name in GRAD_NAMES:
+        assert getattr(loose, name).tobytes() == getattr(first, name).tobytes(), name
+    assert all(np.isfinite(getattr(first, n)).all() and np.abs(getattr(first, n)).max() > 0
+               for n in GRAD_NAMES)
+
+
+def _column_bytes_per_image(case):
+    g = geometry(case.input, case.offset, case.weight, case.stride, case.padding, case.dilation)
+    return g.c_in * g.kh * g.kw * g.h_out * g.w_out * case.input.dtype.itemsize
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_workspace_limit_chunking_gives_same_results(dtype, rng):
+    """Chunking over the batch and over output pixels of one image changes nothing."""
+    case = make_case(rng, n=5, c_in=4, height=6, width=7, c_out=6, groups=2, offset_groups=2,
+                     offset_scale=2.5, dtype=dtype)
+    go = rng.standard_normal(case.out_shape()).astype(dtype)
+    y = run_forward(case)
+    grads = run_backward(go, case)
+    # also right, not just consistent
+    assert_close(y, ref_deform_conv2d(case.input, case.offset, case.weight, **case.kwargs()),
+                 dtype, "output")
+
+    per_image = _column_bytes_per_image(case)
+    per_pixel = case.input.shape[1] * 9 * case.input.dtype.itemsize
+    limits = [
+        3 * per_image,  # a few images per chunk: batch chunking
+        per_image + 1,  # about one image per chunk
+        per_image // 3,  # part of one image per chunk: pixel chunking
+        5 * per_pixel,  # a handful of pixels per chunk
+        1,  # the smallest chunk the backend allows
+    ]
+    tight = 1e-12 if dtype == np.float64 else 2e-6
+    old = da.get_workspace_limit()
+    for limit in limits:
+        with da.workspace_limit(limit):
+            assert da.get_workspace_limit() == limit
+            y_c = run_forward(case)
+            grads_c = run_backward(go, case)
+        assert da.get_workspace_limit() == old
+        assert_close(y_c, y.astype(np.float64), dtype, f"output, limit {limit}", rel=tight)
+        for name in GRAD_NAMES:
+            assert_close(getattr(grads_c, name), getattr(grads, name).astype(np.float64), dtype,
+                         f"grad {name}, limit {limit}", rel=tight)
+
+
+def _traced_peak(fn):
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start, _ = tracemalloc.get_traced_memory()
+        result = fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak - start
+
+
+def test_workspace_bound_holds_for_large_batch(rng):
+    """Temporary memory beyond outputs/gradients stays near the bound, not O(batch).
+
+    Measured with tracemalloc (which sees NumPy allocations); an unchunked run needs about
+    10 MiB (forward) / 16 MiB (backward) of columns and plans here. The bound itself is
+    allowed, plus a slack for NumPy's own ufunc buffer (8192 elements = 64 KiB in
+    float64, used by the broadcast bias add) and per-call bookkeeping.
+    """
+    case = make_case(rng, n=200, c_in=4, height=8, width=8, c_out=4, offset_scale=2.0)
+    go = rng.standard_normal(case.out_shape())
+    limit = 64 * 1024
+    slack = 80 * 1024
+    unbounded = 200 * _column_bytes_per_image(case)
+    assert unbounded > 10 * (limit + slack)
+    with da.workspace_limit(limit):
+        run_forward(case), run_backward(go, case)  # compile / warm up outside the trace
+        y, peak_f = _traced_peak(lambda: run_forward(case))
+        grads, peak_b = _traced_peak(lambda: run_backward(go, case))
+    assert peak_f <= y.nbytes + limit + slack, (peak_f, y.nbytes)
+    grads_bytes = sum(getattr(grads, n).nbytes for n in GRAD_NAMES)
+    assert peak_b <= grads_bytes + limit + slack, (peak_b, grads_bytes)
+    y_ref = run_forward(case)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_output_dtype_equals_input_dtype(dtype, rng):
+    case = make_case(rng, n=1, dtype=dtype)
+    y = run_forward(case)
+    assert y.dtype == np.dtype(dtype)
+    grads = run_backward(np.ones(y.shape, dtype=dtype), case)
+    for name in GRAD_NAMES:
+        assert getattr(grads, name).dtype == np.dtype(dtype), name
+        assert getattr(grads, name).shape == getattr(case, name).shape, name

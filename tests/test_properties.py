@@ -1,0 +1,260 @@
+"""Property tests (Hypothesis) for deform_conv2d on NumPy arrays, all in float64.
+
+- zero offsets and a unit mask give plain convolution (torch.nn.functional.conv2d);
+- constant integer offsets give the convolution of a shifted, zero-filled input;
+- the output is linear in the weight and in the mask;
+- the backward is the adjoint of the forward's Jacobian (dot-product test), for the
+  input, offset, weight, mask and bias directions;
+- every gradient agrees with central finite differences away from the integer kinks.
+
+Geometries are small and random; arrays come from a NumPy generator seeded by Hypothesis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import deformarray as da
+
+# database=None: no .hypothesis/ directory in the work tree; failures print their example.
+SETTINGS = settings(deadline=None, max_examples=30, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def geometries(draw):
+    groups = draw(st.sampled_from([1, 2]))
+    offset_groups = draw(st.sampled_from([1, 2]))
+    c_in = draw(st.sampled_from([2, 4]))
+    c_out = groups * draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    height, width = draw(st.integers(3, 7)), draw(st.integers(3, 7))
+    n = draw(st.integers(1, 2))
+    h_out = (height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    w_out = (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    assume(h_out >= 1 and w_out >= 1)
+    return dict(n=n, c_in=c_in, c_out=c_out, height=height, width=width, kh=kh, kw=kw,
+                stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups,
+                offset_groups=offset_groups, h_out=h_out, w_out=w_out)
+
+
+def _arrays(g, rng, offsets="smooth"):
+    """x, offset, weight, bias, mask for geometry g.
+
+    offsets="smooth": integer part in [-3, 2] plus a fractional part in [0.1, 0.9], so that
+    no sample point lies within 0.1 of an integer (where the bilinear kernel has kinks).
+    """
+    K = g["kh"] * g["kw"]
+    x = rng.standard_normal((g["n"], g["c_in"], g["height"], g["width"]))
+    oshape = (g["n"], 2 * g["offset_groups"] * K, g["h_out"], g["w_out"])
+    if offsets == "smooth":
+        off = rng.integers(-3, 3, oshape) + rng.uniform(0.1, 0.9, oshape)
+    else:
+        off = np.zeros(oshape)
+    w = rng.standard_normal((g["c_out"], g["c_in"] // g["groups"], g["kh"], g["kw"]))
+    b = rng.standard_normal(g["c_out"])
+    m = rng.uniform(0.1, 1.0, (g["n"], g["offset_groups"] * K, g["h_out"], g["w_out"]))
+    return x, off, w, b, m
+
+
+def _conv(g, x, w, bias=None, padding=None):
+    """Plain (grouped, strided, dilated) convolution in float64 by torch."""
+    out = F.conv2d(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(w)),
+                   None if bias is None else torch.from_numpy(bias),
+                   stride=g["stride"], padding=g["padding"] if padding is None else padding,
+                   dilation=g["dilation"], groups=g["groups"])
+    return out.numpy()
+
+
+def _dc(g, x, off, w, b=None, m=None):
+    return da.deform_conv2d(x, off, w, b, g["stride"], g["padding"], g["dilation"], m)
+
+
+def _dc_back(g, go, x, off, w, b=None, m=None):
+    return da.deform_conv2d_backward(go, x, off, w, b, g["stride"], g["padding"], g["dilation"], m)
+
+
+def _close(a, b, rel=1e-10):
+    scale = max(1.0, float(np.abs(b).max()))
+    np.testing.assert_allclose(a, b, rtol=rel, atol=rel * scale)
+
+
+@SETTINGS
+@given(g=geometries(), seed=st.integers(0, 2**32 - 1), unit_mask=st.booleans(), bias=st.booleans())
+def test_zero_offsets_is_plain_convolution(g, seed, unit_mask, bias):
+    rng = np.random.default_rng(seed)
+    x, off, w, b, m = _arrays(g, rng, offsets="zero")
+    b = b if bias else None
+    m = np.ones_like(m) if unit_mask else None
+    _close(_dc(g, x, off, w, b, m), _conv(g, x, w, b))
+
+
+def _shift_pad(x, dy, dx, ph, pw):
+    """Zero-padded canvas S[a, b] = x[a - ph + dy, b - pw + dx] (0 outside x)."""
+    n, c, height, width = x.shape
+    out = np.zeros((n, c, height + 2 * ph, width + 2 * pw))
+    a_lo, a_hi = max(0, ph - dy), min(height + 2 * ph, ph - dy + height)
+    b_lo, b_hi = max(0, pw - dx), min(width + 2 * pw, pw - dx + width)
+    if a_lo < a_hi and b_lo < b_hi:
+        out[:, :, a_lo:a_hi, b_lo:b_hi] = x[:, :, a_lo - ph + dy:a_hi - ph + dy,
+                                               b_lo - pw + dx:b_hi - pw + dx]
+    return out
+
+
+@SETTINGS
+@given(g=geometries(), seed=st.integers(0, 2**32 - 1), with_mask=st.booleans())
+def test_constant_integer_offsets_is_shifted_convolution(g, seed, with_mask):
+    """Offset (dy, dx) constant per (offset group, kernel point), integer: kernel point k of
+    the deformable conv equals kernel point k of a plain conv on the input shifted by
+    (dy, dx) with zero fill; an optional mask constant per (group, point) scales it."""
+    rng = np.random.default_rng(seed)
+    x, _, w, b, _ = _arrays(g, rng)
+    G, kh, kw = g["offset_groups"], g["kh"], g["kw"]
+    K = kh * kw
+    shifts = rng.integers(-3, 4, (G, K, 2))
+    scales = rng.uniform(0.1, 1.0, (G, K)) if with_mask else np.ones((G, K))
+    off = np.zeros((g["n"], 2 * G * K, g["h_out"], g["w_out"]))
+    off[:, 0::2] = shifts[:, :, 0].reshape(-1)[None, :, None, None]
+    off[:, 1::2] = shifts[:, :, 1].reshape(-1)[None, :, None, None]
+    m = np.broadcast_to(scales.reshape(1, G * K, 1, 1), (g["n"], G * K, g["h_out"], g["w_out"]))
+    m = np.ascontiguousarray(m) if with_mask else None
+
+    ph, pw = g["padding"]
+    cpo = g["c_in"] // G
+    expected = np.zeros((g["n"], g["c_out"], g["h_out"], g["w_out"])) + b[None, :, None, None]
+    for k in range(K):
+        i, j = divmod(k, kw)
+        canvas = np.concatenate(
+            [scales[og, k] * _shift_pad(x[:, og * cpo:(og + 1) * cpo], shifts[og, k, 0],
+                                        shifts[og, k, 1], ph, pw) for og in range(G)], axis=1)
+        w_k = np.zeros_like(w)
+        w_k[:, :, i, j] = w[:, :, i, j]
+        expected += _conv(g, canvas, w_k, padding=0)
+    _close(_dc(g, x, off, w, b, m), expected)
+
+
+@SETTINGS
+@given(g=geometries(), seed=st.integers(0, 2**32 - 1), a=st.floats(-3, 3), c=st.floats(-3, 3))
+def test_linear_in_weight_and_mask(g, seed, a, c):
+    rng = np.random.default_rng(seed)
+    x, off, w1, _, m1 = _arrays(g, rng)
+    _, _, w2, _, m2 = _arrays(g, rng)
+    _close(_dc(g, x, off, a * w1 + c * w2, None, m1),
+           a * _dc(g, x, off, w1, None, m1) + c * _dc(g, x, off, w2, None, m1), rel=1e-9)
+    _close(_dc(g, x, off, w1, None, a * m1 + c * m2),
+           a * _dc(g, x, off, w1, None, m1) + c * _dc(g, x, off, w1, None, m2), rel=1e-9)
+    # and in the input (v1 and v2)
+    x2 = rng.standard_normal(x.shape)
+    for m in (None, m1):
+        _close(_dc(g, a * x + c * x2, off, w1, None, m),
+               a * _dc(g, x, off, w1, None, m) + c * _dc(g, x2, off, w1, None, m), rel=1e-9)
+
+
+def _dot(a, b):
+    return float(np.sum(a * b))
+
+
+def _assert_dot_equal(lhs, rhs, terms_scale, what):
+    assert abs(lhs - rhs) <= 1e-8 * max(1.0, terms_scale), f"{what}: <go, Jv> = {lhs}, <J^T go, v> = {rhs}"
+
+
+@SETTINGS
+@given(g=geometries(), seed=st.integers(0, 2**32 - 1), with_mask=st.booleans(), bias=st.booleans())
+def test_backward_is_adjoint_of_forward(g, seed, with_mask, bias):
+    """<grad_out, J v> == <J^T grad_out, v> for each argument direction v."""
+    rng = np.random.default_rng(seed)
+    x, off, w, b, m = _arrays(g, rng)
+    b = b if bias else None
+    m = m if with_mask else None
+    y = _dc(g, x, off, w, b, m)
+    go = rng.standard_normal(y.shape)
+    grads = _dc_back(g, go, x, off, w, b, m)
+
+    # The forward is linear in x, in w and in m (without bias): J v = f(v).
+    v = rng.standard_normal(x.shape)
+    jv = _dc(g, v, off, w, None, m)
+    _assert_dot_equal(_dot(go, jv), _dot(grads.input, v), float(np.abs(go * jv).sum()), "input")
+
+    v = rng.standard_normal(w.shape)
+    jv = _dc(g, x, off, v, None, m)
+    _assert_dot_equal(_dot(go, jv), _dot(grads.weight, v), float(np.abs(go * jv).sum()), "weight")
+
+    if m is not None:
+        v = rng.standard_normal(m.shape)
+        jv = _dc(g, x, off, w, None, v)
+        _assert_dot_equal(_dot(go, jv), _dot(grads.mask, v), float(np.abs(go * jv).sum()), "mask")
+    else:
+        assert grads.mask is None
+
+    if b is not None:
+        v = rng.standard_normal(b.shape)
+        jv = np.broadcast_to(v[None, :, None, None], y.shape)
+        _assert_dot_equal(_dot(go, jv), _dot(grads.bias, v), float(np.abs(go * jv).sum()), "bias")
+    else:
+        assert grads.bias is None
+
+    # Offsets: fractional parts in [0.1, 0.9] and |eps * v| <= 1e-3, so no sample crosses an
+    # integer; along a line the bilinear sample is quadratic, so the central difference is exact.
+    v = rng.uniform(-1.0, 1.0, off.shape)
+    eps = 1e-3
+    jv = (_dc(g, x, off + eps * v, w, b, m) - _dc(g, x, off - eps * v, w, b, m)) / (2 * eps)
+    roundoff = 1e-15 * float(np.abs(go).sum() * max(1.0, np.abs(y).max())) / eps
+    lhs, rhs = _dot(go, jv), _dot(grads.offset, v)
+    assert abs(lhs - rhs) <= 1e-8 * max(1.0, float(np.abs(go * jv).sum())) + roundoff, (lhs, rhs)
+
+
+@SETTINGS
+@given(g=geometries(), seed=st.integers(0, 2**32 - 1), with_mask=st.booleans(), bias=st.booleans())
+def test_gradients_match_finite_differences(g, seed, with_mask, bias):
+    """Central differences of L = <go, f(...)> in a few random entries of every argument."""
+    rng = np.random.default_rng(seed)
+    args = dict(zip(("x", "off", "w", "b", "m"), _arrays(g, rng)))
+    if not bias:
+        args["b"] = None
+    if not with_mask:
+        args["m"] = None
+    go = rng.standard_normal((g["n"], g["c_out"], g["h_out"], g["w_out"]))
+    grads = _dc_back(g, go, **args)
+    by_name = {"x": grads.input, "off": grads.offset, "w": grads.weight, "b": grads.bias, "m": grads.mask}
+
+    def loss(**changed):
+        return _dot(go, _dc(g, **{**args, **changed}))
+
+    eps = 1e-3  # offsets keep 0.1 from integers; the loss is quadratic along one entry
+    for name, arr in args.items():
+        if arr is None:
+            assert by_name[name] is None, name
+            continue
+        grad = by_name[name]
+        assert grad.shape == arr.shape and grad.dtype == arr.dtype, name
+        flat = rng.choice(arr.size, size=min(arr.size, 4), replace=False)
+        for f in flat:
+            idx = np.unravel_index(f, arr.shape)
+            plus, minus = arr.copy(), arr.copy()
+            plus[idx] += eps
+            minus[idx] -= eps
+            fd = (loss(**{name: plus}) - loss(**{name: minus})) / (2 * eps)
+            assert abs(fd - grad[idx]) <= 1e-7 * max(1.0, abs(fd)), (name, idx, fd, grad[idx])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_properties_hold_in_float32_too(dtype):
+    """One smoke check that the zero-offset identity also holds for float32 (looser)."""
+    g = dict(n=2, c_in=4, c_out=4, height=6, width=5, kh=3, kw=3, stride=(1, 2), padding=(1, 1),
+             dilation=(1, 1), groups=2, offset_groups=2, h_out=6, w_out=3)
+    rng = np.random.default_rng(7)
+    x, off, w, b, _ = _arrays(g, rng, offsets="zero")
+    y = _dc(g, x.astype(dtype), off.astype(dtype), w.astype(dtype), b.astype(dtype))
+    assert y.dtype == np.dtype(dtype)
+    rel = 1e-4 if dtype == np.float32 else 1e-10
+    _close(y.astype(np.float64), _conv(g, x.astype(dtype).astype(np.float64),
+                                       w.astype(dtype).astype(np.float64),
+                                       b.astype(dtype).astype(np.float64)), rel=rel)
