@@ -52,6 +52,10 @@ KERNELS: dict[str, tuple[str, ...]] = {
 # No --use_fast_math: results must match the CPU backend to 1e-10 in float64.
 _NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 
+# What cupy.RawModule (CuPy 14, NVRTC backend, no jitify) appends to the options itself,
+# besides -arch and include paths: the compile test adds it too, to compile what CuPy does.
+CUPY_ADDED_NVRTC_OPTIONS: tuple[str, ...] = ("--device-as-default-execution-space",)
+
 _PACKAGE = "deformarray.kernels_cu"
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
 

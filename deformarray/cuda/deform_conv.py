@@ -29,8 +29,8 @@ checked. Same algorithm as the CPU backend, on the GPU:
     cuBLAS's own reproducibility guarantee also assumes), with the same rounding as a
     sequential sum. Cost: the sort and the index buffers; expect the col2im step to take a
     few times longer than the atomic version and the whole backward roughly 1.3-2x (an
-    estimate: not yet measured on a GPU), and ``48*4*G*kh*kw`` more workspace bytes per
-    output pixel (G = offset groups), which shrinks the chunks.
+    estimate: not yet measured on a GPU), and ``4*G*kh*kw*(48 + itemsize)`` more workspace
+    bytes per output pixel (G = offset groups), which shrinks the chunks.
 
   Everything else in the backward (GEMMs, reductions, coordinate gradients) is
   deterministic in both modes.

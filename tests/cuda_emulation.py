@@ -1,0 +1,116 @@
+"""Run the CUDA backend's launch code and kernels on the CPU, for machines without a GPU.
+
+The kernels of ``kernels_cu/*.cu`` are plain C++ apart from a few CUDA built-ins, so this
+helper compiles them with the host C++ compiler (``g++``) after a small prelude that
+defines those built-ins for one host "thread": ``blockIdx = threadIdx = 0``,
+``blockDim = gridDim = 1``, so every grid-stride loop walks its whole range serially, and
+``atomicAdd`` is a plain add. :class:`EmulatedBackend` then plays the part of
+``deformarray.cuda.deform_conv._CupyBackend`` with NumPy arrays, so the real chunking,
+GEMM, sort and kernel-argument code of ``deformarray/cuda/deform_conv.py`` runs unchanged.
+
+What this does not check: anything specific to the GPU (NVRTC itself is covered by
+tests/test_nvrtc_compile.py; races, memory coalescing, CuPy's own functions and cuBLAS are
+not covered at all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from deformarray.cuda import _loader
+
+_PRELUDE = r"""
+#define DFA_HOST_EMULATION 1
+#include <cmath>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+struct dfa_dim3 { unsigned int x, y, z; };
+static const dfa_dim3 blockIdx = {0, 0, 0}, threadIdx = {0, 0, 0};
+static const dfa_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+inline float __uint_as_float(unsigned int u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
+inline unsigned int __float_as_uint(float f) { unsigned int u; __builtin_memcpy(&u, &f, 4); return u; }
+template <typename V> inline V atomicAdd(V* address, V value) { V old = *address; *address = old + value; return old; }
+"""
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _build(filename: str) -> tuple[ctypes.CDLL, list[str]]:
+    exprs = [e for per_dtype in _loader.all_name_expressions()[filename].values() for e in per_dtype]
+    table = ",\n".join(f"  reinterpret_cast<void*>(&{e})" for e in exprs)
+    source = (
+        _PRELUDE
+        + _loader.read_source(filename)
+        + f'\n#line 1 "emulation_table"\nextern "C" void* dfa_kernels[] = {{\n{table}\n}};\n'
+    )
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    build_dir = Path(tempfile.gettempdir()) / "deformarray-emulation"
+    build_dir.mkdir(exist_ok=True)
+    lib_path = build_dir / f"{Path(filename).stem}-{digest}.so"
+    if not lib_path.exists():
+        src_path = build_dir / f"{Path(filename).stem}-{digest}.cpp"
+        src_path.write_text(source)
+        tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(
+            [compiler(), "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+             "-o", str(tmp), str(src_path)],
+            check=True, capture_output=True, text=True,
+        )
+        os.replace(tmp, lib_path)
+    return ctypes.CDLL(str(lib_path)), exprs
+
+
+class EmulatedBackend:
+    """NumPy arrays + host-compiled kernels, with the interface of ``_CupyBackend``."""
+
+    def __init__(self, filename: str = "deform_conv.cu") -> None:
+        lib, exprs = _build(filename)
+        table = (ctypes.c_void_p * len(exprs)).in_dll(lib, "dfa_kernels")
+        self._lib = lib  # keep loaded
+        self._ptrs = dict(zip(exprs, table))
+        self._fns: dict[tuple[str, int], object] = {}
+        self.xp = np
+        self.null = np.uint64(0)
+        self.launched: list[str] = []
+
+    def device(self, arr):
+        return contextlib.nullcontext()
+
+    def argsort_stable(self, a):
+        return np.argsort(a, kind="stable")
+
+    def launch(self, kernel: str, dtype, total: int, args: tuple) -> None:
+        if total <= 0:
+            return
+        expr = _loader.name_expression(kernel, _loader.dtype_name(dtype))
+        self.launched.append(expr)
+        key = (expr, len(args))
+        fn = self._fns.get(key)
+        if fn is None:
+            # Every kernel argument is a pointer or a 64-bit integer: both travel in a
+            # 64-bit integer register / stack slot in the x86-64 and AArch64 calling
+            # conventions, so uint64 describes them all.
+            proto = ctypes.CFUNCTYPE(None, *([ctypes.c_uint64] * len(args)))
+            fn = self._fns[key] = proto(self._ptrs[expr])
+        values = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                assert a.flags.c_contiguous, f"{expr}: non-contiguous array argument"
+                values.append(a.ctypes.data)
+            elif isinstance(a, (np.integer,)):
+                values.append(int(a) & 0xFFFFFFFFFFFFFFFF)
+            else:
+                raise TypeError(f"{expr}: unexpected kernel argument {a!r}")
+        fn(*values)

@@ -1,0 +1,330 @@
+"""The CUDA backend's launch code and kernels, run on the CPU (no GPU needed).
+
+``tests/cuda_emulation.py`` compiles ``kernels_cu/deform_conv.cu`` with the host C++
+compiler and runs ``deformarray/cuda/deform_conv.py`` on NumPy arrays through it. The
+results are compared with an autograd reference written from the SPEC's equations in
+float64 PyTorch (CPU): forward and every gradient, both col2im paths, chunking, 16-bit
+types. What stays unchecked without a GPU: NVRTC code generation beyond compiling
+(tests/test_nvrtc_compile.py), CuPy's own functions, cuBLAS, concurrency.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import deformarray
+import reference
+from deformarray._validate import conv_params
+
+cuda_emulation = pytest.importorskip("cuda_emulation")
+
+if cuda_emulation.compiler() is None:  # pragma: no cover
+    pytest.skip("no host C++ compiler (g++) for the kernel emulation", allow_module_level=True)
+
+from deformarray.cuda import deform_conv as cuda_deform_conv  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return cuda_emulation.EmulatedBackend()
+
+
+# ---------------------------------------------------------------------------------------
+# Reference: the SPEC's sampling rule with torch autograd (float64).
+
+
+def _reference(x, off, w, b, m, stride, padding, dilation):
+    """Forward from the SPEC's equations; autograd gives the gradients. The floor corners
+    are detached, so d/dh is (1-lw)(v3-v1) + lw(v4-v2) exactly; an invalid point
+    (h <= -1, h >= H, w <= -1 or w >= W) has value and gradient 0."""
+    import torch
+    n, c, hh, ww = x.shape
+    c_out, cpg, kh, kw = w.shape
+    groups = c // cpg
+    k = kh * kw
+    og = off.shape[1] // (2 * k)
+    cpo = c // og
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    ho = (hh + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    wo = (ww + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    base_h = (torch.arange(ho, dtype=x.dtype) * sh - ph).view(1, ho, 1)
+    base_w = (torch.arange(wo, dtype=x.dtype) * sw - pw).view(1, 1, wo)
+    cols = []  # per (k): (N, C, Ho, Wo)
+    flat = x.reshape(n, c, hh * ww)
+    for i in range(kh):
+        for j in range(kw):
+            kk = i * kw + j
+            per_group = []
+            for g in range(og):
+                dy = off[:, 2 * (g * k + kk)]
+                dx = off[:, 2 * (g * k + kk) + 1]
+                h = base_h + i * dh + dy
+                wq = base_w + j * dw + dx
+                valid = (h > -1) & (h < hh) & (wq > -1) & (wq < ww)
+                hl = torch.floor(h).detach()
+                wl = torch.floor(wq).detach()
+                lh, lw = h - hl, wq - wl
+                xs = flat[:, g * cpo:(g + 1) * cpo]
+
+                def corner(yy, xx):
+                    inside = (yy >= 0) & (yy <= hh - 1) & (xx >= 0) & (xx <= ww - 1)
+                    idx = (yy.clamp(0, hh - 1) * ww + xx.clamp(0, ww - 1)).long().view(n, 1, -1)
+                    v = xs.gather(2, idx.expand(-1, cpo, -1)).view(n, cpo, ho, wo)
+                    return v * inside.unsqueeze(1)
+
+                val = ((1 - lh) * (1 - lw)).unsqueeze(1) * corner(hl, wl) \
+                    + ((1 - lh) * lw).unsqueeze(1) * corner(hl, wl + 1) \
+                    + (lh * (1 - lw)).unsqueeze(1) * corner(hl + 1, wl) \
+                    + (lh * lw).unsqueeze(1) * corner(hl + 1, wl + 1)
+                val = torch.where(valid.unsqueeze(1), val, torch.zeros_like(val))
+                if m is not None:
+                    val = val * m[:, g * k + kk].unsqueeze(1)
+                per_group.append(val)
+            cols.append(torch.cat(per_group, dim=1))
+    col = torch.stack(cols, dim=2)  # (N, C, K, Ho, Wo)
+    col = col.view(n, groups, cpg * k, ho * wo)
+    wg = w.reshape(groups, c_out // groups, cpg * k)
+    out = torch.einsum("gok,ngkp->ngop", wg, col).reshape(n, c_out, ho, wo)
+    if b is not None:
+        out = out + b.view(1, -1, 1, 1)
+    return out
+
+
+def _case(rng, n=2, c=4, h=7, w=6, c_out=6, kh=3, kw=2, stride=(1, 2), padding=(1, 0),
+          dilation=(1, 2), groups=2, og=2, bias=True, mask=True, spread=2.0):
+    k = kh * kw
+    ho = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    wo = (w + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    arrays = dict(
+        input=rng.standard_normal((n, c, h, w)),
+        offset=rng.uniform(-spread, spread, (n, 2 * og * k, ho, wo)),
+        weight=rng.standard_normal((c_out, c // groups, kh, kw)),
+        bias=rng.standard_normal((c_out,)) if bias else None,
+        mask=rng.uniform(0.0, 1.5, (n, og * k, ho, wo)) if mask else None,
+    )
+    geometry = dict(stride=stride, padding=padding, dilation=dilation)
+    return arrays, geometry
+
+
+def _run_reference(arrays, geometry, grad_out):
+    torch = pytest.importorskip("torch")
+    t = {k: (torch.tensor(v, dtype=torch.float64, requires_grad=True) if v is not None else None)
+         for k, v in arrays.items()}
+    out = _reference(t["input"], t["offset"], t["weight"], t["bias"], t["mask"],
+                     geometry["stride"], geometry["padding"], geometry["dilation"])
+    out.backward(torch.tensor(grad_out))
+    grads = [t[k].grad.numpy() if t[k] is not None else None
+             for k in ("input", "offset", "weight", "bias", "mask")]
+    return out.detach().numpy(), grads
+
+
+def _params(arrays, geometry):
+    return conv_params(arrays["input"], arrays["offset"], arrays["weight"], arrays["bias"],
+                       geometry["stride"], geometry["padding"], geometry["dilation"], arrays["mask"])
+
+
+def _run_emulated(be, arrays, geometry, grad_out, dtype, deterministic):
+    cast = {k: (v.astype(dtype) if v is not None else None) for k, v in arrays.items()}
+    p = _params(cast, geometry)
+    out = cuda_deform_conv._forward(be, p, cast["input"], cast["offset"], cast["weight"],
+                                    cast["bias"], cast["mask"])
+    grads = cuda_deform_conv._backward(be, p, grad_out.astype(dtype), cast["input"], cast["offset"],
+                                       cast["weight"], cast["bias"], cast["mask"], deterministic)
+    return out, grads
+
+
+def _assert_close(got, want, rtol, atol, what):
+    assert got.shape == want.shape, what
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), want, rtol=rtol, atol=atol, err_msg=what)
+
+
+NAMES = ("input", "offset", "weight", "bias", "mask")
+
+CASES = [
+    dict(),
+    dict(groups=1, og=1, bias=False, mask=False),
+    dict(n=3, c=6, h=5, w=5, c_out=3, kh=3, kw=3, stride=(2, 1), padding=(2, 1), dilation=(1, 1),
+         groups=3, og=3, spread=4.0),  # many samples leave the image
+    dict(n=1, c=2, h=4, w=9, c_out=2, kh=1, kw=1, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+         groups=1, og=2, mask=False),
+]
+
+
+# Geometries for tests/reference.py's make_case (the CPU tests' reference, hand-derived
+# gradients).
+REF_CASES = {
+    "basic_v2": dict(),
+    "v1_stride2_nopad": dict(stride=2, padding=0, mask=False, bias=False, height=7, width=8),
+    "dilation2_groups2_og2": dict(dilation=2, padding=2, groups=2, offset_groups=2, c_out=6),
+    "rect_kernel_pairs": dict(kernel=(2, 3), stride=(2, 1), padding=(0, 1), dilation=(1, 2),
+                              groups=2, offset_groups=4, c_out=6, height=7, width=6),
+    "large_offsets_leave_image": dict(offset_scale=7.0, offset_groups=2, height=5, width=5),
+    "zero_offsets_pad1": dict(offset_scale=0.0),  # samples at exactly h = -1 / w = -1
+    "integer_offsets": dict(offset_scale=0.0, padding=2),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("name", sorted(REF_CASES))
+def test_matches_project_reference(backend, name, deterministic):
+    rng = np.random.default_rng(sum(map(ord, name)))
+    case = reference.make_case(rng, **REF_CASES[name])
+    if name == "integer_offsets":
+        case.offset[:] = rng.integers(-2, 3, case.offset.shape)
+    arrays = dict(input=case.input, offset=case.offset, weight=case.weight, bias=case.bias, mask=case.mask)
+    geometry = dict(stride=case.stride, padding=case.padding, dilation=case.dilation)
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape)
+    want_out = reference.ref_deform_conv2d(case.input, case.offset, case.weight, **case.kwargs())
+    want_grads = reference.ref_deform_conv2d_backward(grad_out, case.input, case.offset, case.weight,
+                                                      **case.kwargs())
+    out, grads = _run_emulated(backend, arrays, geometry, grad_out, np.float64, deterministic)
+    _assert_close(out, want_out, 1e-10, 1e-10, "output")
+    for gname, g, wg in zip(NAMES, grads, want_grads):
+        if wg is None:
+            assert g is None, gname
+        else:
+            _assert_close(g, wg, 1e-10, 1e-10, f"grad {gname}")
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_reference_float64(backend, case, deterministic):
+    rng = np.random.default_rng(case)
+    arrays, geometry = _case(rng, **CASES[case])
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape)
+    want_out, want_grads = _run_reference(arrays, geometry, grad_out)
+    out, grads = _run_emulated(backend, arrays, geometry, grad_out, np.float64, deterministic)
+    _assert_close(out, want_out, 1e-10, 1e-10, "output")
+    for name, g, wg in zip(NAMES, grads, want_grads):
+        if wg is None:
+            assert g is None, name
+        else:
+            _assert_close(g, wg, 1e-10, 1e-10, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_reduced_precision(backend, dtype):
+    rng = np.random.default_rng(7)
+    arrays, geometry = _case(rng)
+    # the reference sees the inputs rounded to the dtype, as the kernels do
+    arrays = {k: (v.astype(dtype).astype(np.float64) if v is not None else None) for k, v in arrays.items()}
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape).astype(dtype).astype(np.float64)
+    want_out, want_grads = _run_reference(arrays, geometry, grad_out)
+    tol = 1e-4 if dtype == "float32" else 1e-2
+    for deterministic in (False, True):
+        out, grads = _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dtype), deterministic)
+        assert out.dtype == np.dtype(dtype)
+        scale = np.abs(want_out).max()
+        _assert_close(out, want_out, tol, tol * scale, "output")
+        for name, g, wg in zip(NAMES, grads, want_grads):
+            assert g.dtype == np.dtype(dtype), name
+            _assert_close(g, wg, tol, tol * np.abs(wg).max(), f"grad {name}")
+
+
+def test_bfloat16(backend):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(8)
+    arrays, geometry = _case(rng)
+    arrays = {k: (v.astype(bf16).astype(np.float64) if v is not None else None) for k, v in arrays.items()}
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape).astype(bf16).astype(np.float64)
+    want_out, want_grads = _run_reference(arrays, geometry, grad_out)
+    out, grads = _run_emulated(backend, arrays, geometry, grad_out, bf16, True)
+    assert out.dtype == bf16
+    # bfloat16 keeps 8 bits: compare to 2**-7 of each array's scale
+    tol = 2.0**-7
+    _assert_close(out, want_out, tol, tol * np.abs(want_out).max(), "output")
+    for name, g, wg in zip(NAMES, grads, want_grads):
+        assert g.dtype == bf16
+        _assert_close(g, wg, tol, tol * np.abs(wg).max(), f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_chunking_matches_unchunked(backend, dtype, deterministic):
+    """Whole-image chunks and within-image chunks (a workspace bound smaller than one image)
+    give the unchunked numbers."""
+    rng = np.random.default_rng(11)
+    arrays, geometry = _case(rng, n=3)
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape)
+    full_out, full_grads = _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dtype), deterministic)
+    for limit in (1, 3000, 20000):  # one pixel per chunk, part of an image, one image
+        with deformarray.workspace_limit(limit):
+            out, grads = _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dtype), deterministic)
+        tol = 1e-12 if dtype == "float64" else 2e-3
+        _assert_close(out, full_out.astype(np.float64), tol, tol, f"output, limit {limit}")
+        for name, g, fg in zip(NAMES, grads, full_grads):
+            if fg is None:
+                continue
+            _assert_close(g, fg.astype(np.float64), tol, tol, f"grad {name}, limit {limit}")
+
+
+def test_plan_bounds_workspace():
+    plan = cuda_deform_conv._plan
+    chunks = list(plan(5, 10, 8, 0, 8 * 10 * 2))  # two images per chunk
+    assert [(c.n0, c.nb, c.q0, c.length) for c in chunks] == [(0, 2, 0, 20), (2, 2, 20, 20), (4, 1, 40, 10)]
+    chunks = list(plan(2, 10, 8, 16, 8 * 4 + 16))  # four pixels per chunk within an image
+    assert [(c.q0, c.length, c.starts_image, c.ends_image) for c in chunks] == [
+        (0, 4, True, False), (4, 4, False, False), (8, 2, False, True),
+        (10, 4, True, False), (14, 4, False, False), (18, 2, False, True)]
+    assert [c.length for c in plan(1, 3, 100, 0, 1)] == [1, 1, 1]  # never below one pixel
+
+
+def test_integer_offset_at_minus_one_has_zero_gradient(backend):
+    """Zero offsets with padding 1 put kernel row 0 at h = -1: value 0 and, unlike
+    torchvision, zero offset gradient (SPEC)."""
+    rng = np.random.default_rng(3)
+    arrays, geometry = _case(rng, n=1, c=1, h=4, w=4, c_out=1, kh=3, kw=3, stride=(1, 1),
+                             padding=(1, 1), dilation=(1, 1), groups=1, og=1, mask=False, bias=False)
+    arrays["offset"][:] = 0.0
+    p = _params(arrays, geometry)
+    grad_out = np.ones(p.out_shape)
+    _, grads = _run_emulated(backend, arrays, geometry, grad_out, np.float64, False)
+    g_off = grads[1].reshape(1, 9, 2, 4, 4)
+    assert np.all(g_off[0, 0:3, :, 0, :] == 0.0)  # kernel row 0 at output row 0 samples h = -1
+    assert np.all(g_off[0, [0, 3, 6], :, :, 0] == 0.0)  # kernel column 0 at output column 0: w = -1
+
+
+def test_deterministic_is_bitwise_repeatable_and_equals_sequential_sum(backend):
+    rng = np.random.default_rng(5)
+    arrays, geometry = _case(rng, spread=0.6)
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape)
+    first = _run_emulated(backend, arrays, geometry, grad_out, np.float32, True)[1]
+    second = _run_emulated(backend, arrays, geometry, grad_out, np.float32, True)[1]
+    for a, b in zip(first, second):
+        if a is not None:
+            assert a.tobytes() == b.tobytes()
+
+
+def test_non_contiguous_inputs(backend):
+    rng = np.random.default_rng(9)
+    arrays, geometry = _case(rng)
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape)
+    want_out, want_grads = _run_emulated(backend, arrays, geometry, grad_out, np.float64, True)
+    strided = {k: (np.asfortranarray(v) if v is not None else None) for k, v in arrays.items()}
+    out = cuda_deform_conv._forward(backend, p, strided["input"], strided["offset"], strided["weight"],
+                                    strided["bias"], strided["mask"])
+    grads = cuda_deform_conv._backward(backend, p, np.asfortranarray(grad_out), strided["input"],
+                                       strided["offset"], strided["weight"], strided["bias"],
+                                       strided["mask"], True)
+    np.testing.assert_array_equal(out, want_out)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_empty_batch(backend):
+    rng = np.random.default_rng(1)
+    arrays, geometry = _case(rng, n=0)
+    p = _params(arrays, geometry)
+    out, grads = _run_emulated(backend, arrays, geometry, np.zeros(p.out_shape), np.float32, False)
+    assert out.shape == p.out_shape
+    assert grads[0].shape == arrays["input"].shape and grads[1].shape == arrays["offset"].shape
+    assert np.all(grads[2] == 0) and np.all(grads[3] == 0) and grads[4].shape == arrays["mask"].shape
