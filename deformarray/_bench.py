@@ -18,6 +18,8 @@ forward+backward) plus how to wait for its device and how to read its peak memor
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -174,23 +176,38 @@ def configure_threads(n: Optional[int], torch: Optional[Any]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Measurement: one path for every contender on every device
+# Load from other processes (CPU timings are only trustworthy on a quiet machine)
 # ---------------------------------------------------------------------------------------
 
 
-def machine_load_note() -> Optional[str]:
-    """A warning when other processes already keep the CPUs busy: each parallel region then
-    waits for its descheduled threads and CPU timings become noisy and inflated."""
-    import os
-
+def cpu_counters() -> Optional[tuple[float, float, float]]:
+    """(wall s, CPU s used by the whole machine, CPU s used by this process), or None
+    where /proc/stat does not exist (not Linux)."""
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on this platform
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user .. steal
+    except (OSError, ValueError):
         return None
-    cores = os.cpu_count() or 1
-    if load / cores <= 0.25:
+    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+def other_load(before: Optional[tuple], after: Optional[tuple]) -> Optional[float]:
+    """Fraction of the machine's CPUs that *other* processes used between two snapshots.
+
+    On a shared machine with as many threads as cores, each parallel region waits for
+    whichever of its threads got descheduled, so even a modest load from elsewhere
+    inflates and scatters CPU timings: the report says so rather than hide it.
+    """
+    if before is None or after is None or after[0] <= before[0]:
         return None
-    return f"machine busy before the run (1-minute load {load:.1f} on {cores} cores): CPU timings are unreliable"
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others / (after[0] - before[0]) / (os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------------------------------
+# Measurement: one path for every contender on every device
+# ---------------------------------------------------------------------------------------
 
 
 def _noop() -> None:
@@ -519,8 +536,6 @@ class Progress:
             self.stream.flush()
 
     def _draw(self, text: str) -> None:
-        import shutil
-
         width = 20
         filled = width * self.done // max(self.total, 1)
         line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {self.label} {text}"
@@ -608,8 +623,7 @@ def _environment(torch: Optional[Any], threads: dict, cupy: Optional[Any]) -> di
 
 def run(opts: Options) -> dict:
     """Run the selected sections and return the report (rows, environment, notes)."""
-    load_note = machine_load_note()  # before we add load ourselves
-    notes: list[str] = [load_note] if load_note else []
+    notes: list[str] = []
     torch, torch_reason = optional_import("torch")
     threads = configure_threads(opts.threads, torch)
 
@@ -622,9 +636,16 @@ def run(opts: Options) -> dict:
     if cupy is not None:
         cases += _gpu_cases(opts, cupy, torch, torch_reason, notes)
 
+    before = cpu_counters()
     rows = _run_cases(cases, opts.repeat, cupy, torch)
+    load = other_load(before, cpu_counters())
+    if load is not None and load > 0.1:
+        notes.append(f"other processes kept {load:.0%} of the CPUs busy during the run: "
+                     "CPU timings are inflated and noisy")
+    env = _environment(torch, threads, cupy)
+    env["other_cpu_load"] = load
     return {
-        "environment": _environment(torch, threads, cupy),
+        "environment": env,
         "settings": {"repeat": opts.repeat, "backends": sorted({c.backend for c, _ in cases}),
                      "kernel": KERNEL, "padding": PADDING},
         "results": rows,
