@@ -12,6 +12,7 @@ from ._config import (
     set_workspace_limit,
     workspace_limit,
 )
+from .cpu._scratch import release_workspace
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "deform_conv2d_backward",
     "get_deterministic",
     "get_workspace_limit",
+    "release_workspace",
     "set_deterministic",
     "set_workspace_limit",
     "workspace_limit",

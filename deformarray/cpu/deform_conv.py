@@ -30,8 +30,8 @@ from numba import njit, prange
 
 from .. import _config
 from .._validate import ConvParams, check_plane_size
-from ._bilinear import corners
-from ._scratch import Scratch
+from ._bilinear import tile_corners
+from ._scratch import nbytes, workspace
 
 _TILE = 64  # output pixels per parallel task
 # Reassociation lets LLVM vectorise the channel dot products; the order is still fixed
@@ -39,19 +39,44 @@ _TILE = 64  # output pixels per parallel task
 _FM = {"reassoc", "contract"}
 
 
+# Each kernel task works on tiles of at most _TILE output pixels. For every kernel point
+# it first computes the tile's sample points in one vectorised loop (``tile_corners``:
+# corner indices, validity, fractional parts), then runs the channel loops: a point's
+# corners are shared by all channels of its offset group.
+
+
 @njit(cache=True, inline="always")
-def _point(off, n, ch, p, ho, wo, k, geo):
-    """Corners of the sample point of kernel point k (offset channel pair ch) at (ho, wo)."""
-    height, width, w_out, kw, sh, sw, ph, pw, dh, dw, n_k = geo
-    h = ho * sh - ph + (k // kw) * dh + off[n, 2 * ch, p]
-    w = wo * sw - pw + (k % kw) * dw + off[n, 2 * ch + 1, p]
-    return corners(h, w, height, width)
+def _tile_bases(p_lo, cnt, geo, h0, w0):
+    """Top-left input coordinate of each output pixel p_lo .. p_lo+cnt-1 of the tile."""
+    w_out, sh, sw, ph, pw = geo[2], geo[4], geo[5], geo[6], geo[7]
+    for j in range(cnt):
+        p = p_lo + j
+        ho = p // w_out
+        h0[j] = ho * sh - ph
+        w0[j] = (p - ho * w_out) * sw - pw
+
+
+@njit(cache=True, inline="always")
+def _tile_points(off, mask, has_mask, n, ch, k, p_lo, cnt, geo, h0, w0, idx, valid, fh, fw, wts):
+    """Sample points of kernel point k (offset channel pair ch) for the tile, and their
+    bilinear weights times the mask in ``wts`` (the data's precision)."""
+    height, width, kw, dh, dw = geo[0], geo[1], geo[3], geo[8], geo[9]
+    tile_corners(h0, w0, (k // kw) * dh, (k % kw) * dw,
+                 off[n, 2 * ch, p_lo:p_lo + cnt], off[n, 2 * ch + 1, p_lo:p_lo + cnt],
+                 height, width, idx, valid, fh, fw, cnt)
+    for j in range(cnt):
+        s = mask[n, ch, p_lo + j] if has_mask else 1.0
+        wts[0, j] = valid[0, j] * (1.0 - fh[j]) * (1.0 - fw[j]) * s
+        wts[1, j] = valid[1, j] * (1.0 - fh[j]) * fw[j] * s
+        wts[2, j] = valid[2, j] * fh[j] * (1.0 - fw[j]) * s
+        wts[3, j] = valid[3, j] * fh[j] * fw[j] * s
 
 
 # Channel runs. A "block" is a set of channels of one offset group (so they share sample
 # points); its channels form contiguous runs inside one conv group each. runs[b, j] =
 # (first channel, length, column index of the first channel at kernel point 0); the column
 # index at kernel point k adds k * Cg. Inner loops then run over contiguous channels.
+# Arrays are indexed in full inside the loops: per-point views would cost refcounting.
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -59,36 +84,36 @@ def _im2col(xt, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
     """cols[n, pp, r*K*Cg + k*Cg + c] = mask * bilinear sample of channel c at its point.
 
     xt is (nc, H*W + 1, C) with a zero last row, read for corners outside the image.
-    Arrays are indexed in full: per-point views would cost reference counting.
     """
-    w_out, n_k = geo[2], geo[10]
+    n_k = geo[10]
     nc, n_pix = cols.shape[0], cols.shape[1]
     n_tiles = (n_pix + _TILE - 1) // _TILE
     for task in prange(nc * n_tiles):
         n = task // n_tiles
-        t = task % n_tiles
-        a = np.empty(4, xt.dtype)  # the weights in the data's precision
-        for pp in range(t * _TILE, min((t + 1) * _TILE, n_pix)):
-            p = p0 + pp
-            ho = p // w_out
-            wo = p - ho * w_out
-            for b in range(block_group.shape[0]):
-                g = block_group[b]
-                for k in range(n_k):
-                    ch = g * n_k + k
-                    i0, i1, i2, i3, e0, e1, e2, e3, lh, lw = _point(off, n0 + n, ch, p, ho, wo, k, geo)
-                    s = mask[n0 + n, ch, p] if has_mask else 1.0
-                    a[0] = e0 * (1.0 - lh) * (1.0 - lw) * s
-                    a[1] = e1 * (1.0 - lh) * lw * s
-                    a[2] = e2 * lh * (1.0 - lw) * s
-                    a[3] = e3 * lh * lw * s
-                    a0, a1, a2, a3 = a[0], a[1], a[2], a[3]
-                    for j in range(n_runs[b]):
-                        c0 = runs[b, j, 0]
-                        d0 = runs[b, j, 2] + k * cg
-                        for cc in range(runs[b, j, 1]):
-                            cols[n, pp, d0 + cc] = (a0 * xt[n, i0, c0 + cc] + a1 * xt[n, i1, c0 + cc]
-                                                    + a2 * xt[n, i2, c0 + cc] + a3 * xt[n, i3, c0 + cc])
+        lo = (task % n_tiles) * _TILE
+        cnt = min(_TILE, n_pix - lo)
+        h0 = np.empty(_TILE)
+        w0 = np.empty(_TILE)
+        fh = np.empty(_TILE)
+        fw = np.empty(_TILE)
+        idx = np.empty((4, _TILE), np.int64)
+        valid = np.empty((4, _TILE))
+        wts = np.empty((4, _TILE), xt.dtype)
+        _tile_bases(p0 + lo, cnt, geo, h0, w0)
+        for b in range(block_group.shape[0]):
+            g = block_group[b]
+            for k in range(n_k):
+                _tile_points(off, mask, has_mask, n0 + n, g * n_k + k, k, p0 + lo, cnt, geo,
+                             h0, w0, idx, valid, fh, fw, wts)
+                for j in range(cnt):
+                    i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
+                    a0, a1, a2, a3 = wts[0, j], wts[1, j], wts[2, j], wts[3, j]
+                    for r in range(n_runs[b]):
+                        c0 = runs[b, r, 0]
+                        d0 = runs[b, r, 2] + k * cg
+                        for cc in range(runs[b, r, 1]):
+                            cols[n, lo + j, d0 + cc] = (a0 * xt[n, i0, c0 + cc] + a1 * xt[n, i1, c0 + cc]
+                                                        + a2 * xt[n, i2, c0 + cc] + a3 * xt[n, i3, c0 + cc])
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -101,7 +126,7 @@ def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, ru
     only when images x blocks alone give too few tasks. grad_xt and spill are
     (nc, H*W + 1, C): the last row absorbs corners outside the image.
     """
-    w_out, n_k = geo[2], geo[10]
+    n_k = geo[10]
     nc, n_pix = gcols.shape[0], gcols.shape[1]
     n_blocks = block_group.shape[0]
     n_parts = spill.shape[0] + 1
@@ -111,31 +136,31 @@ def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, ru
         part = task % n_parts
         g = block_group[b]
         dst = grad_xt if part == 0 else spill[part - 1]
-        a = np.empty(4, grad_xt.dtype)
-        for pp in range(part * n_pix // n_parts, (part + 1) * n_pix // n_parts):
-            p = p0 + pp
-            ho = p // w_out
-            wo = p - ho * w_out
+        h0 = np.empty(_TILE)
+        w0 = np.empty(_TILE)
+        fh = np.empty(_TILE)
+        fw = np.empty(_TILE)
+        idx = np.empty((4, _TILE), np.int64)
+        valid = np.empty((4, _TILE))
+        wts = np.empty((4, _TILE), grad_xt.dtype)
+        for lo in range(part * n_pix // n_parts, (part + 1) * n_pix // n_parts, _TILE):
+            cnt = min(_TILE, (part + 1) * n_pix // n_parts - lo)
+            _tile_bases(p0 + lo, cnt, geo, h0, w0)
             for k in range(n_k):
-                ch = g * n_k + k
-                i0, i1, i2, i3, e0, e1, e2, e3, lh, lw = _point(off, n0 + n, ch, p, ho, wo, k, geo)
-                if e0 + e1 + e2 + e3 == 0.0:
-                    continue
-                s = mask[n0 + n, ch, p] if has_mask else 1.0
-                a[0] = e0 * (1.0 - lh) * (1.0 - lw) * s
-                a[1] = e1 * (1.0 - lh) * lw * s
-                a[2] = e2 * lh * (1.0 - lw) * s
-                a[3] = e3 * lh * lw * s
-                a0, a1, a2, a3 = a[0], a[1], a[2], a[3]
-                for j in range(n_runs[b]):
-                    c0 = runs[b, j, 0]
-                    d0 = runs[b, j, 2] + k * cg
-                    for cc in range(runs[b, j, 1]):
-                        v = gcols[n, pp, d0 + cc]
-                        dst[n, i0, c0 + cc] += a0 * v
-                        dst[n, i1, c0 + cc] += a1 * v
-                        dst[n, i2, c0 + cc] += a2 * v
-                        dst[n, i3, c0 + cc] += a3 * v
+                _tile_points(off, mask, has_mask, n0 + n, g * n_k + k, k, p0 + lo, cnt, geo,
+                             h0, w0, idx, valid, fh, fw, wts)
+                for j in range(cnt):
+                    i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
+                    a0, a1, a2, a3 = wts[0, j], wts[1, j], wts[2, j], wts[3, j]
+                    for r in range(n_runs[b]):
+                        c0 = runs[b, r, 0]
+                        d0 = runs[b, r, 2] + k * cg
+                        for cc in range(runs[b, r, 1]):
+                            v = gcols[n, lo + j, d0 + cc]
+                            dst[n, i0, c0 + cc] += a0 * v
+                            dst[n, i1, c0 + cc] += a1 * v
+                            dst[n, i2, c0 + cc] += a2 * v
+                            dst[n, i3, c0 + cc] += a3 * v
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -144,46 +169,59 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
     """Offset and mask gradients. With S_q = sum_c gcol_c * x_c(corner q) over the point's
     channels, d/dh = sum_q dh_q S_q, d/dw = sum_q dw_q S_q and d/dmask = sum_q bw_q S_q.
     Blocks here are whole offset groups; each output value is written by one task."""
-    height, width, w_out, n_k = geo[0], geo[1], geo[2], geo[10]
+    n_k = geo[10]
     nc, n_pix = gcols.shape[0], gcols.shape[1]
     n_tiles = (n_pix + _TILE - 1) // _TILE
     for task in prange(nc * n_tiles):
         n = task // n_tiles
-        t = task % n_tiles
-        for pp in range(t * _TILE, min((t + 1) * _TILE, n_pix)):
-            p = p0 + pp
-            ho = p // w_out
-            wo = p - ho * w_out
-            for b in range(block_group.shape[0]):
-                g = block_group[b]
-                for k in range(n_k):
-                    ch = g * n_k + k
-                    i0, i1, i2, i3, e0, e1, e2, e3, lh, lw = _point(off, n0 + n, ch, p, ho, wo, k, geo)
-                    if e0 + e1 + e2 + e3 == 0.0:
-                        continue  # outside the image: zero gradients (outputs start at zero)
-                    s0 = xt[n, height * width, 0]  # a zero typed like the data
-                    s1 = s0
-                    s2 = s0
-                    s3 = s0
-                    for j in range(n_runs[b]):
-                        c0 = runs[b, j, 0]
-                        d0 = runs[b, j, 2] + k * cg
-                        for cc in range(runs[b, j, 1]):
-                            v = gcols[n, pp, d0 + cc]
+        lo = (task % n_tiles) * _TILE
+        cnt = min(_TILE, n_pix - lo)
+        h0 = np.empty(_TILE)
+        w0 = np.empty(_TILE)
+        fh = np.empty(_TILE)
+        fw = np.empty(_TILE)
+        idx = np.empty((4, _TILE), np.int64)
+        valid = np.empty((4, _TILE))
+        wts = np.empty((4, _TILE), xt.dtype)
+        zero = xt[n, xt.shape[1] - 1, 0]  # the zero row: a zero typed like the data
+        _tile_bases(p0 + lo, cnt, geo, h0, w0)
+        for b in range(block_group.shape[0]):
+            g = block_group[b]
+            for k in range(n_k):
+                ch = g * n_k + k
+                _tile_points(off, mask, False, n0 + n, ch, k, p0 + lo, cnt, geo,
+                             h0, w0, idx, valid, fh, fw, wts)
+                for j in range(cnt):
+                    i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
+                    s0 = zero
+                    s1 = zero
+                    s2 = zero
+                    s3 = zero
+                    for r in range(n_runs[b]):
+                        c0 = runs[b, r, 0]
+                        d0 = runs[b, r, 2] + k * cg
+                        for cc in range(runs[b, r, 1]):
+                            v = gcols[n, lo + j, d0 + cc]
                             s0 += v * xt[n, i0, c0 + cc]
                             s1 += v * xt[n, i1, c0 + cc]
                             s2 += v * xt[n, i2, c0 + cc]
                             s3 += v * xt[n, i3, c0 + cc]
-                    gy = -(1.0 - lw) * e0 * s0 - lw * e1 * s1 + (1.0 - lw) * e2 * s2 + lw * e3 * s3
-                    gx = -(1.0 - lh) * e0 * s0 + (1.0 - lh) * e1 * s1 - lh * e2 * s2 + lh * e3 * s3
+                    v0, v1, v2, v3 = valid[0, j], valid[1, j], valid[2, j], valid[3, j]
+                    lh, lw = fh[j], fw[j]
+                    # invalid corners read the zero row, but their S may still be NaN (0 * NaN
+                    # grad), so each term is also gated by its validity
+                    gy = -(1.0 - lw) * v0 * s0 - lw * v1 * s1 + (1.0 - lw) * v2 * s2 + lw * v3 * s3
+                    gx = -(1.0 - lh) * v0 * s0 + (1.0 - lh) * v1 * s1 - lh * v2 * s2 + lh * v3 * s3
+                    p = p0 + lo + j
+                    if v0 + v1 + v2 + v3 == 0.0:
+                        gy = 0.0  # outside the image: zero gradients, NaN or not
+                        gx = 0.0
                     if has_mask:
                         m = mask[n0 + n, ch, p]
                         grad_off[n0 + n, 2 * ch, p] = gy * m
                         grad_off[n0 + n, 2 * ch + 1, p] = gx * m
-                        grad_mask[n0 + n, ch, p] = (
-                            e0 * (1.0 - lh) * (1.0 - lw) * s0 + e1 * (1.0 - lh) * lw * s1
-                            + e2 * lh * (1.0 - lw) * s2 + e3 * lh * lw * s3
-                        )
+                        gm = wts[0, j] * s0 + wts[1, j] * s1 + wts[2, j] * s2 + wts[3, j] * s3
+                        grad_mask[n0 + n, ch, p] = gm if v0 + v1 + v2 + v3 != 0.0 else 0.0
                     else:
                         grad_off[n0 + n, 2 * ch, p] = gy
                         grad_off[n0 + n, 2 * ch + 1, p] = gx
@@ -195,7 +233,7 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
 
 
 def _chunks(p: ConvParams, itemsize: int, planes: int, limit: int):
-    """Yield ``(n0, nc, [(p0, np_), ...])``: image chunks and their output-pixel ranges.
+    """List of ``(n0, nc, [(p0, np_), ...])``: image chunks and their output-pixel ranges.
 
     Workspace of a chunk: ``planes`` channels-last copies of its images (input, and in the
     backward the input gradient) plus, per output pixel, a column (C_in*K values) and one
@@ -208,13 +246,10 @@ def _chunks(p: ConvParams, itemsize: int, planes: int, limit: int):
     per_image = fixed + per_pixel * hw
     if per_image <= limit:
         step = max(1, limit // per_image)
-        for n0 in range(0, p.n, step):
-            yield n0, min(step, p.n - n0), [(0, hw)]
-    else:
-        step = max(1, (limit - fixed) // per_pixel)
-        ranges = [(p0, min(step, hw - p0)) for p0 in range(0, hw, step)]
-        for n0 in range(p.n):
-            yield n0, 1, ranges
+        return [(n0, min(step, p.n - n0), [(0, hw)]) for n0 in range(0, p.n, step)]
+    step = max(1, (limit - fixed) // per_pixel)
+    ranges = [(p0, min(step, hw - p0)) for p0 in range(0, hw, step)]
+    return [(n0, 1, ranges) for n0 in range(p.n)]
 
 
 def _geometry(p: ConvParams):
@@ -254,12 +289,12 @@ def _flat(p: ConvParams, offset, mask, dtype):
     return off, np.ascontiguousarray(mask).reshape(p.n, -1, p.h_out * p.w_out)
 
 
-def _channels_last(input, n0, nc, scratch):
+def _channels_last(input, n0, nc, buf):
     """(nc, H*W + 1, C) channels-last copy of images n0..n0+nc, plus a zero row that the
     kernels read for corners outside the image."""
     chunk = input[n0:n0 + nc]
     _, c, h, w = chunk.shape
-    xt = scratch.empty("xt", (nc, h * w + 1, c), chunk.dtype)
+    xt = buf.empty((nc, h * w + 1, c), chunk.dtype)
     xt[:, :h * w].reshape(nc, h, w, c)[...] = chunk.transpose(0, 2, 3, 1)
     xt[:, h * w] = 0
     return xt
@@ -313,11 +348,16 @@ def forward(p: ConvParams, input, offset, weight, bias, mask):
     runs = _channel_runs(p, p.c_in // p.offset_groups)
     wg = _grouped_weight(p, weight)
     cog = p.c_out // p.groups
-    scratch = Scratch()
-    for n0, nc, ranges in _chunks(p, dtype.itemsize, planes=1, limit=_config.get_workspace_limit()):
-        xt = _channels_last(input, n0, nc, scratch)
+    chunks = _chunks(p, dtype.itemsize, planes=1, limit=_config.get_workspace_limit())
+    nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
+    xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
+    buf = workspace(nbytes(xt_shape, dtype) + nbytes((nc_max, np_max, p.c_in * p.k), dtype))
+    for n0, nc, ranges in chunks:
+        buf.reset()
+        xt = _channels_last(input, n0, nc, buf)
+        cols_chunk = buf.empty((nc, np_max, p.c_in * p.k), dtype)
         for p0, np_ in ranges:
-            cols = scratch.empty("cols", (nc, np_, p.c_in * p.k), dtype)
+            cols = cols_chunk[:, :np_]  # contiguous: several ranges only when nc == 1
             _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
             colsT = _cols_by_group(p, cols).transpose(0, 1, 3, 2)  # (nc, groups, K*Cg, P)
             if np_ == hw:
@@ -347,15 +387,22 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
         geo = _geometry(p)
         cg = p.c_in // p.groups
         runs = _channel_runs(p, p.c_in // p.offset_groups)
-        scratch = Scratch()
-        for n0, nc, ranges in _chunks(p, dtype.itemsize, planes=2, limit=3 * _config.get_workspace_limit() // 4):
-            xt = _channels_last(input, n0, nc, scratch)
-            grad_xt = scratch.zeros("grad_xt", xt.shape, dtype)
+        chunks = _chunks(p, dtype.itemsize, planes=2, limit=3 * _config.get_workspace_limit() // 4)
+        nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
+        xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
+        _, parts_max = _col2im_split(p, nc_max, nbytes(xt_shape, dtype))
+        buf = workspace((1 + parts_max) * nbytes(xt_shape, dtype)
+                        + nbytes((nc_max, np_max, p.c_in * p.k), dtype))
+        for n0, nc, ranges in chunks:
+            buf.reset()
+            xt = _channels_last(input, n0, nc, buf)
+            grad_xt = buf.zeros(xt.shape, dtype)
             cb, parts = _col2im_split(p, nc, xt.nbytes)
             block_runs = _channel_runs(p, cb)
-            spill = scratch.zeros("spill", (parts - 1,) + xt.shape, dtype)
+            spill = buf.zeros((parts - 1,) + xt.shape, dtype)
+            cols_chunk = buf.empty((nc, np_max, p.c_in * p.k), dtype)
             for p0, np_ in ranges:
-                cols = scratch.empty("cols", (nc, np_, p.c_in * p.k), dtype)
+                cols = cols_chunk[:, :np_]  # contiguous: several ranges only when nc == 1
                 _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
                 cols_g = _cols_by_group(p, cols)  # (nc, groups, P, K*Cg)
                 go_chunk = go[n0:n0 + nc, :, :, p0:p0 + np_]  # (nc, groups, Cog, P)
