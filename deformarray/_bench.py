@@ -283,7 +283,12 @@ def tracemalloc_peak_extra(fn: Callable[[], Any]) -> int:
 
     NumPy reports its data buffers to tracemalloc, so every buffer our Python drivers
     allocate is seen; memory allocated inside Numba-compiled code or inside BLAS is not.
+    The CPU backend keeps its workspace arena between calls: it is released first, so
+    that the measured call allocates it again and the trace sees it.
     """
+    import deformarray
+
+    deformarray.release_workspace()
     was_tracing = tracemalloc.is_tracing()
     if not was_tracing:
         tracemalloc.start()

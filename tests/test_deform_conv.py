@@ -346,6 +346,23 @@ def test_workspace_bound_holds_for_large_batch(rng):
     assert peak_f <= y.nbytes + limit + slack, (peak_f, y.nbytes)
     grads_bytes = sum(getattr(grads, n).nbytes for n in GRAD_NAMES)
     assert peak_b <= grads_bytes + limit + slack, (peak_b, grads_bytes)
+
+
+def test_workspace_kept_between_calls_is_not_doubled(rng):
+    """The CPU keeps its workspace arena between calls. Unchunked here, the backward needs
+    a larger arena than the forward: the forward's must be freed before the backward's is
+    allocated, so forward-then-backward peaks at the larger of the two, not their sum."""
+    case = make_case(rng, n=16, c_in=8, height=12, width=12, c_out=4, offset_scale=2.0)
+    go = rng.standard_normal(case.out_shape())
+    run_forward(case), run_backward(go, case)  # compile / warm up outside the trace
+    y, peak_f = _traced_peak(lambda: run_forward(case))
+    grads, peak_b = _traced_peak(lambda: run_backward(go, case))
+    extra_f = peak_f - y.nbytes
+    grads_bytes = sum(getattr(grads, n).nbytes for n in GRAD_NAMES)
+    extra_b = peak_b - grads_bytes
+    _, peak_fb = _traced_peak(lambda: (run_forward(case), run_backward(go, case)))
+    extra_fb = peak_fb - y.nbytes - grads_bytes
+    assert extra_fb <= max(extra_f, extra_b) + 80 * 1024, (extra_fb, extra_f, extra_b)
     y_ref = run_forward(case)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
 

@@ -55,10 +55,10 @@ _local = threading.local()
 
 def workspace(total: int) -> Carver:
     """A Carver over the calling thread's arena, grown (never shrunk) to ``total`` bytes."""
-    raw = getattr(_local, "raw", None)
     need = total + _ALIGN
+    raw = getattr(_local, "raw", None)
     if raw is None or raw.nbytes < need:
-        _local.raw = None  # free the old arena before allocating the new one
+        raw = _local.raw = None  # drop both references: the old arena is freed first
         raw = _local.raw = np.empty(need, dtype=np.uint8)
     return Carver(raw)
 
