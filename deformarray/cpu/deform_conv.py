@@ -31,6 +31,7 @@ from numba import njit, prange
 from .. import _config
 from .._validate import ConvParams, check_plane_size
 from ._bilinear import tile_corners
+from ._blas import own_threads, run_split, split_matmul
 from ._scratch import nbytes, workspace
 
 _TILE = 64  # output pixels per parallel task
@@ -77,6 +78,9 @@ def _tile_points(off, mask, has_mask, n, ch, k, p_lo, cnt, geo, h0, w0, idx, val
 # (first channel, length, column index of the first channel at kernel point 0); the column
 # index at kernel point k adds k * Cg. Inner loops then run over contiguous channels.
 # Arrays are indexed in full inside the loops: per-point views would cost refcounting.
+# Corner indices, runs and channel counters are unsigned: Numba adds a negative-index
+# wraparound select to every signed index it cannot prove non-negative, which stops the
+# channel loops from vectorising (measured: 2.3x slower gathers).
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -96,7 +100,7 @@ def _im2col(xt, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
         w0 = np.empty(_TILE)
         fh = np.empty(_TILE)
         fw = np.empty(_TILE)
-        idx = np.empty((4, _TILE), np.int64)
+        idx = np.empty((4, _TILE), np.uint64)
         valid = np.empty((4, _TILE))
         wts = np.empty((4, _TILE), xt.dtype)
         _tile_bases(p0 + lo, cnt, geo, h0, w0)
@@ -110,7 +114,7 @@ def _im2col(xt, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
                     a0, a1, a2, a3 = wts[0, j], wts[1, j], wts[2, j], wts[3, j]
                     for r in range(n_runs[b]):
                         c0 = runs[b, r, 0]
-                        d0 = runs[b, r, 2] + k * cg
+                        d0 = runs[b, r, 2] + np.uint64(k * cg)
                         for cc in range(runs[b, r, 1]):
                             cols[n, lo + j, d0 + cc] = (a0 * xt[n, i0, c0 + cc] + a1 * xt[n, i1, c0 + cc]
                                                         + a2 * xt[n, i2, c0 + cc] + a3 * xt[n, i3, c0 + cc])
@@ -140,7 +144,7 @@ def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, ru
         w0 = np.empty(_TILE)
         fh = np.empty(_TILE)
         fw = np.empty(_TILE)
-        idx = np.empty((4, _TILE), np.int64)
+        idx = np.empty((4, _TILE), np.uint64)
         valid = np.empty((4, _TILE))
         wts = np.empty((4, _TILE), grad_xt.dtype)
         for lo in range(part * n_pix // n_parts, (part + 1) * n_pix // n_parts, _TILE):
@@ -154,7 +158,7 @@ def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, ru
                     a0, a1, a2, a3 = wts[0, j], wts[1, j], wts[2, j], wts[3, j]
                     for r in range(n_runs[b]):
                         c0 = runs[b, r, 0]
-                        d0 = runs[b, r, 2] + k * cg
+                        d0 = runs[b, r, 2] + np.uint64(k * cg)
                         for cc in range(runs[b, r, 1]):
                             v = gcols[n, lo + j, d0 + cc]
                             dst[n, i0, c0 + cc] += a0 * v
@@ -180,7 +184,7 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
         w0 = np.empty(_TILE)
         fh = np.empty(_TILE)
         fw = np.empty(_TILE)
-        idx = np.empty((4, _TILE), np.int64)
+        idx = np.empty((4, _TILE), np.uint64)
         valid = np.empty((4, _TILE))
         wts = np.empty((4, _TILE), xt.dtype)
         zero = xt[n, xt.shape[1] - 1, 0]  # the zero row: a zero typed like the data
@@ -199,7 +203,7 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
                     s3 = zero
                     for r in range(n_runs[b]):
                         c0 = runs[b, r, 0]
-                        d0 = runs[b, r, 2] + k * cg
+                        d0 = runs[b, r, 2] + np.uint64(k * cg)
                         for cc in range(runs[b, r, 1]):
                             v = gcols[n, lo + j, d0 + cc]
                             s0 += v * xt[n, i0, c0 + cc]
@@ -275,7 +279,7 @@ def _channel_runs(p: ConvParams, block: int):
                 c = stop
             groups.append(g)
             blocks.append(block_runs)
-    runs = np.zeros((len(blocks), max(len(b) for b in blocks), 3), dtype=np.int64)
+    runs = np.zeros((len(blocks), max(len(b) for b in blocks), 3), dtype=np.uint64)
     for i, block_runs in enumerate(blocks):
         runs[i, :len(block_runs)] = block_runs
     return np.array(groups, dtype=np.int64), np.array([len(b) for b in blocks], dtype=np.int64), runs
@@ -342,6 +346,16 @@ def forward(p: ConvParams, input, offset, weight, bias, mask):
     out = np.empty((p.n, p.c_out, hw), dtype=dtype)
     if p.n == 0:
         return out.reshape(p.out_shape)
+    with own_threads() as parts:
+        _forward(p, input, offset, weight, mask, out, parts)
+    if bias is not None:
+        out += np.asarray(bias)[None, :, None]
+    return out.reshape(p.out_shape)
+
+
+def _forward(p: ConvParams, input, offset, weight, mask, out, parts):
+    dtype = input.dtype
+    hw = p.h_out * p.w_out
     off, m = _flat(p, offset, mask, dtype)
     geo = _geometry(p)
     cg = p.c_in // p.groups
@@ -351,22 +365,24 @@ def forward(p: ConvParams, input, offset, weight, bias, mask):
     chunks = _chunks(p, dtype.itemsize, planes=1, limit=_config.get_workspace_limit())
     nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
     xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
-    buf = workspace(nbytes(xt_shape, dtype) + nbytes((nc_max, np_max, p.c_in * p.k), dtype))
+    buf = workspace(nbytes(xt_shape, dtype) + nbytes((nc_max, np_max, p.c_in * p.k), dtype)
+                    + nbytes((p.c_out, np_max), dtype))
     for n0, nc, ranges in chunks:
         buf.reset()
         xt = _channels_last(input, n0, nc, buf)
         cols_chunk = buf.empty((nc, np_max, p.c_in * p.k), dtype)
+        res_chunk = buf.empty((p.c_out, np_max), dtype)
         for p0, np_ in ranges:
             cols = cols_chunk[:, :np_]  # contiguous: several ranges only when nc == 1
             _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
             colsT = _cols_by_group(p, cols).transpose(0, 1, 3, 2)  # (nc, groups, K*Cg, P)
             if np_ == hw:
-                np.matmul(wg, colsT, out=out[n0:n0 + nc].reshape(nc, p.groups, cog, hw))
-            else:
-                out[n0, :, p0:p0 + np_] = np.matmul(wg, colsT).reshape(p.c_out, np_)
-    if bias is not None:
-        out += np.asarray(bias)[None, :, None]
-    return out.reshape(p.out_shape)
+                res = out[n0:n0 + nc].reshape(nc, p.groups, cog, hw)
+            else:  # part of one image: the product goes through a buffer
+                res = res_chunk[:, :np_].reshape(1, p.groups, cog, np_)
+            split_matmul(wg, colsT, res, 0 if nc > 1 else -1, parts)
+            if np_ != hw:
+                out[n0, :, p0:p0 + np_] = res.reshape(p.c_out, np_)
 
 
 def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, deterministic=True):
@@ -382,40 +398,8 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
     go = np.ascontiguousarray(grad_output).reshape(p.n, p.groups, p.c_out // p.groups, hw)
     grad_b = go.sum(axis=(0, 3)).reshape(p.c_out) if bias is not None else None
     if p.n > 0:
-        off, m = _flat(p, offset, mask, dtype)
-        gm = grad_m if grad_m is not None else np.zeros((1, 1, 1), dtype=dtype)
-        geo = _geometry(p)
-        cg = p.c_in // p.groups
-        runs = _channel_runs(p, p.c_in // p.offset_groups)
-        chunks = _chunks(p, dtype.itemsize, planes=2, limit=3 * _config.get_workspace_limit() // 4)
-        nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
-        xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
-        _, parts_max = _col2im_split(p, nc_max, nbytes(xt_shape, dtype))
-        buf = workspace((1 + parts_max) * nbytes(xt_shape, dtype)
-                        + nbytes((nc_max, np_max, p.c_in * p.k), dtype))
-        for n0, nc, ranges in chunks:
-            buf.reset()
-            xt = _channels_last(input, n0, nc, buf)
-            grad_xt = buf.zeros(xt.shape, dtype)
-            cb, parts = _col2im_split(p, nc, xt.nbytes)
-            block_runs = _channel_runs(p, cb)
-            spill = buf.zeros((parts - 1,) + xt.shape, dtype)
-            cols_chunk = buf.empty((nc, np_max, p.c_in * p.k), dtype)
-            for p0, np_ in ranges:
-                cols = cols_chunk[:, :np_]  # contiguous: several ranges only when nc == 1
-                _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
-                cols_g = _cols_by_group(p, cols)  # (nc, groups, P, K*Cg)
-                go_chunk = go[n0:n0 + nc, :, :, p0:p0 + np_]  # (nc, groups, Cog, P)
-                for j in range(nc):
-                    grad_wg += np.matmul(go_chunk[j], cols_g[j])
-                # the column buffer now receives grad cols = grad_out^T @ W
-                np.matmul(go_chunk.transpose(0, 1, 3, 2), wg, out=cols_g)
-                _col2im(cols, off, m, mask is not None, n0, p0, geo, cg, *block_runs, grad_xt, spill)
-                _coord_grad(xt, cols, off, m, mask is not None, n0, p0, geo, cg, *runs, grad_off, gm)
-            for part in range(parts - 1):  # fixed order: deterministic
-                grad_xt += spill[part]
-            hw_in = p.h * p.w
-            grad_x[n0:n0 + nc] = grad_xt[:, :hw_in].reshape(nc, p.h, p.w, p.c_in).transpose(0, 3, 1, 2)
+        with own_threads() as parts:
+            _backward(p, go, input, offset, wg, mask, grad_x, grad_off, grad_m, grad_wg, parts)
     cg = p.c_in // p.groups
     grad_w = grad_wg.reshape(p.groups, p.c_out // p.groups, p.k, cg).transpose(0, 1, 3, 2)
     return (
@@ -425,3 +409,51 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
         grad_b,
         grad_m.reshape(mask.shape) if grad_m is not None else None,
     )
+
+
+def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad_m, grad_wg, parts):
+    dtype = input.dtype
+    off, m = _flat(p, offset, mask, dtype)
+    gm = grad_m if grad_m is not None else np.zeros((1, 1, 1), dtype=dtype)
+    geo = _geometry(p)
+    cg = p.c_in // p.groups
+    runs = _channel_runs(p, p.c_in // p.offset_groups)
+    chunks = _chunks(p, dtype.itemsize, planes=2, limit=3 * _config.get_workspace_limit() // 4)
+    nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
+    xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
+    _, parts_max = _col2im_split(p, nc_max, nbytes(xt_shape, dtype))
+    buf = workspace((1 + parts_max) * nbytes(xt_shape, dtype)
+                    + nbytes((nc_max, np_max, p.c_in * p.k), dtype))
+    for n0, nc, ranges in chunks:
+        buf.reset()
+        xt = _channels_last(input, n0, nc, buf)
+        grad_xt = buf.zeros(xt.shape, dtype)
+        cb, col_parts = _col2im_split(p, nc, xt.nbytes)
+        block_runs = _channel_runs(p, cb)
+        spill = buf.zeros((col_parts - 1,) + xt.shape, dtype)
+        cols_chunk = buf.empty((nc, np_max, p.c_in * p.k), dtype)
+        for p0, np_ in ranges:
+            cols = cols_chunk[:, :np_]  # contiguous: several ranges only when nc == 1
+            _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
+            cols_g = _cols_by_group(p, cols)  # (nc, groups, P, K*Cg)
+            go_chunk = go[n0:n0 + nc, :, :, p0:p0 + np_]  # (nc, groups, Cog, P)
+            _accumulate_grad_weight(go_chunk, cols_g, grad_wg, parts)
+            # the column buffer now receives grad cols = grad_out^T @ W
+            split_matmul(go_chunk.transpose(0, 1, 3, 2), wg, cols_g, 0 if nc > 1 else -2, parts)
+            _col2im(cols, off, m, mask is not None, n0, p0, geo, cg, *block_runs, grad_xt, spill)
+            _coord_grad(xt, cols, off, m, mask is not None, n0, p0, geo, cg, *runs, grad_off, gm)
+        for part in range(col_parts - 1):  # fixed order: deterministic
+            grad_xt += spill[part]
+        hw_in = p.h * p.w
+        grad_x[n0:n0 + nc] = grad_xt[:, :hw_in].reshape(nc, p.h, p.w, p.c_in).transpose(0, 3, 1, 2)
+
+
+def _accumulate_grad_weight(go_chunk, cols_g, grad_wg, parts):
+    """grad_wg += sum_j go_chunk[j] @ cols_g[j], split over grad_wg's columns: each thread
+    owns its columns and adds the images in order (deterministic)."""
+
+    def part(lo: int, hi: int) -> None:
+        for j in range(go_chunk.shape[0]):
+            grad_wg[..., lo:hi] += np.matmul(go_chunk[j], cols_g[j][..., lo:hi])
+
+    run_split(part, grad_wg.shape[-1], parts)
