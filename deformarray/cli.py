@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=(*_bench.CPU_DTYPES, "float16"),
                        help="default: float32 on CPU; float32 and float16 on GPU (float16: cupy only)")
     bench.add_argument("--repeat", type=_positive_int, default=5,
-                       help="timed runs per measurement, the median is reported (default 5)")
+                       help="timed runs per measurement, the best is reported (default 5)")
     bench.add_argument("--backend", choices=("numpy", "cupy", "all"),
                        help="default: numpy, plus cupy when a GPU is present")
     bench.add_argument("--threads", type=_positive_int, help="Numba (and torch, BLAS) thread count")
