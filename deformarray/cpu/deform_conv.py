@@ -47,6 +47,14 @@ _FM = {"reassoc", "contract"}
 
 
 @njit(cache=True, inline="always")
+def _tile_buffers(like):
+    """A task's per-tile arrays: pixel bases h0, w0, fractions fh, fw, corner indices,
+    validity, and weights in the precision of ``like``."""
+    return (np.empty(_TILE), np.empty(_TILE), np.empty(_TILE), np.empty(_TILE),
+            np.empty((4, _TILE), np.uint64), np.empty((4, _TILE)), np.empty((4, _TILE), like.dtype))
+
+
+@njit(cache=True, inline="always")
 def _tile_bases(p_lo, cnt, geo, h0, w0):
     """Top-left input coordinate of each output pixel p_lo .. p_lo+cnt-1 of the tile."""
     w_out, sh, sw, ph, pw = geo[2], geo[4], geo[5], geo[6], geo[7]
@@ -96,13 +104,7 @@ def _im2col(xt, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
         n = task // n_tiles
         lo = (task % n_tiles) * _TILE
         cnt = min(_TILE, n_pix - lo)
-        h0 = np.empty(_TILE)
-        w0 = np.empty(_TILE)
-        fh = np.empty(_TILE)
-        fw = np.empty(_TILE)
-        idx = np.empty((4, _TILE), np.uint64)
-        valid = np.empty((4, _TILE))
-        wts = np.empty((4, _TILE), xt.dtype)
+        h0, w0, fh, fw, idx, valid, wts = _tile_buffers(xt)
         _tile_bases(p0 + lo, cnt, geo, h0, w0)
         for b in range(block_group.shape[0]):
             g = block_group[b]
@@ -140,13 +142,7 @@ def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, ru
         part = task % n_parts
         g = block_group[b]
         dst = grad_xt if part == 0 else spill[part - 1]
-        h0 = np.empty(_TILE)
-        w0 = np.empty(_TILE)
-        fh = np.empty(_TILE)
-        fw = np.empty(_TILE)
-        idx = np.empty((4, _TILE), np.uint64)
-        valid = np.empty((4, _TILE))
-        wts = np.empty((4, _TILE), grad_xt.dtype)
+        h0, w0, fh, fw, idx, valid, wts = _tile_buffers(grad_xt)
         for lo in range(part * n_pix // n_parts, (part + 1) * n_pix // n_parts, _TILE):
             cnt = min(_TILE, (part + 1) * n_pix // n_parts - lo)
             _tile_bases(p0 + lo, cnt, geo, h0, w0)
@@ -180,13 +176,7 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
         n = task // n_tiles
         lo = (task % n_tiles) * _TILE
         cnt = min(_TILE, n_pix - lo)
-        h0 = np.empty(_TILE)
-        w0 = np.empty(_TILE)
-        fh = np.empty(_TILE)
-        fw = np.empty(_TILE)
-        idx = np.empty((4, _TILE), np.uint64)
-        valid = np.empty((4, _TILE))
-        wts = np.empty((4, _TILE), xt.dtype)
+        h0, w0, fh, fw, idx, valid, wts = _tile_buffers(xt)
         zero = xt[n, xt.shape[1] - 1, 0]  # the zero row: a zero typed like the data
         _tile_bases(p0 + lo, cnt, geo, h0, w0)
         for b in range(block_group.shape[0]):
