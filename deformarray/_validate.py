@@ -169,3 +169,49 @@ def check_plane_size(p: ConvParams) -> None:
         raise ValueError(
             f"input plane H*W = {p.h}*{p.w} must be below 2**31 elements on the CPU backend"
         )
+
+
+@dataclass(frozen=True)
+class RoiPoolParams:
+    """Normalised geometry of one ``deform_roi_pool`` call (mmcv DeformRoIPool numbers)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    r: int  # number of RoIs
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int  # > 0: samples per bin side; 0: ceil(roi_size / pooled_size)
+    gamma: float
+    has_offset: bool
+    has_mask: bool
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.r, self.c, self.pooled_h, self.pooled_w)
+
+
+@dataclass(frozen=True)
+class PSRoiPoolParams:
+    """Normalised geometry of one ``deform_psroi_pool`` call (MXNet DeformablePSROIPooling)."""
+
+    n: int
+    c: int  # = output_dim * group_size**2
+    h: int
+    w: int
+    r: int  # number of RoIs
+    output_dim: int
+    group_size: int
+    pooled_size: int
+    part_size: int
+    sample_per_part: int
+    trans_std: float
+    spatial_scale: float
+    num_classes: int  # offset.shape[1] // 2 (1 when there is no offset)
+    has_offset: bool
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.r, self.output_dim, self.pooled_size, self.pooled_size)
