@@ -4,7 +4,17 @@ The array type picks the backend: ``numpy.ndarray`` runs Numba-parallel CPU loop
 ``cupy.ndarray`` runs CUDA kernels compiled at run time by NVRTC.
 """
 
-from ._api import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+from ._api import (
+    DeformConv2dGrads,
+    DeformPSRoiPoolGrads,
+    DeformRoiPoolGrads,
+    deform_conv2d,
+    deform_conv2d_backward,
+    deform_psroi_pool,
+    deform_psroi_pool_backward,
+    deform_roi_pool,
+    deform_roi_pool_backward,
+)
 from ._config import (
     get_deterministic,
     get_workspace_limit,
@@ -18,8 +28,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DeformConv2dGrads",
+    "DeformPSRoiPoolGrads",
+    "DeformRoiPoolGrads",
     "deform_conv2d",
     "deform_conv2d_backward",
+    "deform_psroi_pool",
+    "deform_psroi_pool_backward",
+    "deform_roi_pool",
+    "deform_roi_pool_backward",
     "get_deterministic",
     "get_workspace_limit",
     "release_workspace",

@@ -6,7 +6,13 @@ from typing import Any, NamedTuple, Optional
 
 from . import _config
 from ._dispatch import backend_of, operator_module
-from ._validate import check_dtypes, check_grad_output, conv_params
+from ._validate import (
+    check_dtypes,
+    check_grad_output,
+    conv_params,
+    psroi_pool_params,
+    roi_pool_params,
+)
 
 
 class DeformConv2dGrads(NamedTuple):
@@ -70,3 +76,103 @@ def deform_conv2d_backward(
         p, grad_output, input, offset, weight, bias, mask, deterministic=bool(deterministic)
     )
     return DeformConv2dGrads(*grads)
+
+
+class DeformRoiPoolGrads(NamedTuple):
+    """Gradients of ``deform_roi_pool``: ``offset`` / ``mask`` are None when not given."""
+
+    input: Any
+    offset: Optional[Any]
+    mask: Optional[Any]
+
+
+class DeformPSRoiPoolGrads(NamedTuple):
+    """Gradients of ``deform_psroi_pool``: ``offset`` is None when not given."""
+
+    input: Any
+    offset: Optional[Any]
+
+
+def _deterministic(flag):
+    return bool(_config.get_deterministic() if flag is None else flag)
+
+
+def deform_roi_pool(input, rois, offset=None, output_size=(7, 7), spatial_scale=1.0,
+                    sampling_ratio=0, gamma=0.1, mask=None):
+    """Deformable RoI pooling (Dai et al. 2017, eq. 6) with mmcv's ``DeformRoIPool`` numbers;
+    modulated (DCNv2) when ``mask`` is given.
+
+    input ``(N, C, H, W)``; rois ``(R, 5)`` rows ``[batch_index, x1, y1, x2, y2]``;
+    offset ``(R, 2, ph, pw)`` (channel 0 = x, channel 1 = y, in units of the RoI size
+    times ``gamma``); mask ``(R, 1, ph, pw)``. Returns ``(R, C, ph, pw)``.
+    See docs/deform_roi_pool.md for the sampling rules.
+    """
+    required = dict(input=input, rois=rois)
+    optional = dict(offset=offset, mask=mask)
+    backend = backend_of(required, optional)
+    check_dtypes(backend, **required, **optional)
+    p = roi_pool_params(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma)
+    return operator_module(backend, "roi_pool").forward(p, input, rois, offset, mask)
+
+
+def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=(7, 7),
+                             spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None, *,
+                             deterministic=None) -> DeformRoiPoolGrads:
+    """Gradients of ``deform_roi_pool`` given ``grad_output`` of shape ``(R, C, ph, pw)``.
+
+    Returns ``DeformRoiPoolGrads(input, offset, mask)`` (no gradient for ``rois``). The CPU
+    backward is always deterministic; on CUDA, ``deterministic=True`` (default:
+    ``set_deterministic``) selects the bitwise-reproducible reduction.
+    """
+    required = dict(grad_output=grad_output, input=input, rois=rois)
+    optional = dict(offset=offset, mask=mask)
+    backend = backend_of(required, optional)
+    check_dtypes(backend, **required, **optional)
+    p = roi_pool_params(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma)
+    check_grad_output(grad_output, p.out_shape, "(R, C, ph, pw)")
+    grads = operator_module(backend, "roi_pool").backward(
+        p, grad_output, input, rois, offset, mask, deterministic=_deterministic(deterministic)
+    )
+    return DeformRoiPoolGrads(*grads)
+
+
+def deform_psroi_pool(input, rois, offset=None, *, output_dim, group_size, pooled_size,
+                      part_size=None, sample_per_part=4, trans_std=0.1, spatial_scale=1.0):
+    """Deformable position-sensitive RoI pooling (R-FCN) with the numbers of MXNet's
+    ``DeformablePSROIPooling``; plain PS RoI pooling when ``offset`` is None.
+
+    input ``(N, output_dim*group_size**2, H, W)``; rois ``(R, 5)`` rows
+    ``[batch_index, x1, y1, x2, y2]``; offset ``(R, 2*num_classes, part_size, part_size)``
+    (x then y for each class; ``part_size=None`` means ``pooled_size``).
+    Returns ``(R, output_dim, pooled_size, pooled_size)``. See docs/deform_psroi_pool.md.
+    """
+    required = dict(input=input, rois=rois)
+    optional = dict(offset=offset)
+    backend = backend_of(required, optional)
+    check_dtypes(backend, **required, **optional)
+    p = psroi_pool_params(input, rois, offset, output_dim, group_size, pooled_size, part_size,
+                          sample_per_part, trans_std, spatial_scale)
+    return operator_module(backend, "psroi_pool").forward(p, input, rois, offset)
+
+
+def deform_psroi_pool_backward(grad_output, input, rois, offset=None, *, output_dim, group_size,
+                               pooled_size, part_size=None, sample_per_part=4, trans_std=0.1,
+                               spatial_scale=1.0, deterministic=None) -> DeformPSRoiPoolGrads:
+    """Gradients of ``deform_psroi_pool`` given ``grad_output`` of shape
+    ``(R, output_dim, pooled_size, pooled_size)``.
+
+    Returns ``DeformPSRoiPoolGrads(input, offset)`` (no gradient for ``rois``). The CPU
+    backward is always deterministic; on CUDA, ``deterministic=True`` selects the
+    bitwise-reproducible reduction.
+    """
+    required = dict(grad_output=grad_output, input=input, rois=rois)
+    optional = dict(offset=offset)
+    backend = backend_of(required, optional)
+    check_dtypes(backend, **required, **optional)
+    p = psroi_pool_params(input, rois, offset, output_dim, group_size, pooled_size, part_size,
+                          sample_per_part, trans_std, spatial_scale)
+    check_grad_output(grad_output, p.out_shape, "(R, output_dim, pooled_size, pooled_size)")
+    grads = operator_module(backend, "psroi_pool").backward(
+        p, grad_output, input, rois, offset, deterministic=_deterministic(deterministic)
+    )
+    return DeformPSRoiPoolGrads(*grads)

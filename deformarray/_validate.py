@@ -215,3 +215,173 @@ class PSRoiPoolParams:
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
         return (self.r, self.output_dim, self.pooled_size, self.pooled_size)
+
+
+# ---------------------------------------------------------------------------------------
+# RoI pooling: deform_roi_pool (mmcv DeformRoIPool) and deform_psroi_pool (MXNet)
+# ---------------------------------------------------------------------------------------
+
+# Samples along one side of a bin, at most: keeps gy*gx (and sample_per_part**2) below
+# 2**30, so no backend's int32 sample counter overflows and no call loops for hours.
+MAX_SAMPLES_PER_SIDE = 1 << 15
+
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _finite_real(value: Any, name: str, positive: bool = False) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    out = float(value)
+    if not np.isfinite(out) or (positive and out <= 0.0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}")
+    return out
+
+
+def host_values(arr: Any) -> np.ndarray:
+    """The values of a NumPy or CuPy array as a NumPy array (CuPy: one device->host copy
+    through ``arr.get()``, so CuPy is never imported here)."""
+    if isinstance(arr, np.ndarray):
+        return arr
+    get = getattr(arr, "get", None)
+    if get is None:
+        raise TypeError(f"cannot read the values of a {type(arr).__module__}.{type(arr).__qualname__}")
+    return np.asarray(get())
+
+
+def _check_feature_map(input: Any) -> tuple[int, int, int, int]:
+    n, c, h, w = _check_ndim("input", input, "(N, C, H, W)")
+    if h < 1 or w < 1:
+        raise _shape_error("input", "(N, C, H, W) with H, W >= 1", input.shape)
+    return n, c, h, w
+
+
+def _check_rois(rois: Any, n: int) -> tuple[int, np.ndarray]:
+    """rois must be (R, 5) rows [batch_index, x1, y1, x2, y2]: finite, batch index an
+    integer in [0, N), x1 <= x2 and y1 <= y2. Returns R and the values as float64."""
+    shape = tuple(int(s) for s in rois.shape)
+    if len(shape) != 2 or shape[1] != 5:
+        raise _shape_error("rois", "(R, 5) with rows [batch_index, x1, y1, x2, y2]", shape)
+    r = shape[0]
+    vals = host_values(rois).astype(np.float64, copy=False)
+    if r == 0:
+        return 0, vals
+    bad = ~np.isfinite(vals).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"rois must be finite: row {i} is {vals[i].tolist()}")
+    b = vals[:, 0]
+    bad = (b != np.floor(b)) | (b < 0) | (b >= n)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"rois[:, 0] must hold integer batch indices in [0, N) = [0, {n}): row {i} has {b[i]!r}"
+        )
+    bad = (vals[:, 3] < vals[:, 1]) | (vals[:, 4] < vals[:, 2])
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"rois rows must have x1 <= x2 and y1 <= y2 ([batch_index, x1, y1, x2, y2]): "
+            f"row {i} is {vals[i].tolist()}"
+        )
+    return r, vals
+
+
+def roi_pool_params(
+    input: Any,
+    rois: Any,
+    offset: Any,
+    mask: Any,
+    output_size: Any,
+    spatial_scale: Any,
+    sampling_ratio: Any,
+    gamma: Any,
+) -> RoiPoolParams:
+    """Check the arguments of ``deform_roi_pool`` and return its normalised geometry."""
+    n, c, h, w = _check_feature_map(input)
+    ph, pw = _pair(output_size, "output_size", 1)
+    scale = _finite_real(spatial_scale, "spatial_scale", positive=True)
+    ratio = _positive_int(sampling_ratio, "sampling_ratio", minimum=0)
+    if ratio > MAX_SAMPLES_PER_SIDE:
+        raise ValueError(f"sampling_ratio must be <= {MAX_SAMPLES_PER_SIDE}, got {sampling_ratio!r}")
+    gamma_f = _finite_real(gamma, "gamma")
+    r, vals = _check_rois(rois, n)
+    if ratio == 0 and r > 0:
+        # adaptive grid: ceil(roi_size / pooled_size) samples per bin side
+        roi_w = (vals[:, 3] * scale - 0.5) - (vals[:, 1] * scale - 0.5)
+        roi_h = (vals[:, 4] * scale - 0.5) - (vals[:, 2] * scale - 0.5)
+        side = np.maximum(np.ceil(roi_h / ph), np.ceil(roi_w / pw))
+        if side.max() > MAX_SAMPLES_PER_SIDE:
+            i = int(np.argmax(side))
+            raise ValueError(
+                f"rois row {i} ({vals[i].tolist()}) is too large for sampling_ratio=0: it would "
+                f"take {int(side[i])} samples per bin side (at most {MAX_SAMPLES_PER_SIDE}); "
+                f"pass a sampling_ratio > 0"
+            )
+    if offset is not None:
+        expected = (r, 2, ph, pw)
+        if tuple(int(s) for s in offset.shape) != expected:
+            raise _shape_error("offset", f"(R, 2, ph, pw) = {expected}", offset.shape)
+    if mask is not None:
+        expected = (r, 1, ph, pw)
+        if tuple(int(s) for s in mask.shape) != expected:
+            raise _shape_error("mask", f"(R, 1, ph, pw) = {expected}", mask.shape)
+    return RoiPoolParams(
+        n=n, c=c, h=h, w=w, r=r, pooled_h=ph, pooled_w=pw, spatial_scale=scale,
+        sampling_ratio=ratio, gamma=gamma_f, has_offset=offset is not None,
+        has_mask=mask is not None,
+    )
+
+
+def psroi_pool_params(
+    input: Any,
+    rois: Any,
+    offset: Any,
+    output_dim: Any,
+    group_size: Any,
+    pooled_size: Any,
+    part_size: Any,
+    sample_per_part: Any,
+    trans_std: Any,
+    spatial_scale: Any,
+) -> PSRoiPoolParams:
+    """Check the arguments of ``deform_psroi_pool`` and return its normalised geometry."""
+    n, c, h, w = _check_feature_map(input)
+    out_dim = _positive_int(output_dim, "output_dim")
+    gs = _positive_int(group_size, "group_size")
+    ps = _positive_int(pooled_size, "pooled_size")
+    part = ps if part_size is None else _positive_int(part_size, "part_size")
+    spp = _positive_int(sample_per_part, "sample_per_part")
+    if spp > MAX_SAMPLES_PER_SIDE:
+        raise ValueError(f"sample_per_part must be <= {MAX_SAMPLES_PER_SIDE}, got {sample_per_part!r}")
+    std = _finite_real(trans_std, "trans_std")
+    scale = _finite_real(spatial_scale, "spatial_scale", positive=True)
+    if c != out_dim * gs * gs:
+        raise ValueError(
+            f"input must have shape (N, output_dim*group_size**2, H, W) = "
+            f"({n}, {out_dim}*{gs}**2 = {out_dim * gs * gs}, {h}, {w}), got {tuple(input.shape)}"
+        )
+    r, _ = _check_rois(rois, n)
+    num_classes = 1
+    if offset is not None:
+        shape = tuple(int(s) for s in offset.shape)
+        layout = f"(R, 2*num_classes, part_size, part_size) = ({r}, 2*num_classes, {part}, {part})"
+        if (len(shape) != 4 or shape[0] != r or shape[1] < 2 or shape[1] % 2
+                or shape[2] != part or shape[3] != part):
+            raise _shape_error("offset", layout, shape)
+        num_classes = shape[1] // 2
+        if out_dim % num_classes:
+            raise ValueError(
+                f"offset has {num_classes} classes (offset.shape[1] // 2), which must divide "
+                f"output_dim = {out_dim}; offset must have shape {layout}"
+            )
+    return PSRoiPoolParams(
+        n=n, c=c, h=h, w=w, r=r, output_dim=out_dim, group_size=gs, pooled_size=ps,
+        part_size=part, sample_per_part=spp, trans_std=std, spatial_scale=scale,
+        num_classes=num_classes, has_offset=offset is not None,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 
@@ -48,3 +49,85 @@ def tile_corners(h0, w0, h_add, w_add, dy, dx, height, width, idx, valid, frac_h
         valid[1, j] = 1.0 if top & right else 0.0
         valid[2, j] = 1.0 if bottom & left else 0.0
         valid[3, j] = 1.0 if bottom & right else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Clamped bilinear sampling (RoIAlign rule), used by the RoI pooling operators
+# ---------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def clamped_axis(t, size, margin):
+    """One axis of a clamped bilinear sample at coordinate ``t`` in ``[0, size)``.
+
+    Returns ``(ok, low, high, frac, slope)``:
+
+    - ``ok``: the point is used, ``-margin <= t <= size - 1 + margin`` (False for NaN).
+      deform_roi_pool (RoIAlign) uses margin 1 (a point below -1 or above ``size`` samples
+      0); deform_psroi_pool (MXNet) uses margin 0.5 (a point outside
+      ``[-0.5, size - 0.5]`` is skipped).
+    - the point clamped into ``[0, size - 1]`` is ``low + frac`` with ``low`` = its floor
+      and ``high = min(low + 1, size - 1)``: weights ``1 - frac`` on ``low``, ``frac`` on
+      ``high`` (at ``size - 1``, ``frac`` is 0).
+    - ``slope``: 1.0 where the sample moves with ``t``, i.e. ``0 <= t < size - 1``, else
+      0.0 (clamped points do not move). The derivative of the sampled value along this
+      axis is ``slope * (v[high] - v[low])`` weighted by the other axis: at an integer
+      ``t`` this is the derivative from the right, as for deformable convolution.
+
+    Indices come back unsigned (callers index with them in vectorised channel loops).
+    """
+    ok = (t >= -margin) & (t <= (size - 1) + margin)
+    tc = min(max(t, 0.0), size - 1.0) if ok else 0.0
+    low = int(tc)  # tc >= 0: truncation is the floor
+    high = min(low + 1, size - 1)
+    frac = tc - low
+    slope = 1.0 if ok & (t >= 0.0) & (t < size - 1.0) else 0.0
+    return ok, np.uint64(low), np.uint64(high), frac, slope
+
+
+@njit(cache=True, inline="always")
+def axis_weights(base, shift, num, den, count, size, margin, wgt, slope, idx, cw, cs):
+    """Per-pixel weights along one axis of a bin's grid of samples.
+
+    The samples of a bin form a grid (every row coordinate with every column coordinate),
+    and a sample is used when both its coordinates are (``clamped_axis``), so a bin's sum
+    of bilinear samples is separable: ``sum_{qy, qx} A[qy] * B[qx] * x[qy, qx]`` with
+    ``A[q] = sum of the row weights the used rows put on pixel row q`` (same for B). This
+    computes one axis for the coordinates ``t_k = base + (k + shift) * num / den``,
+    ``k < count`` (written in this order so the coordinates are bitwise those of the
+    original operators), and returns ``(used, m)``: the number of used coordinates and of
+    touched pixels, listed compactly in ``idx[:m]`` (unsigned, increasing), ``cw[:m]``
+    (weight) and ``cs[:m]`` (slope: the derivative of the weight when every coordinate
+    moves together, ``clamped_axis``'s rule). ``wgt`` and ``slope`` are scratch arrays of
+    ``size`` zeros, left zeroed.
+    """
+    used = 0
+    first = size
+    last = -1
+    for k in range(count):
+        ok, lo, hi, fr, sl = clamped_axis(base + (k + shift) * num / den, size, margin)
+        if ok:
+            used += 1
+            wgt[lo] += 1.0 - fr
+            wgt[hi] += fr
+            slope[lo] -= sl
+            slope[hi] += sl
+            first = min(first, np.int64(lo))
+            last = max(last, np.int64(hi))
+    m = 0
+    for q in range(first, last + 1):
+        if wgt[q] != 0.0 or slope[q] != 0.0:
+            idx[m] = q
+            cw[m] = wgt[q]
+            cs[m] = slope[q]
+            m += 1
+        wgt[q] = 0.0
+        slope[q] = 0.0
+    return used, m
+
+
+@njit(cache=True, inline="always")
+def axis_scratch(size):
+    """Scratch and output arrays of ``axis_weights`` for an axis of ``size`` pixels."""
+    return (np.zeros(size), np.zeros(size), np.empty(size, np.uint64), np.empty(size),
+            np.empty(size))

@@ -1,0 +1,304 @@
+"""Deformable position-sensitive RoI pooling (MXNet ``DeformablePSROIPooling``) on NumPy arrays.
+
+RoI r = [b, x1, y1, x2, y2] covers ``round(x1)*s - 0.5 .. (round(x2) + 1)*s - 0.5``
+(s = spatial_scale, round half away from zero), at least 0.1 wide; output channel c of
+bin (i, j) reads input channel ``(c*group_size + gi)*group_size + gj`` with
+``gi = i*group_size // pooled_size``; the bin moves by ``trans_std * offset * (roi_w, roi_h)``
+(offset of the class of c at part ``(i*part_size // pooled_size, j*...)``) and averages its
+``sample_per_part**2`` samples at sub-bin corners that fall inside ``[-0.5, size - 0.5]``
+(``_bilinear.clamped_axis`` with margin 0.5), each clamped into the image.
+
+As in roi_pool.py, a bin's samples form a grid whose validity is separable, so its sum is
+``sum_q A[qy] B[qx] x[q]`` over the touched pixels (``_bilinear.axis_weights``), and the
+number of valid samples is (valid rows) * (valid columns).
+
+The input is read in its own NCHW layout: each output value reads one channel plane, so
+the loops put the RoIs innermost: an (output channel, bin) pair reads one plane, which
+stays in cache while every RoI samples it (C = output_dim * group_size**2 planes: sampling
+them RoI by RoI would miss the cache on every sample).
+
+forward   parallel over (output channel, bin row).
+backward  input: parallel over input channels. A task owns plane ch of every image, visits
+          the RoIs in order and scatters: no races, one fixed order (independent of the
+          thread count). The gradient is written in place: no workspace.
+          offset: parallel over (class, part): a task owns those offset entries of every
+          RoI and adds channel by channel, bin by bin.
+
+Workspace: none for a C-contiguous input. A non-contiguous input is copied in chunks of
+images (or of one image's channel groups) that fit the workspace bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .. import _config
+from .._validate import PSRoiPoolParams
+from ._bilinear import axis_scratch, axis_weights
+from ._scratch import nbytes, workspace
+from .roi_pool import chunk_rois, plan_chunks
+
+_MARGIN = 0.5  # MXNet: a sample outside [-0.5, size - 0.5] is skipped
+
+# ``box`` holds per RoI: start_h, start_w, roi_h, roi_w, bin_h, bin_w, sub_h, sub_w
+# (float64). ``dims`` = (height, width, group_size, part_size, sample_per_part,
+# channels per class). Plane, pixel and image indices in the sampling loops are unsigned
+# (Numba adds a negative-index wraparound select to signed ones).
+
+
+@njit(cache=True, inline="always")
+def _bin_axes(box, r, i, j, cls, off, has_off, trans_std, pi, pj, height, width, spp,
+              y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs):
+    """Row and column weights (``axis_weights``) of bin (i, j) of RoI r for offset class
+    cls: (used rows * used columns = valid samples, touched rows, touched columns)."""
+    hs = i * box[r, 4] + box[r, 0]
+    ws = j * box[r, 5] + box[r, 1]
+    if has_off:
+        ws += off[r, 2 * cls, pi, pj] * trans_std * box[r, 3]
+        hs += off[r, 2 * cls + 1, pi, pj] * trans_std * box[r, 2]
+    uy, my = axis_weights(hs, 0.0, box[r, 6], 1.0, spp, height, _MARGIN,
+                          y_w, y_s, y_idx, y_cw, y_cs)
+    ux, mx = axis_weights(ws, 0.0, box[r, 7], 1.0, spp, width, _MARGIN,
+                          x_w, x_s, x_idx, x_cw, x_cs)
+    return uy * ux, my, mx
+
+
+@njit(cache=True, parallel=True)
+def _forward_kernel(x, o0, rlist, rslot, box, off, has_off, trans_std, dims, out):
+    """out[r, c, i, j] for output channels o0 .. o0 + oc; x holds their input channels."""
+    height, width, gs, part, spp, cec = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
+    ps = out.shape[2]
+    oc = x.shape[1] // (gs * gs)
+    nr = rlist.shape[0]
+    wd = np.uint64(width)
+    for task in prange(oc * ps):
+        c = o0 + task // ps
+        i = task % ps
+        cls = c // cec if has_off else 0
+        gi = i * gs // ps
+        pi = i * part // ps
+        y_w, y_s, y_idx, y_cw, y_cs = axis_scratch(height)
+        x_w, x_s, x_idx, x_cw, x_cs = axis_scratch(width)
+        for j in range(ps):
+            gj = j * gs // ps
+            pj = j * part // ps
+            ch = np.uint64((c * gs + gi) * gs + gj - o0 * gs * gs)
+            for k in range(nr):
+                r = rlist[k]
+                n = rslot[k]
+                cnt, my, mx = _bin_axes(box, r, i, j, cls, off, has_off, trans_std, pi, pj,
+                                        height, width, spp, y_w, y_s, y_idx, y_cw, y_cs,
+                                        x_w, x_s, x_idx, x_cw, x_cs)
+                total = 0.0
+                for a in range(my):
+                    row = y_idx[a] * wd
+                    part_sum = 0.0
+                    for b in range(mx):
+                        if x_cw[b] != 0.0:
+                            part_sum += x_cw[b] * x[n, ch, row + x_idx[b]]
+                    if y_cw[a] != 0.0:
+                        total += y_cw[a] * part_sum
+                out[r, c, i, j] = total / cnt if cnt > 0 else 0.0
+
+
+@njit(cache=True, parallel=True)
+def _grad_input_kernel(go, rimg, box, off, has_off, trans_std, dims, grad):
+    """grad[n, ch, pixel] += adjoint of the forward; grad is (N, C, H*W), zeroed.
+
+    Parallel over input channels: a task owns plane ch of every image and adds the RoIs
+    in order (then bins, then pixels): no races, one fixed order.
+    """
+    height, width, gs, part, spp, cec = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
+    ps = go.shape[2]
+    wd = np.uint64(width)
+    for ch in prange(grad.shape[1]):
+        c = ch // (gs * gs)
+        gi = (ch // gs) % gs
+        gj = ch % gs
+        cls = c // cec if has_off else 0
+        uch = np.uint64(ch)
+        y_w, y_s, y_idx, y_cw, y_cs = axis_scratch(height)
+        x_w, x_s, x_idx, x_cw, x_cs = axis_scratch(width)
+        for r in range(go.shape[0]):
+            n = np.uint64(rimg[r])
+            for i in range(ps):
+                if i * gs // ps != gi:
+                    continue
+                pi = i * part // ps
+                for j in range(ps):
+                    if j * gs // ps != gj:
+                        continue
+                    pj = j * part // ps
+                    cnt, my, mx = _bin_axes(box, r, i, j, cls, off, has_off, trans_std, pi,
+                                            pj, height, width, spp, y_w, y_s, y_idx, y_cw,
+                                            y_cs, x_w, x_s, x_idx, x_cw, x_cs)
+                    if cnt == 0:
+                        continue  # no sample: zero output, zero gradient
+                    g = go[r, c, i, j] / cnt
+                    for a in range(my):
+                        row = y_idx[a] * wd
+                        ga = y_cw[a] * g
+                        if ga == 0.0:
+                            continue
+                        for b in range(mx):
+                            if x_cw[b] != 0.0:
+                                grad[n, uch, row + x_idx[b]] += ga * x_cw[b]
+
+
+@njit(cache=True, parallel=True)
+def _grad_offset_kernel(x, o0, rlist, rslot, box, go, off, trans_std, dims, grad_off):
+    """grad_off += offset gradient from output channels o0 .. o0 + oc (x holds their input
+    channels). A bin's samples move together: d out / d offset_x = trans_std * roi_w * mean
+    over the valid samples of dX/dw (zero along a clamped axis).
+
+    Parallel over (class, part): a task owns grad_off[:, 2*cls : 2*cls + 2, pi, pj] and adds
+    channel by channel, bin by bin, in order.
+    """
+    height, width, gs, part, spp, cec = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
+    ps = go.shape[2]
+    oc = x.shape[1] // (gs * gs)
+    nr = rlist.shape[0]
+    n_cls = grad_off.shape[1] // 2
+    wd = np.uint64(width)
+    for task in prange(n_cls * part * part):
+        cls = task // (part * part)
+        pi = (task // part) % part
+        pj = task % part
+        y_w, y_s, y_idx, y_cw, y_cs = axis_scratch(height)
+        x_w, x_s, x_idx, x_cw, x_cs = axis_scratch(width)
+        for c in range(max(o0, cls * cec), min(o0 + oc, (cls + 1) * cec)):
+            for i in range(ps):
+                if i * part // ps != pi:
+                    continue
+                gi = i * gs // ps
+                for j in range(ps):
+                    if j * part // ps != pj:
+                        continue
+                    gj = j * gs // ps
+                    ch = np.uint64((c * gs + gi) * gs + gj - o0 * gs * gs)
+                    for k in range(nr):
+                        r = rlist[k]
+                        n = rslot[k]
+                        cnt, my, mx = _bin_axes(box, r, i, j, cls, off, True, trans_std, pi,
+                                                pj, height, width, spp, y_w, y_s, y_idx, y_cw,
+                                                y_cs, x_w, x_s, x_idx, x_cw, x_cs)
+                        if cnt == 0:
+                            continue
+                        s_x = 0.0
+                        s_y = 0.0
+                        for a in range(my):
+                            row = y_idx[a] * wd
+                            ay = y_cw[a]
+                            dy = y_cs[a]
+                            for b in range(mx):
+                                ax = x_cw[b]
+                                dx = x_cs[b]
+                                if (ay == 0.0 and dy == 0.0) or (ax == 0.0 and dx == 0.0):
+                                    continue
+                                v = x[n, ch, row + x_idx[b]]
+                                if dx != 0.0:
+                                    s_x += ay * dx * v
+                                if dy != 0.0:
+                                    s_y += dy * ax * v
+                        g = go[r, c, i, j] / cnt
+                        grad_off[r, 2 * cls, pi, pj] += trans_std * box[r, 3] * g * s_x
+                        grad_off[r, 2 * cls + 1, pi, pj] += trans_std * box[r, 2] * g * s_y
+
+
+# ---------------------------------------------------------------------------------------
+# Drivers
+# ---------------------------------------------------------------------------------------
+
+
+def round_half_away(v):
+    """C's round(): halves away from zero (NumPy's round goes to even). Exact: the
+    fractional part ``v - trunc(v)`` of a float is exactly representable."""
+    t = np.trunc(v)
+    return t + np.sign(v) * (np.abs(v - t) >= 0.5)
+
+
+def _boxes(p: PSRoiPoolParams, rois):
+    """Per-RoI geometry in float64: ``box`` (R, 8) and batch indices (R,)."""
+    v = np.asarray(rois, dtype=np.float64)
+    s = p.spatial_scale
+    start_w = round_half_away(v[:, 1]) * s - 0.5
+    start_h = round_half_away(v[:, 2]) * s - 0.5
+    end_w = (round_half_away(v[:, 3]) + 1.0) * s - 0.5
+    end_h = (round_half_away(v[:, 4]) + 1.0) * s - 0.5
+    roi_w = np.maximum(end_w - start_w, 0.1)
+    roi_h = np.maximum(end_h - start_h, 0.1)
+    bin_h = roi_h / p.pooled_size
+    bin_w = roi_w / p.pooled_size
+    box = np.stack([start_h, start_w, roi_h, roi_w, bin_h, bin_w,
+                    bin_h / p.sample_per_part, bin_w / p.sample_per_part], axis=1)
+    return np.ascontiguousarray(box), v[:, 0].astype(np.int64)
+
+
+def _dims(p: PSRoiPoolParams):
+    cec = p.output_dim // p.num_classes  # output channels per class
+    return np.array([p.h, p.w, p.group_size, p.part_size, p.sample_per_part, cec], dtype=np.int64)
+
+
+def _offset(p: PSRoiPoolParams, offset, dtype):
+    return np.ascontiguousarray(offset) if offset is not None else np.zeros((1, 2, 1, 1), dtype=dtype)
+
+
+def _input_chunks(p: PSRoiPoolParams, input, batch, planes_bytes_limit):
+    """Yield ``(x, o0, rlist, slots)``: x is (images, channels, H*W) holding the input
+    channels of output channels o0 .. o0 + x.shape[1] // group_size**2.
+
+    A C-contiguous input is used in place (one chunk, slots = batch indices). Otherwise
+    the images some RoI uses are copied in chunks within the workspace bound; when one
+    image does not fit, in ranges of output channels (group_size**2 planes each).
+    """
+    gg = p.group_size * p.group_size
+    if input.flags.c_contiguous:
+        yield input.reshape(p.n, p.c, p.h * p.w), 0, np.arange(p.r, dtype=np.int64), \
+            batch.astype(np.uint64)
+        return
+    dtype = input.dtype
+    order = np.argsort(batch, kind="stable")
+    sorted_batch = batch[order]
+    group_bytes = gg * p.h * p.w * dtype.itemsize
+    chunks = plan_chunks(batch, p.output_dim, group_bytes, planes_bytes_limit)
+    buf = workspace(nbytes((len(chunks[0][0]), chunks[0][2] * gg, p.h * p.w), dtype))
+    for images, o0, oc in chunks:
+        buf.reset()
+        x = buf.empty((len(images), oc * gg, p.h * p.w), dtype)
+        for s, img in enumerate(images):
+            x[s].reshape(oc * gg, p.h, p.w)[...] = input[img, o0 * gg:(o0 + oc) * gg]
+        rlist, slots = chunk_rois(batch, order, sorted_batch, images)
+        yield x, o0, rlist, slots
+
+
+def forward(p: PSRoiPoolParams, input, rois, offset):
+    dtype = input.dtype
+    out = np.empty(p.out_shape, dtype=dtype)  # every value is written once
+    if p.r == 0:
+        return out
+    box, batch = _boxes(p, rois)
+    off = _offset(p, offset, dtype)
+    dims = _dims(p)
+    for x, o0, rlist, slots in _input_chunks(p, input, batch, _config.get_workspace_limit()):
+        _forward_kernel(x, o0, rlist, slots, box, off, offset is not None, p.trans_std, dims, out)
+    return out
+
+
+def backward(p: PSRoiPoolParams, grad_output, input, rois, offset, deterministic=True):
+    # ``deterministic`` is accepted for API symmetry: this backend always is.
+    dtype = input.dtype
+    grad_x = np.zeros((p.n, p.c, p.h * p.w), dtype=dtype)
+    grad_off = np.zeros(offset.shape, dtype=dtype) if offset is not None else None
+    if p.r > 0:
+        box, batch = _boxes(p, rois)
+        off = _offset(p, offset, dtype)
+        dims = _dims(p)
+        go = np.ascontiguousarray(grad_output)
+        _grad_input_kernel(go, batch, box, off, offset is not None, p.trans_std, dims, grad_x)
+        if offset is not None:
+            for x, o0, rlist, slots in _input_chunks(p, input, batch,
+                                                     _config.get_workspace_limit()):
+                _grad_offset_kernel(x, o0, rlist, slots, box, go, off, p.trans_std, dims,
+                                    grad_off)
+    return grad_x.reshape(p.n, p.c, p.h, p.w), grad_off
