@@ -173,3 +173,112 @@ __device__ __forceinline__ void bilinear_sample_grad(const T* plane, i64 H, i64 
 }
 
 }  // namespace dfa
+
+// ---------------------------------------------------------------------------------------
+// Clamped bilinear sampling, the rule of the RoI pooling operators (roi_pool.cu with
+// margin 1: RoIAlign / mmcv's bilinear_interpolate; psroi_pool.cu with margin 0.5: MXNet's
+// DeformablePSROIPooling). Same numbers as the CPU backend's _bilinear.clamped_axis.
+// Unlike the convolution's rule above, a point is clamped into the image instead of losing
+// its outside corners. Per axis, for a coordinate t on an axis of `size` pixels:
+//  * the point is used ("ok") iff -margin <= t <= size - 1 + margin (not for NaN); a
+//    point unused on either axis samples 0 (roi_pool) or is skipped (psroi_pool), with
+//    zero gradient;
+//  * tc = t clamped into [0, size-1], low = floor(tc), high = min(low + 1, size - 1),
+//    frac = tc - low: weights 1 - frac on low, frac on high;
+//  * slope = 1 where the sample moves with t (0 <= t < size - 1), else 0 (a clamped point
+//    does not move). The derivative of the value along the axis is slope * (v[high] -
+//    v[low]) weighted by the other axis: at an integer t the derivative from above, as for
+//    deformable convolution. (mmcv and MXNet differ at a few boundary points; see
+//    docs/deform_roi_pool.md and docs/deform_psroi_pool.md.)
+// namespace dfa is reopened so that this block stays separate from the helpers above.
+namespace dfa {
+
+template <typename A> struct ClampedAxis {
+    bool ok;
+    i64 low, high;
+    A frac, slope;
+};
+
+template <typename A>
+__device__ __forceinline__ ClampedAxis<A> clamped_axis(A t, i64 size, A margin) {
+    ClampedAxis<A> a;
+    const A top = static_cast<A>(size - 1);
+    a.ok = t >= -margin && t <= top + margin;
+    const A tc = !a.ok ? A(0) : (t < A(0) ? A(0) : (t > top ? top : t));
+    a.low = static_cast<i64>(floor_acc(tc));
+    a.high = a.low + 1 < size - 1 ? a.low + 1 : size - 1;
+    a.frac = tc - static_cast<A>(a.low);
+    a.slope = (a.ok && t >= A(0) && t < top) ? A(1) : A(0);
+    return a;
+}
+
+// A point (y, x) of a (H, W) plane: its four corners, weights and derivative coefficients.
+template <typename A> struct ClampedPoint {
+    bool valid;  // used on both axes
+    i64 idx[4];  // flat y*W + x of (low_y, low_x), (low_y, high_x), (high_y, low_x), (high_y, high_x)
+    A wt[4];     // bilinear weights
+    A d_y[4];    // d value / d y = sum_q d_y[q] * v_q
+    A d_x[4];    // d value / d x = sum_q d_x[q] * v_q
+};
+
+template <typename A>
+__device__ __forceinline__ ClampedPoint<A> clamped_point(A y, A x, i64 H, i64 W, A margin) {
+    const ClampedAxis<A> ay = clamped_axis(y, H, margin);
+    const ClampedAxis<A> ax = clamped_axis(x, W, margin);
+    ClampedPoint<A> c;
+    c.valid = ay.ok && ax.ok;
+    const A fy = ay.frac, fx = ax.frac;
+    const A gy = A(1) - fy, gx = A(1) - fx;
+    c.idx[0] = ay.low * W + ax.low;
+    c.idx[1] = ay.low * W + ax.high;
+    c.idx[2] = ay.high * W + ax.low;
+    c.idx[3] = ay.high * W + ax.high;
+    c.wt[0] = gy * gx;
+    c.wt[1] = gy * fx;
+    c.wt[2] = fy * gx;
+    c.wt[3] = fy * fx;
+    //   d/dy = (1-fx)*(v3 - v1) + fx*(v4 - v2),   d/dx = (1-fy)*(v2 - v1) + fy*(v4 - v3)
+    c.d_y[0] = -gx * ay.slope; c.d_y[1] = -fx * ay.slope;
+    c.d_y[2] = gx * ay.slope;  c.d_y[3] = fx * ay.slope;
+    c.d_x[0] = -gy * ax.slope; c.d_x[1] = gy * ax.slope;
+    c.d_x[2] = -fy * ax.slope; c.d_x[3] = fy * ax.slope;
+    return c;
+}
+
+// Value of a (H, W) plane at a point described by clamped_point (0 when not valid).
+template <typename T>
+__device__ __forceinline__ acc_t<T> clamped_value(const T* plane, const ClampedPoint<acc_t<T>>& c) {
+    typedef acc_t<T> A;
+    if (!c.valid) return A(0);
+    return c.wt[0] * to_acc(plane[c.idx[0]]) + c.wt[1] * to_acc(plane[c.idx[1]]) +
+           c.wt[2] * to_acc(plane[c.idx[2]]) + c.wt[3] * to_acc(plane[c.idx[3]]);
+}
+
+// Value and derivatives with respect to y and x (all 0 when not valid).
+template <typename T>
+__device__ __forceinline__ void clamped_value_grad(const T* plane,
+                                                   const ClampedPoint<acc_t<T>>& c,
+                                                   acc_t<T>* val, acc_t<T>* d_y,
+                                                   acc_t<T>* d_x) {
+    typedef acc_t<T> A;
+    A v = A(0), gy = A(0), gx = A(0);
+    if (c.valid) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const A p = to_acc(plane[c.idx[q]]);
+            v += c.wt[q] * p;
+            gy += c.d_y[q] * p;
+            gx += c.d_x[q] * p;
+        }
+    }
+    *val = v;
+    *d_y = gy;
+    *d_x = gx;
+}
+
+__device__ __forceinline__ float ceil_acc(float v) { return ceilf(v); }
+__device__ __forceinline__ double ceil_acc(double v) { return ceil(v); }
+__device__ __forceinline__ float round_acc(float v) { return roundf(v); }  // half away from 0
+__device__ __forceinline__ double round_acc(double v) { return round(v); }
+
+}  // namespace dfa

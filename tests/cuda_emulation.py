@@ -4,9 +4,10 @@ The kernels of ``kernels_cu/*.cu`` are plain C++ apart from a few CUDA built-ins
 helper compiles them with the host C++ compiler (``g++``) after a small prelude that
 defines those built-ins for one host "thread": ``blockIdx = threadIdx = 0``,
 ``blockDim = gridDim = 1``, so every grid-stride loop walks its whole range serially, and
-``atomicAdd`` is a plain add. :class:`EmulatedBackend` then plays the part of
-``deformarray.cuda.deform_conv._CupyBackend`` with NumPy arrays, so the real chunking,
-GEMM, sort and kernel-argument code of ``deformarray/cuda/deform_conv.py`` runs unchanged.
+``atomicAdd`` is a plain add. :class:`EmulatedBackend` then plays the part of the
+``_CupyBackend`` classes of ``deformarray/cuda/deform_conv.py``, ``roi_pool.py`` and
+``psroi_pool.py`` with NumPy arrays (one instance per ``.cu`` file), so the real chunking,
+GEMM, sort and kernel-argument code of those modules runs unchanged.
 
 What this does not check: anything specific to the GPU (NVRTC itself is covered by
 tests/test_nvrtc_compile.py; races, memory coalescing, CuPy's own functions and cuBLAS are
@@ -91,24 +92,32 @@ class EmulatedBackend:
     def argsort_stable(self, a):
         return np.argsort(a, kind="stable")
 
+    def to_host(self, a):
+        return np.asarray(a)
+
     def launch(self, kernel: str, dtype, total: int, args: tuple) -> None:
         if total <= 0:
             return
         expr = _loader.name_expression(kernel, _loader.dtype_name(dtype))
         self.launched.append(expr)
-        key = (expr, len(args))
+        # Every kernel argument is a pointer, a 64-bit integer or a double. Pointers and
+        # integers both travel in a 64-bit integer register / stack slot in the x86-64 and
+        # AArch64 calling conventions, so uint64 describes them; doubles go in floating-point
+        # registers, so they need their own ctypes type.
+        kinds = "".join("d" if isinstance(a, np.float64) else "i" for a in args)
+        key = (expr, kinds)
         fn = self._fns.get(key)
         if fn is None:
-            # Every kernel argument is a pointer or a 64-bit integer: both travel in a
-            # 64-bit integer register / stack slot in the x86-64 and AArch64 calling
-            # conventions, so uint64 describes them all.
-            proto = ctypes.CFUNCTYPE(None, *([ctypes.c_uint64] * len(args)))
+            types = [ctypes.c_double if k == "d" else ctypes.c_uint64 for k in kinds]
+            proto = ctypes.CFUNCTYPE(None, *types)
             fn = self._fns[key] = proto(self._ptrs[expr])
         values = []
         for a in args:
             if isinstance(a, np.ndarray):
                 assert a.flags.c_contiguous, f"{expr}: non-contiguous array argument"
                 values.append(a.ctypes.data)
+            elif isinstance(a, np.float64):
+                values.append(float(a))
             elif isinstance(a, (np.integer,)):
                 values.append(int(a) & 0xFFFFFFFFFFFFFFFF)
             else:

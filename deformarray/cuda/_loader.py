@@ -45,6 +45,23 @@ KERNELS: dict[str, tuple[str, ...]] = {
         "deform_conv_to_acc",
         "deform_conv_from_acc",
     ),
+    "roi_pool.cu": (
+        "roi_pool_forward",
+        "roi_pool_coord_grad",
+        "roi_pool_backward_atomic",
+        "roi_pool_roi_info",
+        "roi_pool_coo",
+        "roi_pool_gather",
+        "roi_pool_from_acc",
+    ),
+    "psroi_pool.cu": (
+        "psroi_pool_forward",
+        "psroi_pool_coord_grad",
+        "psroi_pool_backward_atomic",
+        "psroi_pool_coo",
+        "psroi_pool_gather",
+        "psroi_pool_from_acc",
+    ),
 }
 
 # NVRTC options shared by the run-time build and the compile test. CuPy adds the
