@@ -1,0 +1,31 @@
+"""examples/scaled_digits.py runs (quick mode) and prints its table and writes its PNG.
+Skipped without torch or scikit-learn."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_scaled_digits_quick(tmp_path):
+    png = tmp_path / "sampling.png"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "scaled_digits.py"), "--quick", "--png", str(png)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "| test accuracy" in out and "| regular digits" in out and "| scaled digits" in out
+    assert "same outputs before fine-tuning: True" in out
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in data[-12:]
