@@ -5,7 +5,7 @@ helper compiles them with the host C++ compiler (``g++``) after a small prelude 
 defines those built-ins for one host "thread": ``blockIdx = threadIdx = 0``,
 ``blockDim = gridDim = 1``, so every grid-stride loop walks its whole range serially, and
 ``atomicAdd`` is a plain add. :class:`EmulatedBackend` then plays the part of the
-``_CupyBackend`` classes of ``deformarray/cuda/deform_conv.py``, ``roi_pool.py`` and
+``CupyBackend`` of ``deformarray/cuda/_launch.py`` for ``deform_conv.py``, ``roi_pool.py`` and
 ``psroi_pool.py`` with NumPy arrays (one instance per ``.cu`` file), so the real chunking,
 GEMM, sort and kernel-argument code of those modules runs unchanged.
 
@@ -74,7 +74,7 @@ def _build(filename: str) -> tuple[ctypes.CDLL, list[str]]:
 
 
 class EmulatedBackend:
-    """NumPy arrays + host-compiled kernels, with the interface of ``_CupyBackend``."""
+    """NumPy arrays + host-compiled kernels, with the interface of ``deformarray.cuda._launch.CupyBackend``."""
 
     def __init__(self, filename: str = "deform_conv.cu") -> None:
         lib, exprs = _build(filename)

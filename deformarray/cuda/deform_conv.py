@@ -51,11 +51,13 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from .. import _config
-from . import _loader
+from ._launch import acc_dtype as _acc_dtype
+from ._launch import backend as _launch_backend
+from ._launch import contiguous as _contiguous
+from ._launch import i64 as _i64
+from ._launch import same_device as _same_device
 
 _FILE = "deform_conv.cu"
-_BLOCK = 256
-_MAX_BLOCKS = 1 << 20  # grid-stride loops cover the rest
 _MAX_GEMM_DIM = 2**31 - 1  # cuBLAS takes int dimensions
 # Bytes per col2im entry in deterministic mode, beyond its value: int64 key, plus what
 # cupy.argsort allocates (a copy of the keys, the int64 result, and the radix sort's double
@@ -66,63 +68,12 @@ _DET_BYTES_PER_ENTRY = 48
 _DET_BYTES_PER_ROW = 24
 
 
-# ---------------------------------------------------------------------------------------
-# The array module and kernel launcher. Production uses CuPy; the tests can substitute a
-# host emulation (NumPy arrays, kernels built for the CPU) to exercise this exact launch
-# code on a machine without a GPU.
-
-
-class _CupyBackend:
-    def __init__(self) -> None:
-        import cupy
-
-        self.xp = cupy
-        self.null = np.uint64(0)  # a null pointer kernel argument
-
-    def device(self, arr: Any):
-        return arr.device
-
-    def launch(self, kernel: str, dtype: Any, total: int, args: tuple) -> None:
-        if total <= 0:
-            return
-        fn = _loader.get_kernel(_FILE, kernel, dtype)
-        blocks = min((total + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS)
-        fn((blocks,), (_BLOCK,), args)  # CuPy's current stream
-
-    def argsort_stable(self, a: Any) -> Any:
-        return self.xp.argsort(a)  # CuPy's argsort is always stable (thrust radix sort)
-
-
-_backend_instance: Any = None
-
-
 def _backend() -> Any:
-    global _backend_instance
-    if _backend_instance is None:
-        _backend_instance = _CupyBackend()
-    return _backend_instance
+    return _launch_backend(_FILE)
 
 
 # ---------------------------------------------------------------------------------------
 # Helpers
-
-
-def _contiguous(be: Any, x: Any) -> Any:
-    """C-contiguous ``x``; 16-bit arrays are copied as uint16 so that no CuPy elementwise
-    kernel has to know float16 / bfloat16 (CuPy's need the CUDA fp16/bf16 headers)."""
-    if x is None or x.flags.c_contiguous:
-        return x
-    if x.dtype.itemsize == 2:
-        return be.xp.ascontiguousarray(x.view(np.uint16)).view(x.dtype)
-    return be.xp.ascontiguousarray(x)
-
-
-def _acc_dtype(dtype: Any) -> np.dtype:
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-def _i64(*values: int) -> tuple:
-    return tuple(np.int64(v) for v in values)
 
 
 def _geom_args(p: Any) -> tuple:
@@ -165,13 +116,6 @@ def _check_sizes(p: Any) -> None:
             f"C_in*kh*kw = {ck} and C_out = {p.c_out} must each be below 2**31 on the CUDA backend "
             "(cuBLAS matrix dimensions are 32-bit)"
         )
-
-
-def _same_device(arrays: dict) -> Any:
-    devices = {name: a.device.id for name, a in arrays.items() if a is not None}
-    if len(set(devices.values())) > 1:
-        detail = ", ".join(f"{k} on device {v}" for k, v in devices.items())
-        raise ValueError(f"all arrays must be on one CUDA device, got {detail}")
 
 
 def _weight_acc(be: Any, weight: Any, acc: np.dtype, p: Any) -> Any:

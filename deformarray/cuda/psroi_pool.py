@@ -42,20 +42,19 @@ from typing import Any
 import numpy as np
 
 from .. import _config
-from .roi_pool import _CupyBackend, _acc_dtype, _args, _contiguous, _i64, _image_chunks, _same_device
+from ._launch import acc_dtype as _acc_dtype
+from ._launch import backend as _launch_backend
+from ._launch import contiguous as _contiguous
+from ._launch import i64 as _i64
+from ._launch import same_device as _same_device
+from .roi_pool import _args, _image_chunks
 
 _FILE = "psroi_pool.cu"
 _DET_BYTES_PER_ENTRY = 48  # int64 key + cupy.argsort's buffers (as deform_conv)
 _DET_BYTES_PER_ROW = 24  # int64 counts, int64 row starts, the prefix sum's temporary
 
-_backend_instance: Any = None
-
-
 def _backend() -> Any:
-    global _backend_instance
-    if _backend_instance is None:
-        _backend_instance = _CupyBackend(_FILE)
-    return _backend_instance
+    return _launch_backend(_FILE)
 
 
 def _geom_args(p: Any) -> tuple:

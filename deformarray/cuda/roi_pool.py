@@ -46,11 +46,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import _config
-from . import _loader
+from ._launch import acc_dtype as _acc_dtype
+from ._launch import backend as _launch_backend
+from ._launch import contiguous as _contiguous
+from ._launch import i64 as _i64
+from ._launch import same_device as _same_device
 
 _FILE = "roi_pool.cu"
-_BLOCK = 256
-_MAX_BLOCKS = 1 << 20  # grid-stride loops cover the rest
 # Bytes per sparse entry in deterministic mode, beyond its value: int64 key, int64 column
 # (bin) id, plus what cupy.argsort allocates (a copy of the keys, the int64 result, the radix
 # sort's double buffers), rounded up: as deform_conv's 48 + 8 for the column id.
@@ -62,74 +64,12 @@ _DET_BYTES_PER_ROW = 24
 _DET_BYTES_PER_ITEM = 16
 
 
-# ---------------------------------------------------------------------------------------
-# The array module and kernel launcher (shared with psroi_pool.py). Production uses CuPy;
-# the tests substitute a host emulation (tests/cuda_emulation.py: NumPy arrays, kernels
-# built for the CPU) to run this exact launch code on a machine without a GPU.
-
-
-class _CupyBackend:
-    def __init__(self, filename: str) -> None:
-        import cupy
-
-        self.xp = cupy
-        self.filename = filename
-        self.null = np.uint64(0)  # a null pointer kernel argument
-
-    def device(self, arr: Any):
-        return arr.device
-
-    def launch(self, kernel: str, dtype: Any, total: int, args: tuple) -> None:
-        if total <= 0:
-            return
-        fn = _loader.get_kernel(self.filename, kernel, dtype)
-        blocks = min((total + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS)
-        fn((blocks,), (_BLOCK,), args)  # CuPy's current stream
-
-    def argsort_stable(self, a: Any) -> Any:
-        return self.xp.argsort(a)  # CuPy's argsort is always stable (thrust radix sort)
-
-    def to_host(self, a: Any) -> np.ndarray:
-        return self.xp.asnumpy(a)  # synchronises with the current stream
-
-
-_backend_instance: Any = None
-
-
 def _backend() -> Any:
-    global _backend_instance
-    if _backend_instance is None:
-        _backend_instance = _CupyBackend(_FILE)
-    return _backend_instance
+    return _launch_backend(_FILE)
 
 
 # ---------------------------------------------------------------------------------------
 # Helpers (also used by psroi_pool.py)
-
-
-def _contiguous(be: Any, x: Any) -> Any:
-    """C-contiguous ``x``; 16-bit arrays are copied as uint16 so that no CuPy elementwise
-    kernel has to know float16 / bfloat16 (CuPy's need the CUDA fp16/bf16 headers)."""
-    if x is None or x.flags.c_contiguous:
-        return x
-    if x.dtype.itemsize == 2:
-        return be.xp.ascontiguousarray(x.view(np.uint16)).view(x.dtype)
-    return be.xp.ascontiguousarray(x)
-
-
-def _acc_dtype(dtype: Any) -> np.dtype:
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-def _i64(*values: int) -> tuple:
-    return tuple(np.int64(v) for v in values)
-
-
-def _same_device(arrays: dict) -> None:
-    devices = {name: a.device.id for name, a in arrays.items() if a is not None}
-    if len(set(devices.values())) > 1:
-        detail = ", ".join(f"{k} on device {v}" for k, v in devices.items())
-        raise ValueError(f"all arrays must be on one CUDA device, got {detail}")
 
 
 def _image_chunks(n: int, per_image: int, limit: int) -> Iterator[tuple[int, int]]:
