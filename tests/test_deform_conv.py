@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import deformarray as da
+from checks import DTYPES, assert_close
 from reference import (
     geometry,
     make_case,
@@ -17,8 +18,6 @@ from reference import (
     sample_point,
 )
 
-DTYPES = [np.float64, np.float32]
-REL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 GRAD_NAMES = ("input", "offset", "weight", "bias", "mask")
 
 # Geometries (keyword arguments of reference.make_case). Small: the reference is slow Python.
@@ -37,21 +36,6 @@ CASES = {
     "single_pixel_out": dict(n=1, c_in=1, c_out=1, height=3, width=3, padding=0),
     "big_padding": dict(padding=3, height=4, width=5, offset_scale=2.5, n=1),
 }
-
-
-def assert_close(actual, expected, dtype, name, rel=None):
-    """Relative comparison scaled by the reference's largest magnitude."""
-    dtype = np.dtype(dtype)
-    if expected is None:
-        assert actual is None, f"{name}: expected None, got {type(actual)}"
-        return
-    assert isinstance(actual, np.ndarray), f"{name}: not a numpy array ({type(actual)})"
-    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape}, expected {expected.shape}"
-    rel = REL[dtype] if rel is None else rel
-    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
-    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=rel, atol=rel * scale,
-                               err_msg=name)
 
 
 def run_forward(case):

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deformarray as da
+from checks import DTYPES, assert_close
 from reference_roi import (
     psroi_bins,
     psroi_param_dict,
@@ -28,22 +29,6 @@ from reference_roi import (
     ref_deform_psroi_pool,
     ref_deform_psroi_pool_backward,
 )
-
-DTYPES = [np.float64, np.float32]
-REL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
-
-
-def assert_close(actual, expected, dtype, name, rel=None):
-    dtype = np.dtype(dtype)
-    if expected is None:
-        assert actual is None, f"{name}: expected None, got {type(actual)}"
-        return
-    assert isinstance(actual, np.ndarray) and actual.dtype == dtype, (name, type(actual))
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape}, expected {expected.shape}"
-    rel = REL[dtype] if rel is None else rel
-    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
-    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=rel, atol=rel * scale,
-                               err_msg=name)
 
 
 def make_case(rng, n=2, output_dim=4, group_size=3, pooled_size=3, part_size=None,

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deformarray as da
+from checks import DTYPES, assert_close
 from reference_roi import (
     random_rois,
     ref_deform_roi_pool,
@@ -28,24 +29,7 @@ from reference_roi import (
     roi_bins,
 )
 
-DTYPES = [np.float64, np.float32]
-REL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 GRAD_NAMES = ("input", "offset", "mask")
-
-
-def assert_close(actual, expected, dtype, name, rel=None):
-    """Relative comparison scaled by the expected array's largest magnitude."""
-    dtype = np.dtype(dtype)
-    if expected is None:
-        assert actual is None, f"{name}: expected None, got {type(actual)}"
-        return
-    assert isinstance(actual, np.ndarray), f"{name}: not a numpy array ({type(actual)})"
-    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape}, expected {expected.shape}"
-    rel = REL[dtype] if rel is None else rel
-    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
-    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=rel, atol=rel * scale,
-                               err_msg=name)
 
 
 def make_case(rng, n=2, c=3, height=7, width=8, r=6, pooled=(3, 2), spatial_scale=0.5,
