@@ -1,4 +1,4 @@
-"""Benchmark deform_conv2d against a dense convolution: the same as ``deformarray bench``.
+"""Benchmark deform_conv2d against a dense convolution: ``deformarray bench --op conv``.
 
     python benchmarks/bench_deform_conv.py [--shapes "N,C,H,W,Co;..."] [--repeat 5] [--json] ...
 
@@ -11,4 +11,4 @@ import sys
 from deformarray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.exit(main(["bench", "--op", "conv", *sys.argv[1:]]))

@@ -1,9 +1,9 @@
 """Benchmark harness behind ``deformarray bench`` and ``benchmarks/bench_deform_conv.py``.
 
-One run times deformarray's ``deform_conv2d`` (v2: mask and bias, 3x3 kernel, padding 1,
-offsets ~ N(0, 1) so every sample point is fractional) against a dense convolution of the
-same shape measured in the same process, so the ratio column means something on any
-machine:
+``--op conv`` (this module) times deformarray's ``deform_conv2d`` (v2: mask and bias, 3x3
+kernel, padding 1, offsets ~ N(0, 1) so every sample point is fractional) against a dense
+convolution of the same shape measured in the same process, so the ratio column means
+something on any machine:
 
 - CPU section (numpy arrays): dense = ``torch.nn.functional.conv2d`` on the CPU with the same
   thread count as Numba, or, without torch, a NumPy im2col+matmul convolution.
@@ -13,10 +13,16 @@ machine:
 Every contender goes through one path: an ``Impl`` is a pair of closures (forward,
 forward+backward) plus how to wait for its device and how to read its peak memory, and
 ``measure`` times any ``Impl``. The two sections differ only in which Impls they build.
+
+``--op roi`` (``deformarray._bench_roi``, also behind ``benchmarks/bench_roi_pool.py``) adds
+RoI pooling rows built the same way, against torchvision's ``roi_align`` / ``ps_roi_align``.
+Every row is a ``Step``; ``run`` measures the conv steps, then the RoI steps, with one
+progress bar, and ``format_report`` prints one table per operator family and device.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import shutil
@@ -62,20 +68,26 @@ class Shape(NamedTuple):
         return {"N": self.n, "C_in": self.c_in, "H": self.h, "W": self.w, "C_out": self.c_out}
 
 
-def parse_shapes(text: str) -> list[Shape]:
-    """``"N,C,H,W,Co;N,C,H,W,Co"`` -> shapes; ValueError with the offending item otherwise."""
-    shapes = []
+def parse_sizes(text: str, fields: tuple) -> list[tuple]:
+    """``"a,b,..;a,b,.."`` -> tuples of ``len(fields)`` positive integers; ValueError with
+    the offending item otherwise."""
+    sizes = []
     for item in filter(None, (s.strip() for s in text.split(";"))):
         parts = [p.strip() for p in item.split(",")]
-        if len(parts) != 5 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"expected 5 positive integers N,C_in,H,W,C_out, got {item!r}")
-        shape = Shape(*map(int, parts))
-        if min(shape) < 1:
+        if len(parts) != len(fields) or not all(p.isdigit() for p in parts):
+            raise ValueError(f"expected {len(fields)} positive integers {','.join(fields)}, got {item!r}")
+        size = tuple(map(int, parts))
+        if min(size) < 1:
             raise ValueError(f"every size must be at least 1, got {item!r}")
-        shapes.append(shape)
-    if not shapes:
+        sizes.append(size)
+    if not sizes:
         raise ValueError("no shape given")
-    return shapes
+    return sizes
+
+
+def parse_shapes(text: str) -> list[Shape]:
+    """``"N,C,H,W,Co;N,C,H,W,Co"`` -> shapes; ValueError with the offending item otherwise."""
+    return [Shape(*s) for s in parse_sizes(text, ("N", "C_in", "H", "W", "C_out"))]
 
 
 class Inputs(NamedTuple):
@@ -463,7 +475,8 @@ def run_case(case: Case, build: Callable[[Inputs], list], repeat: int, progress:
 
     progress.start(f"{case.backend} {case.shape} {case.dtype}")
     impls = build(make_inputs(case.shape, case.dtype))
-    row: dict = {"backend": case.backend, "shape": case.shape.as_dict(), "dtype": case.dtype}
+    row: dict = {"op": "deform_conv2d", "backend": case.backend, "shape": case.shape.as_dict(),
+                 "dtype": case.dtype}
     for impl in impls:
         row[impl.name] = measure(impl, repeat, progress)
     del impls  # drop this case's arrays before the next one is built
@@ -558,53 +571,81 @@ class Progress:
 # ---------------------------------------------------------------------------------------
 
 
+OPS = ("conv", "roi")  # operator families: deform_conv2d; deform_roi_pool + deform_psroi_pool
+
+
 @dataclass
 class Options:
-    shapes: Optional[list]  # None: each section's defaults
+    shapes: Optional[list]  # conv shapes; None: each section's defaults
     dtype: Optional[str]  # None: float32 on CPU, float32 + float16 on GPU
     repeat: int = 5
     backend: Optional[str] = None  # numpy | cupy | all; None: numpy, plus cupy with a GPU
     threads: Optional[int] = None
+    ops: tuple = OPS  # which operator families, run in this order
+    roi_shapes: Optional[list] = None  # deform_roi_pool (N, C, H, W, R); None: defaults
+    psroi_shapes: Optional[list] = None  # deform_psroi_pool (N, K, H, W, R); None: defaults
 
 
-def _cpu_cases(opts: Options, torch: Optional[Any], torch_reason: str, notes: list) -> list:
+class Step(NamedTuple):
+    """One row to measure: ``run(repeat, progress)`` returns the row."""
+
+    backend: str
+    run: Callable[[int, "Progress"], dict]
+
+
+def _cpu_cases(opts: Options, torch: Optional[Any], torch_reason: str, notes: list) -> list[Step]:
     if torch is None:
         notes.append(f"{torch_reason}: CPU dense reference is a NumPy im2col+matmul convolution")
     build = cpu_builder(torch)
     shapes = opts.shapes or list(map(Shape._make, DEFAULT_CPU_SHAPES))
-    return [(Case("numpy", s, opts.dtype or "float32"), build) for s in shapes]
+    return [Step("numpy", functools.partial(run_case, Case("numpy", s, opts.dtype or "float32"), build))
+            for s in shapes]
 
 
-def _gpu_cases(opts: Options, cupy: Any, torch: Optional[Any], torch_reason: str, notes: list) -> list:
+def _gpu_references(torch: Optional[Any], torch_reason: str, notes: list) -> Optional[Any]:
+    """torchvision for the GPU rows (None without it or without CUDA torch, with a note)."""
     tv, tv_reason = optional_import("torchvision") if torch is not None else (None, torch_reason)
     if torch is None or not torch.cuda.is_available():
         notes.append(f"GPU: no CUDA torch ({torch_reason or 'torch is a CPU-only build'}): torch columns skipped")
-    else:
-        torch.backends.cudnn.benchmark = True  # the dense yardstick with its best algorithm
-        if tv is None:
-            notes.append(f"GPU: {tv_reason}: torchvision columns skipped")
+        return None
+    torch.backends.cudnn.benchmark = True  # the dense yardstick with its best algorithm
+    if tv is None:
+        notes.append(f"GPU: {tv_reason}: torchvision columns skipped")
+    return tv
+
+
+def _gpu_cases(opts: Options, cupy: Any, torch: Optional[Any], tv: Optional[Any]) -> list[Step]:
     build = gpu_builder(cupy, torch, tv)
     shapes = opts.shapes or list(map(Shape._make, DEFAULT_GPU_SHAPES))
     dtypes = (opts.dtype,) if opts.dtype else DEFAULT_GPU_DTYPES
-    return [(Case("cupy", s, d), build) for d in dtypes for s in shapes]
+    return [Step("cupy", functools.partial(run_case, Case("cupy", s, d), build)) for d in dtypes for s in shapes]
 
 
-def _run_cases(cases: list, repeat: int, cupy: Optional[Any], torch: Optional[Any]) -> list[dict]:
-    progress = Progress(len(cases))
+def _run_cases(steps: list[Step], repeat: int, cupy: Optional[Any], torch: Optional[Any]) -> list[dict]:
+    progress = Progress(len(steps))
     rows = []
     try:
-        for case, build in cases:
-            rows.append(run_case(case, build, repeat, progress))
-            if case.backend == "cupy":
+        for step in steps:
+            rows.append(step.run(repeat, progress))
+            if step.backend == "cupy":
                 release_gpu_memory(cupy, torch)
     finally:
         progress.close()
     return rows
 
 
+def row_label(row: dict) -> str:
+    """``backend [op (variant)] shape dtype``: how notes name a row."""
+    if row["op"] != "deform_conv2d":
+        from . import _bench_roi
+
+        return _bench_roi.row_label(row)
+    return f"{row['backend']} {_row_shape(row)} {row['dtype']}"
+
+
 def _error_notes(rows: list[dict]) -> list[str]:
     return [
-        f"{row['backend']} {_row_shape(row)} {row['dtype']} {name}: {row[name]['error']}"
+        f"{row_label(row)} {name}: {row[name]['error']}"
         for row in rows for name in ("ours", "dense", "torchvision") if "error" in row.get(name, {})
     ]
 
@@ -632,22 +673,32 @@ def _environment(torch: Optional[Any], threads: dict, cupy: Optional[Any]) -> di
 
 
 def run(opts: Options) -> dict:
-    """Run the selected sections and return the report (rows, environment, notes)."""
+    """Run the selected sections and return the report (rows, environment, notes).
+
+    Order: conv CPU, conv GPU, then RoI CPU, RoI GPU (the order of the report's tables)."""
+    from . import _bench_roi
+
     notes: list[str] = []
     torch, torch_reason = optional_import("torch")
     threads = configure_threads(opts.threads, torch)
 
-    cases = []
-    if opts.backend in (None, "numpy", "all"):
-        cases += _cpu_cases(opts, torch, torch_reason, notes)
+    want_cpu = opts.backend in (None, "numpy", "all")
     cupy, gpu_reason = None, "not requested (--backend numpy)"
     if opts.backend in (None, "cupy", "all"):
         cupy, gpu_reason = gpu_status()
-    if cupy is not None:
-        cases += _gpu_cases(opts, cupy, torch, torch_reason, notes)
+
+    steps: list[Step] = []
+    if "conv" in opts.ops and want_cpu:
+        steps += _cpu_cases(opts, torch, torch_reason, notes)
+    tv_gpu = _gpu_references(torch, torch_reason, notes) if cupy is not None else None
+    if "conv" in opts.ops and cupy is not None:
+        steps += _gpu_cases(opts, cupy, torch, tv_gpu)
+    if "roi" in opts.ops:
+        steps += _bench_roi.cpu_steps(opts, torch, torch_reason, notes) if want_cpu else []
+        steps += _bench_roi.gpu_steps(opts, cupy, torch, tv_gpu) if cupy is not None else []
 
     before = cpu_counters()
-    rows = _run_cases(cases, opts.repeat, cupy, torch)
+    rows = _run_cases(steps, opts.repeat, cupy, torch)
     load = other_load(before, cpu_counters())
     if load is not None and load > 0.1:
         notes.append(f"other processes kept {load:.0%} of the CPUs busy during the run: "
@@ -656,8 +707,9 @@ def run(opts: Options) -> dict:
     env["other_cpu_load"] = load
     return {
         "environment": env,
-        "settings": {"repeat": opts.repeat, "backends": sorted({c.backend for c, _ in cases}),
-                     "kernel": KERNEL, "padding": PADDING},
+        "settings": {"repeat": opts.repeat, "ops": [op for op in OPS if op in opts.ops],
+                     "backends": sorted({s.backend for s in steps}), "kernel": KERNEL, "padding": PADDING,
+                     "roi": _bench_roi.settings()},
         "results": rows,
         "gpu_skipped": None if cupy is not None else gpu_reason,
         "notes": notes + _error_notes(rows),
@@ -740,10 +792,11 @@ GPU_COLUMNS = [
 ]
 
 
-def format_table(columns: list, rows: list[dict]) -> str:
+def format_table(columns: list, rows: list[dict], left: int = 1) -> str:
+    """Columns ``(header, cell function)``; the first ``left`` are text (left-aligned)."""
     cells = [[header for header, _ in columns]] + [[fn(row) for _, fn in columns] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -755,30 +808,33 @@ def _reference_label(rows: list[dict], name: str) -> str:
 
 
 def format_report(report: dict) -> str:
+    from . import _bench_roi
+
     env, out = report["environment"], []
     th = env["threads"]
     blas = f"BLAS {th['blas']}" if th["blas"] else "BLAS default (threadpoolctl not installed)"
     torch_threads = f"torch {th['torch']}, " if th["torch"] else ""
-    out.append(
-        f"deformarray {env['deformarray']} deform_conv2d bench (mask + bias, k={KERNEL}, pad {PADDING}), "
-        f"best of {report['settings']['repeat']} runs"
-    )
+    out.append(f"deformarray {env['deformarray']} bench ({', '.join(report['settings']['ops'])}), "
+               f"best of {report['settings']['repeat']} runs")
     layer = env["numba_threading_layer"] or "layer unknown"
     out.append(f"threads: numba {th['numba']} ({layer}), {torch_threads}{blas}; "
                f"workspace bound {env['workspace_limit_mib']:.0f} MiB")
-    cpu = [r for r in report["results"] if r["backend"] == "numpy"]
-    gpu = [r for r in report["results"] if r["backend"] == "cupy"]
+    conv = [r for r in report["results"] if r["op"] == "deform_conv2d"]
+    cpu = [r for r in conv if r["backend"] == "numpy"]
+    gpu = [r for r in conv if r["backend"] == "cupy"]
+    title = f"deform_conv2d (mask + bias, {KERNEL}x{KERNEL}, padding {PADDING})"
     if cpu:
-        out += ["", f"CPU, numpy arrays, {cpu[0]['dtype']}; dense = {_reference_label(cpu, 'dense')}",
+        out += ["", f"{title}, CPU, numpy arrays, {cpu[0]['dtype']}; dense = {_reference_label(cpu, 'dense')}",
                 format_table(CPU_COLUMNS, cpu),
                 "ratio = ours / dense; warm-up = first fwd + first fwd+bwd call (Numba compile)",
                 "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients; "
                 "in bound = within the workspace bound"]
     if gpu:
-        out += ["", f"GPU ({env['gpu']}), cupy arrays; tv = {_reference_label(gpu, 'torchvision')}; "
+        out += ["", f"{title}, GPU ({env['gpu']}), cupy arrays; tv = {_reference_label(gpu, 'torchvision')}; "
                 f"cuDNN = {_reference_label(gpu, 'dense')}", format_table(GPU_COLUMNS, gpu),
                 "/tv, /cuDNN = ours / reference; peak = CuPy pool (ours) or torch allocator (tv) "
                 "beyond outputs/gradients"]
+    out += _bench_roi.format_sections([r for r in report["results"] if r["op"] != "deform_conv2d"], env["gpu"])
     if report["gpu_skipped"]:
         out += ["", f"GPU section skipped: {report['gpu_skipped']}"]
     out += [f"note: {n}" for n in report["notes"]]

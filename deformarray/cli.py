@@ -13,7 +13,7 @@ import platform
 import sys
 from typing import Optional, Sequence
 
-from . import _bench
+from . import _bench, _bench_roi
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,11 +133,24 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def _shapes_arg(text: str) -> list:
-    try:
-        return _bench.parse_shapes(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _parser_arg(parse):
+    """An argparse ``type`` from a parser raising ValueError (its message is the error)."""
+
+    def convert(text: str) -> list:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+_shapes_arg = _parser_arg(_bench.parse_shapes)
+_roi_shapes_arg = _parser_arg(_bench_roi.parse_roi_shapes)
+_psroi_shapes_arg = _parser_arg(_bench_roi.parse_psroi_shapes)
+
+# --op value -> operator families (_bench.OPS), run in _bench.OPS order
+OP_CHOICES = {"conv": ("conv",), "roi": ("roi",), "all": _bench.OPS}
 
 
 def _positive_int(text: str) -> int:
@@ -159,12 +172,19 @@ def _check_bench_args(args: argparse.Namespace) -> Optional[str]:
                 "(set NUMBA_NUM_THREADS before starting to raise it)")
     if args.dtype not in (None, *_bench.CPU_DTYPES) and args.backend in (None, "numpy", "all"):
         return f"--dtype {args.dtype} runs on the cupy backend only: add --backend cupy"
+    ops = OP_CHOICES[args.op]
+    if args.shapes is not None and "conv" not in ops:
+        return f"--shapes sets the deform_conv2d rows, which --op {args.op} does not run: use --op conv or all"
+    for flag, value in (("--roi-shapes", args.roi_shapes), ("--psroi-shapes", args.psroi_shapes)):
+        if value is not None and "roi" not in ops:
+            return f"{flag} sets the RoI rows, which --op {args.op} does not run: use --op roi or all"
     return None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     opts = _bench.Options(shapes=args.shapes, dtype=args.dtype, repeat=args.repeat,
-                          backend=args.backend, threads=args.threads)
+                          backend=args.backend, threads=args.threads, ops=OP_CHOICES[args.op],
+                          roi_shapes=args.roi_shapes, psroi_shapes=args.psroi_shapes)
     report = _bench.run(opts)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -192,12 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="time deform_conv2d against a dense convolution",
+        help="time deform_conv2d and the RoI pooling operators against their non-deformable floors",
         description="Time deform_conv2d (mask + bias, 3x3, padding 1) forward and forward+backward "
-                    "against a dense convolution of the same shape, from one run.",
+                    "against a dense convolution of the same shape, then deform_roi_pool and "
+                    "deform_psroi_pool (7x7 bins, spatial_scale 1/16) against torchvision's roi_align / "
+                    "ps_roi_align of the same sizes (when torchvision is importable), from one run.",
     )
+    bench.add_argument("--op", choices=tuple(OP_CHOICES), default="all",
+                       help="operators: conv = deform_conv2d, roi = deform_roi_pool and deform_psroi_pool, "
+                            "all = conv then roi (default)")
     bench.add_argument("--shapes", type=_shapes_arg, metavar='"N,C,H,W,Co;..."',
-                       help="shapes to run (default: a CPU set and a GPU set)")
+                       help="deform_conv2d shapes to run (default: a CPU set and a GPU set)")
+    bench.add_argument("--roi-shapes", type=_roi_shapes_arg, metavar='"N,C,H,W,R;..."',
+                       help="deform_roi_pool sizes: N images of C channels, HxW, R RoIs "
+                            "(default: 2,256,64,64,512; on GPU also 8,256,100,152,4096)")
+    bench.add_argument("--psroi-shapes", type=_psroi_shapes_arg, metavar='"N,K,H,W,R;..."',
+                       help="deform_psroi_pool sizes: N images of K*49 score maps (K classes), HxW, R RoIs "
+                            "(default: 2,21,64,64,300; on GPU also 8,81,64,64,2400)")
     bench.add_argument("--dtype", choices=(*_bench.CPU_DTYPES, "float16"),
                        help="default: float32 on CPU; float32 and float16 on GPU (float16: cupy only)")
     bench.add_argument("--repeat", type=_positive_int, default=5,

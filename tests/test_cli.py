@@ -8,6 +8,7 @@ that its wiring is tested on machines without a GPU as well.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -16,10 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deformarray import _bench, cli
+from deformarray import _bench, _bench_roi, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--shapes", "1,2,5,5,3;2,3,6,4,2", "--repeat", "1"]
+TINY_ROI = ["--roi-shapes", "1,4,8,8,3", "--psroi-shapes", "2,1,6,5,2"]  # C = 1*49 score maps
+RATIO = re.compile(r"\s\d+\.\d\dx(?=\s|$)")  # a ratio cell of a table row
+ROI_ROWS = [("deform_roi_pool", "offset"), ("deform_roi_pool", "offset+mask"),
+            ("deform_psroi_pool", "class offsets"), ("deform_psroi_pool", "no offset")]
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +84,7 @@ def test_info_without_optional_packages(monkeypatch, capsys):
 
 
 def test_bench_prints_table(capsys):
-    assert cli.main(["bench", *TINY, "--backend", "numpy"]) == 0
+    assert cli.main(["bench", *TINY, *TINY_ROI, "--backend", "numpy"]) == 0  # --op all: the default
     captured = capsys.readouterr()
     out = captured.out
     for header in ("N,C,H,W,Co", "fwd ms", "dense fwd ms", "ratio", "fwd+bwd ms", "peak extra MiB", "in bound",
@@ -87,17 +92,70 @@ def test_bench_prints_table(capsys):
         assert header in out
     assert "1,2,5,5,3" in out and "2,3,6,4,2" in out
     assert "error" not in out
-    assert "[1/2]" in captured.err  # progress: step lines when stderr is not a terminal
+    assert "[1/6]" in captured.err  # progress: step lines when stderr is not a terminal
+    # the RoI table comes after the conv table, one row per operator and variant
+    conv_at, roi_at = out.index("deform_conv2d (mask + bias"), out.index("RoI pooling (7x7 bins")
+    assert conv_at < roi_at
+    lines = out[roi_at:].splitlines()
+    assert lines[1].split()[:3] == ["op", "case", "N,C,H,W,R"]
+    for op, variant in ROI_ROWS:
+        shape = "1,4,8,8,3" if op == "deform_roi_pool" else "2,1x49,6,5,2"
+        row = next(line for line in lines if line.startswith(f"{op} ") and f" {variant} " in line)
+        assert shape in row and row.split()[-2] == "yes", row
+    assert captured.err.index("[6/6] numpy deform_psroi_pool (no offset)") > captured.err.index("[2/6] numpy 2,3,6,4,2")
+
+
+def test_bench_roi_without_torchvision_says_why(monkeypatch, capsys):
+    _hide(monkeypatch, "torchvision")
+    assert cli.main(["bench", "--op", "roi", *TINY_ROI, "--repeat", "1", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert ("note: torchvision not installed: no torchvision roi_align / ps_roi_align floor for the CPU RoI rows"
+            in out.splitlines())
+    assert "tv fwd ms" not in out  # no empty baseline columns
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("op, conv, roi", [("conv", True, False), ("roi", False, True), ("all", True, True)])
+def test_bench_op_selects_the_rows(op, conv, roi, capsys):
+    argv = ["bench", "--op", op, "--repeat", "1", "--backend", "numpy", "--json"]
+    argv += (TINY[:2] if conv else []) + (TINY_ROI if roi else [])
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    ops = [row["op"] for row in report["results"]]
+    assert ops == ["deform_conv2d"] * (2 * conv) + [name for name, _ in ROI_ROWS] * roi
+    assert report["settings"]["ops"] == [name for name, on in (("conv", conv), ("roi", roi)) if on]
+
+
+def test_bench_roi_json(capsys):
+    assert cli.main(["bench", "--op", "roi", *TINY_ROI, "--repeat", "2", "--backend", "numpy", "--json",
+                     "--dtype", "float64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["roi"]["pooled_size"] == 7
+    assert report["settings"]["roi"]["deform_psroi_pool"]["sample_per_part"] == 4
+    rows = report["results"]
+    assert [(r["op"], r["variant"]) for r in rows] == ROI_ROWS
+    assert rows[0]["shape"] == {"N": 1, "C": 4, "H": 8, "W": 8, "R": 3}
+    assert rows[2]["shape"] == {"N": 2, "K": 1, "C": 49, "H": 6, "W": 5, "R": 2}
+    for row in rows:
+        assert row["backend"] == "numpy" and row["dtype"] == "float64"
+        ours = row["ours"]
+        assert ours["label"] == f"deformarray.{row['op']}"
+        for key in ("warmup_fwd_s", "fwd_ms", "fwd_median_ms", "warmup_fwdbwd_s", "fwdbwd_ms",
+                    "peak_extra_mib", "within_workspace"):
+            assert key in ours, key
+        assert ours["fwdbwd_ms"] > 0 and ours["within_workspace"] is True
+        assert "torchvision" not in row and row["ratios"] == {}  # torchvision is not installed here
 
 
 def test_bench_json(capsys):
-    assert cli.main(["bench", *TINY, "--backend", "numpy", "--json", "--threads", "1", "--dtype", "float64"]) == 0
+    assert cli.main(["bench", *TINY, "--op", "conv", "--backend", "numpy", "--json", "--threads", "1",
+                     "--dtype", "float64"]) == 0
     report = json.loads(capsys.readouterr().out)  # stdout holds the JSON only
     assert set(report) >= {"environment", "settings", "results", "gpu_skipped", "notes"}
     assert report["environment"]["threads"]["numba"] == 1
     assert len(report["results"]) == 2
     row = report["results"][0]
-    assert row["backend"] == "numpy" and row["dtype"] == "float64"
+    assert row["op"] == "deform_conv2d" and row["backend"] == "numpy" and row["dtype"] == "float64"
     assert row["shape"] == {"N": 1, "C_in": 2, "H": 5, "W": 5, "C_out": 3}
     ours = row["ours"]
     for key in ("warmup_fwd_s", "fwd_ms", "warmup_fwdbwd_s", "fwdbwd_ms", "peak_extra_mib", "within_workspace"):
@@ -110,10 +168,12 @@ def test_bench_json(capsys):
 
 def test_bench_without_torch_uses_numpy_dense(monkeypatch, capsys):
     _hide(monkeypatch, "torch", "torchvision")
-    assert cli.main(["bench", *TINY, "--backend", "numpy"]) == 0
+    assert cli.main(["bench", *TINY, *TINY_ROI, "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "NumPy im2col+matmul" in out
-    assert "note: torch not installed" in out
+    assert "note: torch not installed: CPU dense" in out
+    assert "note: torch not installed: no torchvision roi_align" in out
+    assert "deform_psroi_pool  no offset" in out
     assert "Traceback" not in out
 
 
@@ -121,10 +181,10 @@ def test_bench_gpu_section_skips_without_gpu(capsys):
     cupy, reason = _bench.gpu_status()
     if cupy is not None:
         pytest.skip("a GPU is present: the section runs instead (see the stand-in test below)")
-    assert cli.main(["bench", *TINY, "--backend", "all"]) == 0
+    assert cli.main(["bench", *TINY, *TINY_ROI, "--backend", "all"]) == 0
     out = capsys.readouterr().out
     assert f"GPU section skipped: {reason}" in out
-    assert cli.main(["bench", *TINY, "--backend", "cupy"]) == 1  # nothing could run
+    assert cli.main(["bench", *TINY, *TINY_ROI, "--backend", "cupy"]) == 1  # nothing could run
 
 
 def test_bench_reports_a_failing_call_without_traceback(monkeypatch, capsys):
@@ -134,10 +194,27 @@ def test_bench_reports_a_failing_call_without_traceback(monkeypatch, capsys):
         raise RuntimeError("kernel exploded\nsecond line")
 
     monkeypatch.setattr(deformarray, "deform_conv2d", broken)
-    assert cli.main(["bench", *TINY, "--backend", "numpy"]) == 1
+    assert cli.main(["bench", *TINY, "--op", "conv", "--backend", "numpy"]) == 1
     out = capsys.readouterr().out
     assert "error" in out
     assert "RuntimeError: kernel exploded" in out and "second line" not in out
+
+
+def test_bench_reports_a_failing_roi_call_and_runs_the_others(monkeypatch, capsys):
+    import deformarray
+
+    def broken(*args, **kwargs):
+        raise ValueError("no such RoI\nsecond line")
+
+    monkeypatch.setattr(deformarray, "deform_psroi_pool_backward", broken)
+    assert cli.main(["bench", "--op", "roi", *TINY_ROI, "--repeat", "1", "--backend", "numpy"]) == 1
+    out = capsys.readouterr().out
+    assert "note: numpy deform_psroi_pool (class offsets) 2,1x49,6,5,2 float32 ours: ValueError: no such RoI" in out
+    assert "second line" not in out and "Traceback" not in out
+    row = next(line for line in out.splitlines() if line.startswith("deform_psroi_pool  no offset"))
+    assert row.split()[5] == "error"  # forward timed, forward+backward failed
+    row = next(line for line in out.splitlines() if line.startswith("deform_roi_pool    offset+mask"))
+    assert "error" not in row
 
 
 @pytest.mark.parametrize(
@@ -152,6 +229,15 @@ def test_bench_reports_a_failing_call_without_traceback(monkeypatch, capsys):
         (["bench", "--dtype", "float16"], "cupy backend only"),
         (["bench", "--backend", "tpu"], "--backend"),
         (["bench", "--threads", "100000"], "--threads"),
+        (["bench", "--op", "pool"], "--op"),
+        (["bench", "--op"], "--op"),
+        (["bench", "--roi-shapes", "1,2,3,4"], "5 positive integers N,C,H,W,R"),
+        (["bench", "--roi-shapes", "1,2,3,4,0"], "at least 1"),
+        (["bench", "--psroi-shapes", "1,2,3,4,five"], "5 positive integers N,K,H,W,R"),
+        (["bench", "--psroi-shapes", ";"], "no shape"),
+        (["bench", "--op", "roi", "--shapes", "1,2,3,4,5"], "use --op conv or all"),
+        (["bench", "--op", "conv", "--roi-shapes", "1,2,3,4,5"], "use --op roi or all"),
+        (["bench", "--op", "conv", "--psroi-shapes", "1,2,3,4,5"], "use --op roi or all"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],
@@ -172,6 +258,15 @@ def test_script_forwards_to_the_cli():
     assert "--shapes" in proc.stdout and "--threads" in proc.stdout
 
 
+def test_roi_script_runs_the_roi_rows_only():
+    script = ROOT / "benchmarks" / "bench_roi_pool.py"
+    proc = subprocess.run([sys.executable, str(script), *TINY_ROI, "--repeat", "1", "--backend", "numpy", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert [(r["op"], r["variant"]) for r in report["results"]] == ROI_ROWS
+
+
 # ---------------------------------------------------------------------------------------
 # harness pieces
 # ---------------------------------------------------------------------------------------
@@ -183,6 +278,33 @@ def test_parse_shapes():
         _bench.parse_shapes("1,2,3,4,-5")
     with pytest.raises(ValueError, match="no shape"):
         _bench.parse_shapes(" ; ")
+    assert _bench_roi.parse_roi_shapes("2,256,64,64,512") == [_bench_roi.RoiShape(2, 256, 64, 64, 512)]
+    assert _bench_roi.parse_psroi_shapes("2,21,64,64,300;1,1,1,1,1")[1].r == 1
+    with pytest.raises(ValueError, match="N,K,H,W,R"):
+        _bench_roi.parse_psroi_shapes("2,21,64,64")
+
+
+@pytest.mark.parametrize("op, variant", ROI_ROWS)
+def test_roi_inputs(op, variant):
+    shape = _bench_roi.RoiShape(2, 3, 6, 5, 4)
+    case = _bench_roi.RoiCase("numpy", op, variant, shape, "float32")
+    a = _bench_roi.make_inputs(case)
+    ps = op == "deform_psroi_pool"
+    assert a.input.shape == ((2, 3 * 49, 6, 5) if ps else (2, 3, 6, 5))
+    assert a.grad_output.shape == (4, 3, 7, 7)
+    assert all(arr is None or arr.dtype == np.float32 for arr in a)
+    # RoIs: valid batch indices, boxes inside the image (the feature map / spatial_scale)
+    b, x1, y1, x2, y2 = a.rois.T
+    assert set(b) <= {0.0, 1.0} and np.all(x1 >= 0) and np.all(x2 <= 5 * 16) and np.all(y2 <= 6 * 16)
+    assert np.all(x2 > x1) and np.all(y2 > y1)
+    assert (a.offset is not None) == (variant != "no offset")
+    assert (a.mask is not None) == (variant == "offset+mask")
+    if a.offset is not None:
+        assert a.offset.shape == ((4, 6, 7, 7) if ps else (4, 2, 7, 7))
+    # the variants of one shape share the input and the RoIs (so they share one floor)
+    other = _bench_roi.make_inputs(_bench_roi.RoiCase("numpy", op, _bench_roi.VARIANTS[op][0], shape, "float32"))
+    np.testing.assert_array_equal(a.input, other.input)
+    np.testing.assert_array_equal(a.rois, other.rois)
 
 
 def test_inputs_make_fractional_samples():
@@ -281,7 +403,7 @@ def test_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
 
-    assert cli.main(["bench", "--shapes", "1,2,5,5,3", "--repeat", "1", "--backend", "cupy",
+    assert cli.main(["bench", "--op", "conv", "--shapes", "1,2,5,5,3", "--repeat", "1", "--backend", "cupy",
                      "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "GPU (Stand-in GPU), cupy arrays" in out
@@ -289,3 +411,89 @@ def test_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
         assert header in out
     row = next(line for line in out.splitlines() if line.startswith("1,2,5,5,3"))
     assert "error" not in row and row.count("x") == 2  # both ratios present
+
+
+def _standin_torchvision(torch):
+    """torchvision.ops stand-ins with the real signatures and output shapes (the maths is
+    not RoI Align: enough to check the wiring, timing and ratios)."""
+    pool = torch.nn.functional.adaptive_avg_pool2d
+
+    def deform_conv2d(x, off, w, b, padding, mask):
+        return torch.nn.functional.conv2d(x, w, b, padding=padding) * mask.mean() + off.mean()
+
+    def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+        assert aligned and sampling_ratio == 0 and spatial_scale == 1 / 16
+        return pool(x[rois[:, 0].long()], output_size) + rois[:, 1:].mean() * 0
+
+    def ps_roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1):
+        assert sampling_ratio == 4
+        r, k = rois.shape[0], x.shape[1] // output_size ** 2
+        y = pool(x[rois[:, 0].long()], output_size)
+        return y.view(r, k, output_size ** 2, output_size, output_size).mean(2)
+
+    ops = types.SimpleNamespace(deform_conv2d=deform_conv2d, roi_align=roi_align, ps_roi_align=ps_roi_align)
+    return types.SimpleNamespace(__version__="0.0-standin", ops=ops)
+
+
+def test_roi_cpu_floor_with_stand_in_torchvision(monkeypatch, capsys):
+    """With torchvision importable the CPU RoI table gains the floor and the ratios, and the
+    floor is measured once per shape (shared by that shape's variant rows)."""
+    torch = pytest.importorskip("torch")
+    fake_tv = _standin_torchvision(torch)
+    real_import = _bench.optional_import
+    monkeypatch.setattr(_bench, "optional_import",
+                        lambda name: (fake_tv, "") if name == "torchvision" else real_import(name))
+    argv = ["bench", "--op", "roi", *TINY_ROI, "--repeat", "1", "--backend", "numpy"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "floor = torchvision.ops.ps_roi_align (torchvision 0.0-standin), torchvision.ops.roi_align(aligned=True)" \
+        in out
+    for header in ("tv fwd ms", "tv fwd+bwd ms", "ratio"):
+        assert header in out
+    for op, variant in ROI_ROWS:
+        row = next(line for line in out.splitlines() if line.startswith(f"{op} ") and f" {variant} " in line)
+        assert "error" not in row and len(RATIO.findall(row)) == 2, row
+    assert cli.main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert rows[0]["torchvision"] == rows[1]["torchvision"] and rows[2]["torchvision"] == rows[3]["torchvision"]
+    assert rows[0]["torchvision"]["label"] != rows[2]["torchvision"]["label"]
+    assert all(set(r["ratios"]["torchvision"]) == {"fwd", "fwdbwd"} for r in rows)
+
+
+def test_roi_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
+    """The RoI GPU rows, on NumPy arrays posing as CuPy ones and CPU torch posing as CUDA
+    torch, after the conv GPU rows: both dtypes by default, floor and ratios present."""
+    torch = pytest.importorskip("torch")
+    fake_cupy = types.SimpleNamespace(
+        asarray=np.asarray,
+        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(synchronize=lambda: None)),
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None),
+    )
+    fake_tv = _standin_torchvision(torch)
+    real_import = _bench.optional_import
+    monkeypatch.setattr(_bench, "optional_import",
+                        lambda name: (fake_tv, "") if name == "torchvision" else real_import(name))
+    monkeypatch.setattr(_bench, "gpu_status", lambda: (fake_cupy, ""))
+    monkeypatch.setattr(_bench, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
+    monkeypatch.setattr(_bench, "cupy_peak_extra", _bench.tracemalloc_peak_extra)
+    monkeypatch.setattr(_bench, "torch_cuda_peak_extra", _bench.tracemalloc_peak_extra)
+    monkeypatch.setattr(_bench, "DEFAULT_GPU_DTYPES", ("float32", "float64"))  # NumPy has no float16 path
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+
+    assert cli.main(["bench", "--shapes", "1,2,5,5,3", *TINY_ROI, "--repeat", "1", "--backend", "cupy"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    conv_at = out.index("deform_conv2d (mask + bias, 3x3, padding 1), GPU (Stand-in GPU)")
+    roi_at = out.index("RoI pooling (7x7 bins")
+    assert conv_at < roi_at < out.index("GPU (Stand-in GPU), cupy arrays; tv = torchvision.ops.ps_roi_align")
+    assert "[10/10]" in captured.err  # 2 dtypes x (1 conv + 4 RoI rows)
+    roi = out[out.index("RoI pooling (7x7 bins"):].splitlines()
+    for header in ("dtype", "tv fwd", "/tv fwd", "tv f+b", "/tv f+b", "peak MiB", "tv peak MiB"):
+        assert header in roi[1]
+    rows = [line for line in roi if line.startswith("deform_")]
+    assert len(rows) == 8 and sum("float64" in r for r in rows) == 4
+    for row in rows:
+        assert "error" not in row and len(RATIO.findall(row)) == 2, row
