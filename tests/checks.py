@@ -23,3 +23,33 @@ def assert_close(actual, expected, dtype, name, rel=None):
     scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
     np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=rel, atol=rel * scale,
                                err_msg=name)
+
+
+# Non-contiguous views with the same values, for the layout tests of every operator.
+
+
+def transposed_view(a):
+    """Same values, non-contiguous (last two axes stored swapped)."""
+    if a.ndim < 2:
+        return strided_view(a)
+    axes = list(range(a.ndim))
+    axes[-1], axes[-2] = axes[-2], axes[-1]
+    v = np.ascontiguousarray(a.transpose(axes)).transpose(axes)
+    assert not v.flags.c_contiguous or min(a.shape[-2:]) <= 1
+    return v
+
+
+def strided_view(a):
+    """Same values, every axis strided by 2 inside a larger buffer."""
+    big = np.full(tuple(2 * s for s in a.shape), np.nan, dtype=a.dtype)
+    sl = tuple(slice(None, None, 2) for _ in a.shape)
+    big[sl] = a
+    v = big[sl]
+    assert not v.flags.c_contiguous
+    return v
+
+
+def reversed_view(a):
+    """Same values through negative strides on every axis."""
+    flip = tuple(slice(None, None, -1) for _ in a.shape)
+    return np.ascontiguousarray(a[flip])[flip]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import deformarray as da
-from checks import DTYPES, assert_close
+from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
 from reference import (
     geometry,
     make_case,
@@ -127,39 +127,12 @@ def test_empty_batch(dtype, rng):
     assert grads.input.shape == case.input.shape and grads.offset.shape == case.offset.shape
 
 
-def _transposed_view(a):
-    """Same values, non-contiguous (last two axes stored swapped)."""
-    if a.ndim < 2:
-        return _strided_view(a)
-    axes = list(range(a.ndim))
-    axes[-1], axes[-2] = axes[-2], axes[-1]
-    v = np.ascontiguousarray(a.transpose(axes)).transpose(axes)
-    assert not v.flags.c_contiguous or min(a.shape[-2:]) <= 1
-    return v
-
-
-def _strided_view(a):
-    """Same values, every axis strided by 2 inside a larger buffer."""
-    big = np.full(tuple(2 * s for s in a.shape), np.nan, dtype=a.dtype)
-    sl = tuple(slice(None, None, 2) for _ in a.shape)
-    big[sl] = a
-    v = big[sl]
-    assert not v.flags.c_contiguous
-    return v
-
-
-def _reversed_view(a):
-    """Same values through negative strides on every axis."""
-    flip = tuple(slice(None, None, -1) for _ in a.shape)
-    return np.ascontiguousarray(a[flip])[flip]
-
-
 def _fortran(a):
     return np.asfortranarray(a)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("make_view", [_transposed_view, _strided_view, _reversed_view, _fortran],
+@pytest.mark.parametrize("make_view", [transposed_view, strided_view, reversed_view, _fortran],
                          ids=["transposed", "strided", "reversed", "fortran"])
 def test_non_contiguous_inputs(make_view, dtype, rng):
     case = make_case(rng, c_in=4, c_out=4, groups=2, offset_groups=2, dtype=dtype)

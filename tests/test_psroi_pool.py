@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deformarray as da
-from checks import DTYPES, assert_close
+from checks import DTYPES, assert_close, reversed_view, strided_view
 from reference_roi import (
     psroi_bins,
     psroi_param_dict,
@@ -329,20 +329,8 @@ def test_roi_sizes_property(box, scale, spp, sizes, seed):
 # ---------------------------------------------------------------------------------------
 
 
-def _strided_view(a):
-    big = np.full(tuple(2 * s for s in a.shape), np.nan, dtype=a.dtype)
-    sl = tuple(slice(None, None, 2) for _ in a.shape)
-    big[sl] = a
-    return big[sl]
-
-
-def _reversed_view(a):
-    flip = tuple(slice(None, None, -1) for _ in a.shape)
-    return np.ascontiguousarray(a[flip])[flip]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("make_view", [_strided_view, _reversed_view, np.asfortranarray],
+@pytest.mark.parametrize("make_view", [strided_view, reversed_view, np.asfortranarray],
                          ids=["strided", "reversed", "fortran"])
 def test_non_contiguous_inputs(make_view, dtype, rng):
     a, kw = make_case(rng, dtype=dtype)
@@ -389,7 +377,7 @@ def test_workspace_chunking(dtype, rng):
     go = rng.standard_normal(run_forward(a, kw).shape).astype(dtype)
     y = run_forward(a, kw)
     grads = run_backward(go, a, kw)
-    a_nc = dict(a, input=_strided_view(a["input"]))
+    a_nc = dict(a, input=strided_view(a["input"]))
     group = 9 * 7 * 8 * np.dtype(dtype).itemsize  # group_size**2 planes
     for limit in (2 * 4 * group, 4 * group, 2 * group, 1):
         with da.workspace_limit(limit):
@@ -409,7 +397,7 @@ def test_workspace_bound_holds(rng):
     go = rng.standard_normal(run_forward(a, kw).shape)
     limit = 16 * 1024
     slack = 48 * 1024
-    a_nc = dict(a, input=_strided_view(a["input"]))  # 60 images: 240 KiB as a whole
+    a_nc = dict(a, input=strided_view(a["input"]))  # 60 images: 240 KiB as a whole
     for arrays in (a, a_nc):
         with da.workspace_limit(limit):
             da.release_workspace()

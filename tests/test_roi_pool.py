@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deformarray as da
-from checks import DTYPES, assert_close
+from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
 from reference_roi import (
     random_rois,
     ref_deform_roi_pool,
@@ -330,26 +330,8 @@ def test_roi_sizes_property(box, scale, ratio, pooled, seed):
 # ---------------------------------------------------------------------------------------
 
 
-def _transposed_view(a):
-    axes = list(range(a.ndim))
-    axes[-1], axes[-2] = axes[-2], axes[-1]
-    return np.ascontiguousarray(a.transpose(axes)).transpose(axes)
-
-
-def _strided_view(a):
-    big = np.full(tuple(2 * s for s in a.shape), np.nan, dtype=a.dtype)
-    sl = tuple(slice(None, None, 2) for _ in a.shape)
-    big[sl] = a
-    return big[sl]
-
-
-def _reversed_view(a):
-    flip = tuple(slice(None, None, -1) for _ in a.shape)
-    return np.ascontiguousarray(a[flip])[flip]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("make_view", [_transposed_view, _strided_view, _reversed_view,
+@pytest.mark.parametrize("make_view", [transposed_view, strided_view, reversed_view,
                                        np.asfortranarray],
                          ids=["transposed", "strided", "reversed", "fortran"])
 def test_non_contiguous_inputs(make_view, dtype, rng):
