@@ -37,15 +37,13 @@ print(json.dumps({"import_s": t1 - t0, "first_forward_s": t2 - t1, "first_backwa
 
 def run_child(cache_dir: str) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
-        rows = [("empty cache (compiles)", run_child(cache_dir)),
-                ("warm cache (fresh process)", run_child(cache_dir))]
+        rows = [("empty cache (compiles)", run_child(cache_dir)), ("warm cache (fresh process)", run_child(cache_dir))]
     print(f"{'first call in a fresh process':30s} {'import s':>9s} {'1st fwd s':>10s} {'1st bwd s':>10s}")
     for label, r in rows:
         print(f"{label:30s} {r['import_s']:9.2f} {r['first_forward_s']:10.2f} {r['first_backward_s']:10.2f}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from . import _config
 from ._dispatch import backend_of, operator_module
@@ -24,8 +24,8 @@ class DeformConv2dGrads(NamedTuple):
     input: Any
     offset: Any
     weight: Any
-    bias: Optional[Any]
-    mask: Optional[Any]
+    bias: Any | None
+    mask: Any | None
 
 
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
@@ -82,23 +82,24 @@ class DeformRoiPoolGrads(NamedTuple):
     """Gradients of ``deform_roi_pool``: ``offset`` / ``mask`` are None when not given."""
 
     input: Any
-    offset: Optional[Any]
-    mask: Optional[Any]
+    offset: Any | None
+    mask: Any | None
 
 
 class DeformPSRoiPoolGrads(NamedTuple):
     """Gradients of ``deform_psroi_pool``: ``offset`` is None when not given."""
 
     input: Any
-    offset: Optional[Any]
+    offset: Any | None
 
 
 def _deterministic(flag):
     return bool(_config.get_deterministic() if flag is None else flag)
 
 
-def deform_roi_pool(input, rois, offset=None, output_size=(7, 7), spatial_scale=1.0,
-                    sampling_ratio=0, gamma=0.1, mask=None):
+def deform_roi_pool(
+    input, rois, offset=None, output_size=(7, 7), spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None
+):
     """Deformable RoI pooling (Dai et al. 2017, eq. 6) with mmcv's ``DeformRoIPool`` numbers;
     modulated (DCNv2) when ``mask`` is given.
 
@@ -115,9 +116,19 @@ def deform_roi_pool(input, rois, offset=None, output_size=(7, 7), spatial_scale=
     return operator_module(backend, "roi_pool").forward(p, input, rois, offset, mask)
 
 
-def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=(7, 7),
-                             spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None, *,
-                             deterministic=None) -> DeformRoiPoolGrads:
+def deform_roi_pool_backward(
+    grad_output,
+    input,
+    rois,
+    offset=None,
+    output_size=(7, 7),
+    spatial_scale=1.0,
+    sampling_ratio=0,
+    gamma=0.1,
+    mask=None,
+    *,
+    deterministic=None,
+) -> DeformRoiPoolGrads:
     """Gradients of ``deform_roi_pool`` given ``grad_output`` of shape ``(R, C, ph, pw)``.
 
     Returns ``DeformRoiPoolGrads(input, offset, mask)`` (no gradient for ``rois``). The CPU
@@ -136,8 +147,19 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     return DeformRoiPoolGrads(*grads)
 
 
-def deform_psroi_pool(input, rois, offset=None, *, output_dim, group_size, pooled_size,
-                      part_size=None, sample_per_part=4, trans_std=0.1, spatial_scale=1.0):
+def deform_psroi_pool(
+    input,
+    rois,
+    offset=None,
+    *,
+    output_dim,
+    group_size,
+    pooled_size,
+    part_size=None,
+    sample_per_part=4,
+    trans_std=0.1,
+    spatial_scale=1.0,
+):
     """Deformable position-sensitive RoI pooling (R-FCN) with the numbers of MXNet's
     ``DeformablePSROIPooling``; plain PS RoI pooling when ``offset`` is None.
 
@@ -150,14 +172,27 @@ def deform_psroi_pool(input, rois, offset=None, *, output_dim, group_size, poole
     optional = dict(offset=offset)
     backend = backend_of(required, optional)
     check_dtypes(backend, **required, **optional)
-    p = psroi_pool_params(input, rois, offset, output_dim, group_size, pooled_size, part_size,
-                          sample_per_part, trans_std, spatial_scale)
+    p = psroi_pool_params(
+        input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale
+    )
     return operator_module(backend, "psroi_pool").forward(p, input, rois, offset)
 
 
-def deform_psroi_pool_backward(grad_output, input, rois, offset=None, *, output_dim, group_size,
-                               pooled_size, part_size=None, sample_per_part=4, trans_std=0.1,
-                               spatial_scale=1.0, deterministic=None) -> DeformPSRoiPoolGrads:
+def deform_psroi_pool_backward(
+    grad_output,
+    input,
+    rois,
+    offset=None,
+    *,
+    output_dim,
+    group_size,
+    pooled_size,
+    part_size=None,
+    sample_per_part=4,
+    trans_std=0.1,
+    spatial_scale=1.0,
+    deterministic=None,
+) -> DeformPSRoiPoolGrads:
     """Gradients of ``deform_psroi_pool`` given ``grad_output`` of shape
     ``(R, output_dim, pooled_size, pooled_size)``.
 
@@ -169,8 +204,9 @@ def deform_psroi_pool_backward(grad_output, input, rois, offset=None, *, output_
     optional = dict(offset=offset)
     backend = backend_of(required, optional)
     check_dtypes(backend, **required, **optional)
-    p = psroi_pool_params(input, rois, offset, output_dim, group_size, pooled_size, part_size,
-                          sample_per_part, trans_std, spatial_scale)
+    p = psroi_pool_params(
+        input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale
+    )
     check_grad_output(grad_output, p.out_shape, "(R, output_dim, pooled_size, pooled_size)")
     grads = operator_module(backend, "psroi_pool").backward(
         p, grad_output, input, rois, offset, deterministic=_deterministic(deterministic)

@@ -30,8 +30,9 @@ import statistics
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,9 +41,7 @@ MIB = 1 << 20
 # (N, C_in, H, W, C_out). CPU shapes: a ResNet stage, a deep narrow map, a wide shallow one.
 DEFAULT_CPU_SHAPES = ((8, 64, 56, 56, 64), (2, 256, 32, 32, 256), (1, 16, 128, 128, 16))
 # GPU shapes: the same ResNet stage, larger batches/channels, and a detection-size feature map.
-DEFAULT_GPU_SHAPES = (
-    (8, 64, 56, 56, 64), (8, 256, 64, 64, 256), (32, 128, 28, 28, 128), (2, 512, 100, 160, 512)
-)
+DEFAULT_GPU_SHAPES = ((8, 64, 56, 56, 64), (8, 256, 64, 64, 256), (32, 128, 28, 28, 128), (2, 512, 100, 160, 512))
 DEFAULT_GPU_DTYPES = ("float32", "float16")
 CPU_DTYPES = ("float32", "float64")  # the numpy backend's dtypes (SPEC)
 
@@ -98,7 +97,7 @@ class Inputs(NamedTuple):
     mask: Any
     grad_output: Any
 
-    def map(self, fn: Callable[[Any], Any]) -> "Inputs":
+    def map(self, fn: Callable[[Any], Any]) -> Inputs:
         return Inputs(*(fn(a) for a in self))
 
 
@@ -132,7 +131,7 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def optional_import(name: str) -> tuple[Optional[Any], str]:
+def optional_import(name: str) -> tuple[Any | None, str]:
     """(module, "") or (None, one-line reason). Any import failure is a reason, not a crash:
     a broken CUDA/torch install raises OSError or RuntimeError, not only ImportError."""
     try:
@@ -141,18 +140,18 @@ def optional_import(name: str) -> tuple[Optional[Any], str]:
         if exc.name == name.split(".")[0]:
             return None, f"{name} not installed"
         return None, f"{name} not importable ({one_line(exc)})"
-    except Exception as exc:  # noqa: BLE001 - any failure just means "not available"
+    except Exception as exc:
         return None, f"{name} not importable ({one_line(exc)})"
 
 
-def gpu_status() -> tuple[Optional[Any], str]:
+def gpu_status() -> tuple[Any | None, str]:
     """(cupy, "") when cupy imports and sees a CUDA device, else (None, one-line reason)."""
     cupy, reason = optional_import("cupy")
     if cupy is None:
         return None, reason
     try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # noqa: BLE001 - no driver / insufficient driver: no GPU
+    except Exception as exc:
         return None, f"cupy {cupy.__version__} imports but sees no CUDA device ({one_line(exc)})"
     if count == 0:
         return None, f"cupy {cupy.__version__} imports but sees no CUDA device"
@@ -167,7 +166,7 @@ def describe_gpu(cupy: Any, index: int = 0) -> str:
     return f"{name}, compute capability {cc[:-1]}.{cc[-1]}, {props['totalGlobalMem'] / 2**30:.0f} GiB"
 
 
-def configure_threads(n: Optional[int], torch: Optional[Any]) -> dict:
+def configure_threads(n: int | None, torch: Any | None) -> dict:
     """Give every CPU contender the same thread count (Numba's by default): a comparison
     against torch running on more or fewer cores than we do would be meaningless."""
     import numba
@@ -192,7 +191,7 @@ def configure_threads(n: Optional[int], torch: Optional[Any]) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def cpu_counters() -> Optional[tuple[float, float, float]]:
+def cpu_counters() -> tuple[float, float, float] | None:
     """(wall s, CPU s used by the whole machine, CPU s used by this process), or None
     where /proc/stat does not exist (not Linux)."""
     try:
@@ -204,7 +203,7 @@ def cpu_counters() -> Optional[tuple[float, float, float]]:
     return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
 
 
-def other_load(before: Optional[tuple], after: Optional[tuple]) -> Optional[float]:
+def other_load(before: tuple | None, after: tuple | None) -> float | None:
     """Fraction of the machine's CPUs that *other* processes used between two snapshots.
 
     On a shared machine with as many threads as cores, each parallel region waits for
@@ -237,7 +236,7 @@ class Impl:
     fwd: Callable[[], Any]
     fwdbwd: Callable[[], Any]
     sync: Callable[[], None] = _noop
-    meter: Optional[Callable[[Callable[[], Any]], int]] = None
+    meter: Callable[[Callable[[], Any]], int] | None = None
 
 
 def _nbytes(result: Any) -> int:
@@ -267,7 +266,7 @@ def _time_calls(fn: Callable[[], Any], repeat: int, sync: Callable[[], None]) ->
     return first, [once() for _ in range(repeat)]
 
 
-def measure(impl: Impl, repeat: int, progress: "Progress") -> dict:
+def measure(impl: Impl, repeat: int, progress: Progress) -> dict:
     """Warm-up, best time and peak extra memory of both phases of one contender.
 
     The best of the repeats is reported (as ``timeit`` does): on a shared machine the
@@ -288,7 +287,7 @@ def measure(impl: Impl, repeat: int, progress: "Progress") -> dict:
             if impl.meter is not None:
                 # a separate call: tracing must not slow the timed ones
                 res[f"peak_extra_{phase}_mib"] = max(0, impl.meter(fn)) / MIB
-    except Exception as exc:  # noqa: BLE001 - reported in the table and the notes
+    except Exception as exc:
         res["error"] = one_line(exc)
     if "peak_extra_fwdbwd_mib" in res:
         res["peak_extra_mib"] = max(res["peak_extra_fwd_mib"], res["peak_extra_fwdbwd_mib"])
@@ -383,8 +382,16 @@ def ours_impl(a: Inputs, sync: Callable[[], None], meter: Callable) -> Impl:
     return Impl("ours", "deformarray.deform_conv2d", fwd, fwdbwd, sync, meter)
 
 
-def torch_autograd_impl(name: str, label: str, torch: Any, op: Callable, args: tuple, grad_output: Any,
-                        sync: Callable[[], None] = _noop, meter: Optional[Callable] = None) -> Impl:
+def torch_autograd_impl(
+    name: str,
+    label: str,
+    torch: Any,
+    op: Callable,
+    args: tuple,
+    grad_output: Any,
+    sync: Callable[[], None] = _noop,
+    meter: Callable | None = None,
+) -> Impl:
     """A torch op timed like ours: forward without autograd bookkeeping; forward+backward
     as ``autograd.grad`` w.r.t. every tensor argument (what our backward returns)."""
     leaves = tuple(t.detach().requires_grad_() for t in args)
@@ -400,8 +407,7 @@ def torch_autograd_impl(name: str, label: str, torch: Any, op: Callable, args: t
     return Impl(name, label, fwd, fwdbwd, sync, meter)
 
 
-def torch_dense_impl(torch: Any, t: Inputs, sync: Callable[[], None] = _noop,
-                     meter: Optional[Callable] = None) -> Impl:
+def torch_dense_impl(torch: Any, t: Inputs, sync: Callable[[], None] = _noop, meter: Callable | None = None) -> Impl:
     device = "cuDNN" if t.input.is_cuda else "CPU"
 
     def op(x, w, b):
@@ -451,7 +457,7 @@ def numpy_dense_impl(a: Inputs) -> Impl:
         gxp = np.zeros((n, c, h + 2 * PADDING, wd + 2 * PADDING), dtype=x.dtype)
         for i in range(KERNEL):  # col2im: each kernel point adds a shifted plane
             for j in range(KERNEL):
-                gxp[:, :, i:i + h, j:j + wd] += gcols[:, :, i, j]
+                gxp[:, :, i : i + h, j : j + wd] += gcols[:, :, i, j]
         return y, (gxp[:, :, PADDING:-PADDING, PADDING:-PADDING], grad_w, grad_b)
 
     return Impl("dense", "NumPy im2col+matmul dense conv", fwd, fwdbwd)
@@ -469,21 +475,21 @@ class Case:
     dtype: str
 
 
-def run_case(case: Case, build: Callable[[Inputs], list], repeat: int, progress: "Progress") -> dict:
+def run_case(case: Case, build: Callable[[Inputs], list], repeat: int, progress: Progress) -> dict:
     """Measure every contender ``build`` makes for one case; ratios are ours / reference."""
     import deformarray
 
     progress.start(f"{case.backend} {case.shape} {case.dtype}")
     impls = build(make_inputs(case.shape, case.dtype))
-    row: dict = {"op": "deform_conv2d", "backend": case.backend, "shape": case.shape.as_dict(),
-                 "dtype": case.dtype}
+    row: dict = {"op": "deform_conv2d", "backend": case.backend, "shape": case.shape.as_dict(), "dtype": case.dtype}
     for impl in impls:
         row[impl.name] = measure(impl, repeat, progress)
     del impls  # drop this case's arrays before the next one is built
     ours = row["ours"]
     row["ratios"] = {
         name: {ph: _ratio(ours.get(f"{ph}_ms"), row[name].get(f"{ph}_ms")) for ph in ("fwd", "fwdbwd")}
-        for name in ("dense", "torchvision") if name in row
+        for name in ("dense", "torchvision")
+        if name in row
     }
     if "peak_extra_mib" in ours:
         ours["within_workspace"] = ours["peak_extra_mib"] * MIB <= deformarray.get_workspace_limit()
@@ -491,11 +497,11 @@ def run_case(case: Case, build: Callable[[Inputs], list], repeat: int, progress:
     return row
 
 
-def _ratio(ours: Optional[float], ref: Optional[float]) -> Optional[float]:
+def _ratio(ours: float | None, ref: float | None) -> float | None:
     return ours / ref if ours is not None and ref else None
 
 
-def cpu_builder(torch: Optional[Any]) -> Callable[[Inputs], list]:
+def cpu_builder(torch: Any | None) -> Callable[[Inputs], list]:
     def build(a: Inputs) -> list:
         ours = ours_impl(a, _noop, tracemalloc_peak_extra)
         if torch is None:
@@ -505,7 +511,7 @@ def cpu_builder(torch: Optional[Any]) -> Callable[[Inputs], list]:
     return build
 
 
-def gpu_builder(cupy: Any, torch: Optional[Any], tv: Optional[Any]) -> Callable[[Inputs], list]:
+def gpu_builder(cupy: Any, torch: Any | None, tv: Any | None) -> Callable[[Inputs], list]:
     def build(a_np: Inputs) -> list:
         a = a_np.map(cupy.asarray)
         impls = [ours_impl(a, cupy.cuda.Device().synchronize, cupy_peak_extra)]
@@ -519,7 +525,7 @@ def gpu_builder(cupy: Any, torch: Optional[Any], tv: Optional[Any]) -> Callable[
     return build
 
 
-def release_gpu_memory(cupy: Any, torch: Optional[Any]) -> None:
+def release_gpu_memory(cupy: Any, torch: Any | None) -> None:
     """Return pooled blocks between cases so the big shapes are not starved by earlier ones."""
     cupy.get_default_memory_pool().free_all_blocks()
     if torch is not None and torch.cuda.is_available():
@@ -576,33 +582,34 @@ OPS = ("conv", "roi")  # operator families: deform_conv2d; deform_roi_pool + def
 
 @dataclass
 class Options:
-    shapes: Optional[list]  # conv shapes; None: each section's defaults
-    dtype: Optional[str]  # None: float32 on CPU, float32 + float16 on GPU
+    shapes: list | None  # conv shapes; None: each section's defaults
+    dtype: str | None  # None: float32 on CPU, float32 + float16 on GPU
     repeat: int = 5
-    backend: Optional[str] = None  # numpy | cupy | all; None: numpy, plus cupy with a GPU
-    threads: Optional[int] = None
+    backend: str | None = None  # numpy | cupy | all; None: numpy, plus cupy with a GPU
+    threads: int | None = None
     ops: tuple = OPS  # which operator families, run in this order
-    roi_shapes: Optional[list] = None  # deform_roi_pool (N, C, H, W, R); None: defaults
-    psroi_shapes: Optional[list] = None  # deform_psroi_pool (N, K, H, W, R); None: defaults
+    roi_shapes: list | None = None  # deform_roi_pool (N, C, H, W, R); None: defaults
+    psroi_shapes: list | None = None  # deform_psroi_pool (N, K, H, W, R); None: defaults
 
 
 class Step(NamedTuple):
     """One row to measure: ``run(repeat, progress)`` returns the row."""
 
     backend: str
-    run: Callable[[int, "Progress"], dict]
+    run: Callable[[int, Progress], dict]
 
 
-def _cpu_cases(opts: Options, torch: Optional[Any], torch_reason: str, notes: list) -> list[Step]:
+def _cpu_cases(opts: Options, torch: Any | None, torch_reason: str, notes: list) -> list[Step]:
     if torch is None:
         notes.append(f"{torch_reason}: CPU dense reference is a NumPy im2col+matmul convolution")
     build = cpu_builder(torch)
     shapes = opts.shapes or list(map(Shape._make, DEFAULT_CPU_SHAPES))
-    return [Step("numpy", functools.partial(run_case, Case("numpy", s, opts.dtype or "float32"), build))
-            for s in shapes]
+    return [
+        Step("numpy", functools.partial(run_case, Case("numpy", s, opts.dtype or "float32"), build)) for s in shapes
+    ]
 
 
-def _gpu_references(torch: Optional[Any], torch_reason: str, notes: list) -> Optional[Any]:
+def _gpu_references(torch: Any | None, torch_reason: str, notes: list) -> Any | None:
     """torchvision for the GPU rows (None without it or without CUDA torch, with a note)."""
     tv, tv_reason = optional_import("torchvision") if torch is not None else (None, torch_reason)
     if torch is None or not torch.cuda.is_available():
@@ -614,14 +621,14 @@ def _gpu_references(torch: Optional[Any], torch_reason: str, notes: list) -> Opt
     return tv
 
 
-def _gpu_cases(opts: Options, cupy: Any, torch: Optional[Any], tv: Optional[Any]) -> list[Step]:
+def _gpu_cases(opts: Options, cupy: Any, torch: Any | None, tv: Any | None) -> list[Step]:
     build = gpu_builder(cupy, torch, tv)
     shapes = opts.shapes or list(map(Shape._make, DEFAULT_GPU_SHAPES))
     dtypes = (opts.dtype,) if opts.dtype else DEFAULT_GPU_DTYPES
     return [Step("cupy", functools.partial(run_case, Case("cupy", s, d), build)) for d in dtypes for s in shapes]
 
 
-def _run_cases(steps: list[Step], repeat: int, cupy: Optional[Any], torch: Optional[Any]) -> list[dict]:
+def _run_cases(steps: list[Step], repeat: int, cupy: Any | None, torch: Any | None) -> list[dict]:
     progress = Progress(len(steps))
     rows = []
     try:
@@ -646,11 +653,13 @@ def row_label(row: dict) -> str:
 def _error_notes(rows: list[dict]) -> list[str]:
     return [
         f"{row_label(row)} {name}: {row[name]['error']}"
-        for row in rows for name in ("ours", "dense", "torchvision") if "error" in row.get(name, {})
+        for row in rows
+        for name in ("ours", "dense", "torchvision")
+        if "error" in row.get(name, {})
     ]
 
 
-def _environment(torch: Optional[Any], threads: dict, cupy: Optional[Any]) -> dict:
+def _environment(torch: Any | None, threads: dict, cupy: Any | None) -> dict:
     import numba
 
     import deformarray
@@ -701,15 +710,21 @@ def run(opts: Options) -> dict:
     rows = _run_cases(steps, opts.repeat, cupy, torch)
     load = other_load(before, cpu_counters())
     if load is not None and load > 0.1:
-        notes.append(f"other processes kept {load:.0%} of the CPUs busy during the run: "
-                     "CPU timings are inflated and noisy")
+        notes.append(
+            f"other processes kept {load:.0%} of the CPUs busy during the run: CPU timings are inflated and noisy"
+        )
     env = _environment(torch, threads, cupy)
     env["other_cpu_load"] = load
     return {
         "environment": env,
-        "settings": {"repeat": opts.repeat, "ops": [op for op in OPS if op in opts.ops],
-                     "backends": sorted({s.backend for s in steps}), "kernel": KERNEL, "padding": PADDING,
-                     "roi": _bench_roi.settings()},
+        "settings": {
+            "repeat": opts.repeat,
+            "ops": [op for op in OPS if op in opts.ops],
+            "backends": sorted({s.backend for s in steps}),
+            "kernel": KERNEL,
+            "padding": PADDING,
+            "roi": _bench_roi.settings(),
+        },
         "results": rows,
         "gpu_skipped": None if cupy is not None else gpu_reason,
         "notes": notes + _error_notes(rows),
@@ -796,8 +811,9 @@ def format_table(columns: list, rows: list[dict], left: int = 1) -> str:
     """Columns ``(header, cell function)``; the first ``left`` are text (left-aligned)."""
     cells = [[header for header, _ in columns]] + [[fn(row) for _, fn in columns] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in cells]
+    lines = [
+        "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -814,26 +830,36 @@ def format_report(report: dict) -> str:
     th = env["threads"]
     blas = f"BLAS {th['blas']}" if th["blas"] else "BLAS default (threadpoolctl not installed)"
     torch_threads = f"torch {th['torch']}, " if th["torch"] else ""
-    out.append(f"deformarray {env['deformarray']} bench ({', '.join(report['settings']['ops'])}), "
-               f"best of {report['settings']['repeat']} runs")
+    out.append(
+        f"deformarray {env['deformarray']} bench ({', '.join(report['settings']['ops'])}), "
+        f"best of {report['settings']['repeat']} runs"
+    )
     layer = env["numba_threading_layer"] or "layer unknown"
-    out.append(f"threads: numba {th['numba']} ({layer}), {torch_threads}{blas}; "
-               f"workspace bound {env['workspace_limit_mib']:.0f} MiB")
+    out.append(
+        f"threads: numba {th['numba']} ({layer}), {torch_threads}{blas}; "
+        f"workspace bound {env['workspace_limit_mib']:.0f} MiB"
+    )
     conv = [r for r in report["results"] if r["op"] == "deform_conv2d"]
     cpu = [r for r in conv if r["backend"] == "numpy"]
     gpu = [r for r in conv if r["backend"] == "cupy"]
     title = f"deform_conv2d (mask + bias, {KERNEL}x{KERNEL}, padding {PADDING})"
     if cpu:
-        out += ["", f"{title}, CPU, numpy arrays, {cpu[0]['dtype']}; dense = {_reference_label(cpu, 'dense')}",
-                format_table(CPU_COLUMNS, cpu),
-                "ratio = ours / dense; warm-up = first fwd + first fwd+bwd call (Numba compile)",
-                "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients; "
-                "in bound = within the workspace bound"]
+        out += [
+            "",
+            f"{title}, CPU, numpy arrays, {cpu[0]['dtype']}; dense = {_reference_label(cpu, 'dense')}",
+            format_table(CPU_COLUMNS, cpu),
+            "ratio = ours / dense; warm-up = first fwd + first fwd+bwd call (Numba compile)",
+            "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients; "
+            "in bound = within the workspace bound",
+        ]
     if gpu:
-        out += ["", f"{title}, GPU ({env['gpu']}), cupy arrays; tv = {_reference_label(gpu, 'torchvision')}; "
-                f"cuDNN = {_reference_label(gpu, 'dense')}", format_table(GPU_COLUMNS, gpu),
-                "/tv, /cuDNN = ours / reference; peak = CuPy pool (ours) or torch allocator (tv) "
-                "beyond outputs/gradients"]
+        out += [
+            "",
+            f"{title}, GPU ({env['gpu']}), cupy arrays; tv = {_reference_label(gpu, 'torchvision')}; "
+            f"cuDNN = {_reference_label(gpu, 'dense')}",
+            format_table(GPU_COLUMNS, gpu),
+            "/tv, /cuDNN = ours / reference; peak = CuPy pool (ours) or torch allocator (tv) beyond outputs/gradients",
+        ]
     out += _bench_roi.format_sections([r for r in report["results"] if r["op"] != "deform_conv2d"], env["gpu"])
     if report["gpu_skipped"]:
         out += ["", f"GPU section skipped: {report['gpu_skipped']}"]

@@ -20,8 +20,9 @@ built from ``Impl`` contenders and measured by ``_bench.measure`` like a convolu
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -90,7 +91,7 @@ class RoiInputs(NamedTuple):
     mask: Any  # None: the variant has no mask
     grad_output: Any
 
-    def map(self, fn: Callable[[Any], Any]) -> "RoiInputs":
+    def map(self, fn: Callable[[Any], Any]) -> RoiInputs:
         return RoiInputs(*(None if a is None else fn(a) for a in self))
 
 
@@ -136,15 +137,25 @@ def _roi_kwargs() -> dict:
 
 
 def _psroi_kwargs(classes: int) -> dict:
-    return dict(output_dim=classes, group_size=POOLED, pooled_size=POOLED, sample_per_part=SAMPLE_PER_PART,
-                trans_std=TRANS_STD, spatial_scale=SPATIAL_SCALE)
+    return dict(
+        output_dim=classes,
+        group_size=POOLED,
+        pooled_size=POOLED,
+        sample_per_part=SAMPLE_PER_PART,
+        trans_std=TRANS_STD,
+        spatial_scale=SPATIAL_SCALE,
+    )
 
 
 def settings() -> dict:
     """The fixed parameters of the RoI rows, for the JSON report."""
-    return {"pooled_size": POOLED, "spatial_scale": SPATIAL_SCALE, "roi_side_image_px": list(ROI_SIDE),
-            ROI_POOL: {"sampling_ratio": SAMPLING_RATIO, "gamma": GAMMA},
-            PSROI_POOL: {"group_size": POOLED, "sample_per_part": SAMPLE_PER_PART, "trans_std": TRANS_STD}}
+    return {
+        "pooled_size": POOLED,
+        "spatial_scale": SPATIAL_SCALE,
+        "roi_side_image_px": list(ROI_SIDE),
+        ROI_POOL: {"sampling_ratio": SAMPLING_RATIO, "gamma": GAMMA},
+        PSROI_POOL: {"group_size": POOLED, "sample_per_part": SAMPLE_PER_PART, "trans_std": TRANS_STD},
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +163,7 @@ def settings() -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def ours_impl(case: RoiCase, a: RoiInputs, sync: Callable[[], None], meter: Optional[Callable]) -> B.Impl:
+def ours_impl(case: RoiCase, a: RoiInputs, sync: Callable[[], None], meter: Callable | None) -> B.Impl:
     """Our operator on whatever array type ``a`` holds; fwd+bwd = forward, then backward."""
     import deformarray as da
 
@@ -179,28 +190,31 @@ def ours_impl(case: RoiCase, a: RoiInputs, sync: Callable[[], None], meter: Opti
     return B.Impl("ours", f"deformarray.{case.op}", fwd, fwdbwd, sync, meter)
 
 
-def torchvision_impl(case: RoiCase, torch: Any, tv: Any, t: RoiInputs, sync: Callable[[], None] = B._noop,
-                     meter: Optional[Callable] = None) -> B.Impl:
+def torchvision_impl(
+    case: RoiCase, torch: Any, tv: Any, t: RoiInputs, sync: Callable[[], None] = B._noop, meter: Callable | None = None
+) -> B.Impl:
     """The non-deformable floor of the same size; gradient w.r.t. the input only."""
     rois = t.rois
     if case.op == ROI_POOL:
         name = "roi_align(aligned=True)"
 
         def op(x):
-            return tv.ops.roi_align(x, rois, POOLED, spatial_scale=SPATIAL_SCALE,
-                                    sampling_ratio=SAMPLING_RATIO, aligned=True)
+            return tv.ops.roi_align(
+                x, rois, POOLED, spatial_scale=SPATIAL_SCALE, sampling_ratio=SAMPLING_RATIO, aligned=True
+            )
     else:
         name = "ps_roi_align"
 
         def op(x):
-            return tv.ops.ps_roi_align(x, rois, POOLED, spatial_scale=SPATIAL_SCALE,
-                                       sampling_ratio=SAMPLE_PER_PART)
+            return tv.ops.ps_roi_align(x, rois, POOLED, spatial_scale=SPATIAL_SCALE, sampling_ratio=SAMPLE_PER_PART)
 
     label = f"torchvision.ops.{name} (torchvision {tv.__version__})"
     return B.torch_autograd_impl("torchvision", label, torch, op, (t.input,), t.grad_output, sync, meter)
 
 
-def cpu_builder(torch: Optional[Any], tv: Optional[Any]) -> Callable:
+def cpu_builder(torch: Any, tv: Any | None) -> Callable:
+    """``torch`` may be None only when ``tv`` is."""
+
     def build(case: RoiCase, a: RoiInputs) -> tuple:
         ours = ours_impl(case, a, B._noop, B.tracemalloc_peak_extra)
         floor = torchvision_impl(case, torch, tv, a.map(torch.from_numpy)) if tv is not None else None
@@ -209,7 +223,9 @@ def cpu_builder(torch: Optional[Any], tv: Optional[Any]) -> Callable:
     return build
 
 
-def gpu_builder(cupy: Any, torch: Optional[Any], tv: Optional[Any]) -> Callable:
+def gpu_builder(cupy: Any, torch: Any, tv: Any | None) -> Callable:
+    """``torch`` may be None only when ``tv`` is."""
+
     def build(case: RoiCase, a_np: RoiInputs) -> tuple:
         a = a_np.map(cupy.asarray)
         ours = ours_impl(case, a, cupy.cuda.Device().synchronize, B.cupy_peak_extra)
@@ -231,8 +247,13 @@ def run_case(case: RoiCase, build: Callable, floors: dict, repeat: int, progress
     """Measure our operator for one case, and the torchvision floor once per shape."""
     import deformarray
 
-    row: dict = {"op": case.op, "variant": case.variant, "backend": case.backend,
-                 "shape": case.shape_dict(), "dtype": case.dtype}
+    row: dict = {
+        "op": case.op,
+        "variant": case.variant,
+        "backend": case.backend,
+        "shape": case.shape_dict(),
+        "dtype": case.dtype,
+    }
     progress.start(row_label(row))
     ours, floor = build(case, make_inputs(case))
     row["ours"] = B.measure(ours, repeat, progress)
@@ -242,10 +263,16 @@ def run_case(case: RoiCase, build: Callable, floors: dict, repeat: int, progress
             floors[key] = B.measure(floor, repeat, progress)
         row["torchvision"] = floors[key]
     del ours, floor  # drop this case's arrays before the next one is built
-    row["ratios"] = {
-        "torchvision": {ph: B._ratio(row["ours"].get(f"{ph}_ms"), row["torchvision"].get(f"{ph}_ms"))
-                        for ph in ("fwd", "fwdbwd")}
-    } if "torchvision" in row else {}
+    row["ratios"] = (
+        {
+            "torchvision": {
+                ph: B._ratio(row["ours"].get(f"{ph}_ms"), row["torchvision"].get(f"{ph}_ms"))
+                for ph in ("fwd", "fwdbwd")
+            }
+        }
+        if "torchvision" in row
+        else {}
+    )
     if "peak_extra_mib" in row["ours"]:
         row["ours"]["within_workspace"] = row["ours"]["peak_extra_mib"] * B.MIB <= deformarray.get_workspace_limit()
     progress.finish_step()
@@ -253,26 +280,33 @@ def run_case(case: RoiCase, build: Callable, floors: dict, repeat: int, progress
 
 
 def _cases(backend: str, shapes: dict, dtypes: tuple) -> list[RoiCase]:
-    return [RoiCase(backend, op, variant, RoiShape(*s), d)
-            for d in dtypes for op in (ROI_POOL, PSROI_POOL) for s in shapes[op] for variant in VARIANTS[op]]
+    return [
+        RoiCase(backend, op, variant, RoiShape(*s), d)
+        for d in dtypes
+        for op in (ROI_POOL, PSROI_POOL)
+        for s in shapes[op]
+        for variant in VARIANTS[op]
+    ]
 
 
-def _shapes(opts: "B.Options", defaults: dict) -> dict:
+def _shapes(opts: B.Options, defaults: dict) -> dict:
     return {ROI_POOL: opts.roi_shapes or defaults[ROI_POOL], PSROI_POOL: opts.psroi_shapes or defaults[PSROI_POOL]}
 
 
-def cpu_steps(opts: "B.Options", torch: Optional[Any], torch_reason: str, notes: list) -> list:
+def cpu_steps(opts: B.Options, torch: Any | None, torch_reason: str, notes: list) -> list:
     tv, reason = B.optional_import("torchvision") if torch is not None else (None, torch_reason)
     if tv is None:
         notes.append(f"{reason}: no torchvision roi_align / ps_roi_align floor for the CPU RoI rows")
-    build, floors = cpu_builder(torch, tv), {}
+    build = cpu_builder(torch, tv)
+    floors: dict = {}
     cases = _cases("numpy", _shapes(opts, DEFAULT_CPU_SHAPES), (opts.dtype or "float32",))
     return [B.Step("numpy", functools.partial(run_case, c, build, floors)) for c in cases]
 
 
-def gpu_steps(opts: "B.Options", cupy: Any, torch: Optional[Any], tv: Optional[Any]) -> list:
+def gpu_steps(opts: B.Options, cupy: Any, torch: Any | None, tv: Any | None) -> list:
     """``tv``: torchvision when CUDA torch is usable, else None (``_bench`` has said why)."""
-    build, floors = gpu_builder(cupy, torch, tv), {}
+    build = gpu_builder(cupy, torch, tv)
+    floors: dict = {}
     dtypes = (opts.dtype,) if opts.dtype else B.DEFAULT_GPU_DTYPES
     cases = _cases("cupy", _shapes(opts, DEFAULT_GPU_SHAPES), dtypes)
     return [B.Step("cupy", functools.partial(run_case, c, build, floors)) for c in cases]
@@ -302,8 +336,10 @@ def cpu_columns(with_floor: bool) -> list:
     tv2 = [("tv fwd+bwd ms", B._ms("torchvision", "fwdbwd")), ("ratio", B._ratio_cell("torchvision", "fwdbwd"))]
     return [
         *_LEAD,
-        ("fwd ms", B._ms("ours", "fwd")), *(tv if with_floor else []),
-        ("fwd+bwd ms", B._ms("ours", "fwdbwd")), *(tv2 if with_floor else []),
+        ("fwd ms", B._ms("ours", "fwd")),
+        *(tv if with_floor else []),
+        ("fwd+bwd ms", B._ms("ours", "fwdbwd")),
+        *(tv2 if with_floor else []),
         ("peak extra MiB", B._peak_cell("ours")),
         ("in bound", B._bound_cell),
         ("warm-up s", B._warmup_cell),
@@ -324,12 +360,14 @@ GPU_COLUMNS = [
     ("tv peak MiB", B._peak_cell("torchvision")),
 ]
 
-TITLE = (f"RoI pooling ({POOLED}x{POOLED} bins, spatial_scale 1/{round(1 / SPATIAL_SCALE)}; "
-         f"{ROI_POOL} sampling_ratio {SAMPLING_RATIO}; {PSROI_POOL} C = K*{POOLED * POOLED}, "
-         f"sample_per_part {SAMPLE_PER_PART})")
+TITLE = (
+    f"RoI pooling ({POOLED}x{POOLED} bins, spatial_scale 1/{round(1 / SPATIAL_SCALE)}; "
+    f"{ROI_POOL} sampling_ratio {SAMPLING_RATIO}; {PSROI_POOL} C = K*{POOLED * POOLED}, "
+    f"sample_per_part {SAMPLE_PER_PART})"
+)
 
 
-def format_sections(rows: list[dict], gpu_name: Optional[str]) -> list[str]:
+def format_sections(rows: list[dict], gpu_name: str | None) -> list[str]:
     """The CPU and GPU RoI tables (lines), empty when no RoI row ran."""
     out: list[str] = []
     cpu = [r for r in rows if r["backend"] == "numpy"]
@@ -337,15 +375,21 @@ def format_sections(rows: list[dict], gpu_name: Optional[str]) -> list[str]:
     if cpu:
         with_floor = any("torchvision" in r for r in cpu)
         floor = f"; floor = {B._reference_label(cpu, 'torchvision')}" if with_floor else ""
-        out += ["", f"{TITLE}, CPU, numpy arrays, {cpu[0]['dtype']}{floor}",
-                B.format_table(cpu_columns(with_floor), cpu, left=len(_LEAD)),
-                ("ratio = ours / torchvision (non-deformable floor, same sizes); " if with_floor else "")
-                + "fwd+bwd = forward, then backward (input, offset, mask gradients)",
-                "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients; in bound = within "
-                "the workspace bound; warm-up = first fwd + first fwd+bwd call"]
+        out += [
+            "",
+            f"{TITLE}, CPU, numpy arrays, {cpu[0]['dtype']}{floor}",
+            B.format_table(cpu_columns(with_floor), cpu, left=len(_LEAD)),
+            ("ratio = ours / torchvision (non-deformable floor, same sizes); " if with_floor else "")
+            + "fwd+bwd = forward, then backward (input, offset, mask gradients)",
+            "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients; in bound = within "
+            "the workspace bound; warm-up = first fwd + first fwd+bwd call",
+        ]
     if gpu:
-        out += ["", f"{TITLE}, GPU ({gpu_name}), cupy arrays; tv = {B._reference_label(gpu, 'torchvision')}",
-                B.format_table(GPU_COLUMNS, gpu, left=len(_LEAD)),
-                "/tv = ours / torchvision (non-deformable floor, same sizes); peak = CuPy pool (ours) or "
-                "torch allocator (tv) beyond outputs/gradients"]
+        out += [
+            "",
+            f"{TITLE}, GPU ({gpu_name}), cupy arrays; tv = {B._reference_label(gpu, 'torchvision')}",
+            B.format_table(GPU_COLUMNS, gpu, left=len(_LEAD)),
+            "/tv = ours / torchvision (non-deformable floor, same sizes); peak = CuPy pool (ours) or "
+            "torch allocator (tv) beyond outputs/gradients",
+        ]
     return out

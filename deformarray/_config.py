@@ -7,8 +7,8 @@ Both can be set from the environment before import (``DEFORMARRAY_WORKSPACE_MB``
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 _MIB = 1 << 20
 DEFAULT_WORKSPACE_BYTES = 256 * _MIB
@@ -66,7 +66,7 @@ def workspace_limit(nbytes: int) -> Iterator[None]:
 def get_deterministic() -> bool:
     """Default of the ``deterministic`` keyword of the backward functions (CUDA only;
     the CPU backward is always deterministic)."""
-    return _state["deterministic"]
+    return bool(_state["deterministic"])
 
 
 def set_deterministic(flag: bool) -> None:

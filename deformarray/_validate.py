@@ -25,8 +25,10 @@ def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, numbers.Integral):
         pair = (int(value), int(value))
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in value
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in value)
     ):
         pair = (int(value[0]), int(value[1]))
     else:
@@ -54,14 +56,10 @@ def check_dtypes(backend: str, **arrays: Any) -> np.dtype:
     first_name, first = next(iter(dtypes.items()))
     for name, dt in dtypes.items():
         if dt != first:
-            raise TypeError(
-                f"all arrays must share one dtype: {first_name} is {first}, {name} is {dt}"
-            )
+            raise TypeError(f"all arrays must share one dtype: {first_name} is {first}, {name} is {dt}")
     allowed = CPU_DTYPES if backend == "numpy" else CUDA_DTYPES
     if first.name not in allowed:
-        raise TypeError(
-            f"dtype {first} is not supported on the {backend} backend (supported: {', '.join(allowed)})"
-        )
+        raise TypeError(f"dtype {first} is not supported on the {backend} backend (supported: {', '.join(allowed)})")
     return first
 
 
@@ -121,9 +119,7 @@ def conv_params(
         )
     groups = c_in // c_per_group
     if c_out < 1 or c_out % groups:
-        raise ValueError(
-            f"weight.shape[0] = C_out = {c_out} must be a positive multiple of groups = {groups}"
-        )
+        raise ValueError(f"weight.shape[0] = C_out = {c_out} must be a positive multiple of groups = {groups}")
     h_out = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
     w_out = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
     if h_out < 1 or w_out < 1:
@@ -139,8 +135,7 @@ def conv_params(
     offset_groups = oc // (2 * k)
     if c_in % offset_groups:
         raise ValueError(
-            f"offset groups G = offset.shape[1] // (2*kh*kw) = {offset_groups} must divide "
-            f"input channels C_in = {c_in}"
+            f"offset groups G = offset.shape[1] // (2*kh*kw) = {offset_groups} must divide input channels C_in = {c_in}"
         )
     if bias is not None:
         if tuple(bias.shape) != (c_out,):
@@ -150,10 +145,22 @@ def conv_params(
         if tuple(mask.shape) != expected_mask:
             raise _shape_error("mask", f"(N, G*kh*kw, H_out, W_out) = {expected_mask}", mask.shape)
     return ConvParams(
-        n=n, c_in=c_in, h=h, w=w, c_out=c_out, kh=kh, kw=kw,
-        stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
-        groups=groups, offset_groups=offset_groups, h_out=h_out, w_out=w_out,
-        has_bias=bias is not None, has_mask=mask is not None,
+        n=n,
+        c_in=c_in,
+        h=h,
+        w=w,
+        c_out=c_out,
+        kh=kh,
+        kw=kw,
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+        groups=groups,
+        offset_groups=offset_groups,
+        h_out=h_out,
+        w_out=w_out,
+        has_bias=bias is not None,
+        has_mask=mask is not None,
     )
 
 
@@ -166,9 +173,7 @@ def check_grad_output(grad_output: Any, expected: tuple[int, ...], layout: str) 
 def check_plane_size(p: ConvParams) -> None:
     """The CPU backend indexes one image plane with int32 (half the plan's memory traffic)."""
     if p.h * p.w >= 2**31:
-        raise ValueError(
-            f"input plane H*W = {p.h}*{p.w} must be below 2**31 elements on the CPU backend"
-        )
+        raise ValueError(f"input plane H*W = {p.h}*{p.w} must be below 2**31 elements on the CPU backend")
 
 
 @dataclass(frozen=True)
@@ -279,15 +284,12 @@ def _check_rois(rois: Any, n: int) -> tuple[int, np.ndarray]:
     bad = (b != np.floor(b)) | (b < 0) | (b >= n)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(
-            f"rois[:, 0] must hold integer batch indices in [0, N) = [0, {n}): row {i} has {b[i]!r}"
-        )
+        raise ValueError(f"rois[:, 0] must hold integer batch indices in [0, N) = [0, {n}): row {i} has {b[i]!r}")
     bad = (vals[:, 3] < vals[:, 1]) | (vals[:, 4] < vals[:, 2])
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(
-            f"rois rows must have x1 <= x2 and y1 <= y2 ([batch_index, x1, y1, x2, y2]): "
-            f"row {i} is {vals[i].tolist()}"
+            f"rois rows must have x1 <= x2 and y1 <= y2 ([batch_index, x1, y1, x2, y2]): row {i} is {vals[i].tolist()}"
         )
     return r, vals
 
@@ -332,8 +334,17 @@ def roi_pool_params(
         if tuple(int(s) for s in mask.shape) != expected:
             raise _shape_error("mask", f"(R, 1, ph, pw) = {expected}", mask.shape)
     return RoiPoolParams(
-        n=n, c=c, h=h, w=w, r=r, pooled_h=ph, pooled_w=pw, spatial_scale=scale,
-        sampling_ratio=ratio, gamma=gamma_f, has_offset=offset is not None,
+        n=n,
+        c=c,
+        h=h,
+        w=w,
+        r=r,
+        pooled_h=ph,
+        pooled_w=pw,
+        spatial_scale=scale,
+        sampling_ratio=ratio,
+        gamma=gamma_f,
+        has_offset=offset is not None,
         has_mask=mask is not None,
     )
 
@@ -371,8 +382,7 @@ def psroi_pool_params(
     if offset is not None:
         shape = tuple(int(s) for s in offset.shape)
         layout = f"(R, 2*num_classes, part_size, part_size) = ({r}, 2*num_classes, {part}, {part})"
-        if (len(shape) != 4 or shape[0] != r or shape[1] < 2 or shape[1] % 2
-                or shape[2] != part or shape[3] != part):
+        if len(shape) != 4 or shape[0] != r or shape[1] < 2 or shape[1] % 2 or shape[2] != part or shape[3] != part:
             raise _shape_error("offset", layout, shape)
         num_classes = shape[1] // 2
         if out_dim % num_classes:
@@ -381,7 +391,18 @@ def psroi_pool_params(
                 f"output_dim = {out_dim}; offset must have shape {layout}"
             )
     return PSRoiPoolParams(
-        n=n, c=c, h=h, w=w, r=r, output_dim=out_dim, group_size=gs, pooled_size=ps,
-        part_size=part, sample_per_part=spp, trans_std=std, spatial_scale=scale,
-        num_classes=num_classes, has_offset=offset is not None,
+        n=n,
+        c=c,
+        h=h,
+        w=w,
+        r=r,
+        output_dim=out_dim,
+        group_size=gs,
+        pooled_size=ps,
+        part_size=part,
+        sample_per_part=spp,
+        trans_std=std,
+        spatial_scale=scale,
+        num_classes=num_classes,
+        has_offset=offset is not None,
     )

@@ -11,10 +11,9 @@ import json
 import os
 import platform
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import _bench, _bench_roi
-
 
 # ---------------------------------------------------------------------------------------
 # info
@@ -35,7 +34,7 @@ def _numba_threading_layer() -> str:
     try:
         touch(np.empty(2))
         return numba.threading_layer()
-    except Exception as exc:  # noqa: BLE001 - no usable layer is a finding, not a crash
+    except Exception as exc:
         return f"unavailable ({_bench.one_line(exc)})"
 
 
@@ -45,7 +44,7 @@ def _blas_info() -> str:
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         text = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:  # noqa: BLE001 - numpy < 1.25 or an unusual build: not worth failing over
+    except Exception:
         return "unknown"
     tpc, _ = _bench.optional_import("threadpoolctl")
     if tpc is not None:
@@ -65,7 +64,7 @@ def _cupy_lines() -> list[tuple[str, str]]:
     try:
         major, minor = cupy.cuda.nvrtc.getVersion()
         lines.append(("NVRTC", f"{major}.{minor}"))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         lines.append(("NVRTC", f"unavailable ({_bench.one_line(exc)})"))
     gpu, reason = _bench.gpu_status()
     if gpu is None:
@@ -106,8 +105,10 @@ def info_lines() -> list[tuple[str, str]]:
         ("numpy", np.__version__),
         ("BLAS", _blas_info()),
         ("numba", numba.__version__),
-        ("numba threads", f"{numba.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS} "
-                          f"(CPU cores: {os.cpu_count()})"),
+        (
+            "numba threads",
+            f"{numba.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS} (CPU cores: {os.cpu_count()})",
+        ),
         ("threading layer", _numba_threading_layer()),
         ("workspace bound", f"{deformarray.get_workspace_limit() / _bench.MIB:g} MiB"),
         ("deterministic", f"{deformarray.get_deterministic()} (CUDA backward default; CPU always is)"),
@@ -163,13 +164,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _check_bench_args(args: argparse.Namespace) -> Optional[str]:
+def _check_bench_args(args: argparse.Namespace) -> str | None:
     """Errors argparse cannot see by itself; returned as text for ``parser.error``."""
     import numba
 
     if args.threads is not None and args.threads > numba.config.NUMBA_NUM_THREADS:
-        return (f"--threads {args.threads} exceeds Numba's maximum {numba.config.NUMBA_NUM_THREADS} "
-                "(set NUMBA_NUM_THREADS before starting to raise it)")
+        return (
+            f"--threads {args.threads} exceeds Numba's maximum {numba.config.NUMBA_NUM_THREADS} "
+            "(set NUMBA_NUM_THREADS before starting to raise it)"
+        )
     if args.dtype not in (None, *_bench.CPU_DTYPES) and args.backend in (None, "numpy", "all"):
         return f"--dtype {args.dtype} runs on the cupy backend only: add --backend cupy"
     ops = OP_CHOICES[args.op]
@@ -182,9 +185,16 @@ def _check_bench_args(args: argparse.Namespace) -> Optional[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    opts = _bench.Options(shapes=args.shapes, dtype=args.dtype, repeat=args.repeat,
-                          backend=args.backend, threads=args.threads, ops=OP_CHOICES[args.op],
-                          roi_shapes=args.roi_shapes, psroi_shapes=args.psroi_shapes)
+    opts = _bench.Options(
+        shapes=args.shapes,
+        dtype=args.dtype,
+        repeat=args.repeat,
+        backend=args.backend,
+        threads=args.threads,
+        ops=OP_CHOICES[args.op],
+        roi_shapes=args.roi_shapes,
+        psroi_shapes=args.psroi_shapes,
+    )
     report = _bench.run(opts)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -214,34 +224,55 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="time deform_conv2d and the RoI pooling operators against their non-deformable floors",
         description="Time deform_conv2d (mask + bias, 3x3, padding 1) forward and forward+backward "
-                    "against a dense convolution of the same shape, then deform_roi_pool and "
-                    "deform_psroi_pool (7x7 bins, spatial_scale 1/16) against torchvision's roi_align / "
-                    "ps_roi_align of the same sizes (when torchvision is importable), from one run.",
+        "against a dense convolution of the same shape, then deform_roi_pool and "
+        "deform_psroi_pool (7x7 bins, spatial_scale 1/16) against torchvision's roi_align / "
+        "ps_roi_align of the same sizes (when torchvision is importable), from one run.",
     )
-    bench.add_argument("--op", choices=tuple(OP_CHOICES), default="all",
-                       help="operators: conv = deform_conv2d, roi = deform_roi_pool and deform_psroi_pool, "
-                            "all = conv then roi (default)")
-    bench.add_argument("--shapes", type=_shapes_arg, metavar='"N,C,H,W,Co;..."',
-                       help="deform_conv2d shapes to run (default: a CPU set and a GPU set)")
-    bench.add_argument("--roi-shapes", type=_roi_shapes_arg, metavar='"N,C,H,W,R;..."',
-                       help="deform_roi_pool sizes: N images of C channels, HxW, R RoIs "
-                            "(default: 2,256,64,64,512; on GPU also 8,256,100,152,4096)")
-    bench.add_argument("--psroi-shapes", type=_psroi_shapes_arg, metavar='"N,K,H,W,R;..."',
-                       help="deform_psroi_pool sizes: N images of K*49 score maps (K classes), HxW, R RoIs "
-                            "(default: 2,21,64,64,300; on GPU also 8,81,64,64,2400)")
-    bench.add_argument("--dtype", choices=(*_bench.CPU_DTYPES, "float16"),
-                       help="default: float32 on CPU; float32 and float16 on GPU (float16: cupy only)")
-    bench.add_argument("--repeat", type=_positive_int, default=5,
-                       help="timed runs per measurement, the best is reported (default 5)")
-    bench.add_argument("--backend", choices=("numpy", "cupy", "all"),
-                       help="default: numpy, plus cupy when a GPU is present")
+    bench.add_argument(
+        "--op",
+        choices=tuple(OP_CHOICES),
+        default="all",
+        help="operators: conv = deform_conv2d, roi = deform_roi_pool and deform_psroi_pool, "
+        "all = conv then roi (default)",
+    )
+    bench.add_argument(
+        "--shapes",
+        type=_shapes_arg,
+        metavar='"N,C,H,W,Co;..."',
+        help="deform_conv2d shapes to run (default: a CPU set and a GPU set)",
+    )
+    bench.add_argument(
+        "--roi-shapes",
+        type=_roi_shapes_arg,
+        metavar='"N,C,H,W,R;..."',
+        help="deform_roi_pool sizes: N images of C channels, HxW, R RoIs "
+        "(default: 2,256,64,64,512; on GPU also 8,256,100,152,4096)",
+    )
+    bench.add_argument(
+        "--psroi-shapes",
+        type=_psroi_shapes_arg,
+        metavar='"N,K,H,W,R;..."',
+        help="deform_psroi_pool sizes: N images of K*49 score maps (K classes), HxW, R RoIs "
+        "(default: 2,21,64,64,300; on GPU also 8,81,64,64,2400)",
+    )
+    bench.add_argument(
+        "--dtype",
+        choices=(*_bench.CPU_DTYPES, "float16"),
+        help="default: float32 on CPU; float32 and float16 on GPU (float16: cupy only)",
+    )
+    bench.add_argument(
+        "--repeat", type=_positive_int, default=5, help="timed runs per measurement, the best is reported (default 5)"
+    )
+    bench.add_argument(
+        "--backend", choices=("numpy", "cupy", "all"), help="default: numpy, plus cupy when a GPU is present"
+    )
     bench.add_argument("--threads", type=_positive_int, help="Numba (and torch, BLAS) thread count")
     bench.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     bench.set_defaults(func=cmd_bench, subparser=bench)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench":

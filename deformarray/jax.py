@@ -38,8 +38,9 @@ Public functions (same signatures as the array API):
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,8 +97,14 @@ def _conv_out_shape(arrays: dict, statics: dict) -> tuple:
     a = _specs(arrays)
     _validate.check_dtypes("numpy" if _on_host(arrays) else "cupy", **a)
     return _validate.conv_params(
-        a["input"], a["offset"], a["weight"], a["bias"],
-        statics["stride"], statics["padding"], statics["dilation"], a["mask"],
+        a["input"],
+        a["offset"],
+        a["weight"],
+        a["bias"],
+        statics["stride"],
+        statics["padding"],
+        statics["dilation"],
+        a["mask"],
     ).out_shape
 
 
@@ -113,17 +120,21 @@ def _roi_out_shape(arrays: dict, statics: dict) -> tuple:
     a = _specs(arrays)
     _validate.check_dtypes("numpy" if _on_host(arrays) else "cupy", **a)
     return _validate.roi_pool_params(
-        a["input"], _host_rois(arrays["rois"]), a["offset"], a["mask"], statics["output_size"],
-        statics["spatial_scale"], statics["sampling_ratio"], statics["gamma"],
+        a["input"],
+        _host_rois(arrays["rois"]),
+        a["offset"],
+        a["mask"],
+        statics["output_size"],
+        statics["spatial_scale"],
+        statics["sampling_ratio"],
+        statics["gamma"],
     ).out_shape
 
 
 def _psroi_out_shape(arrays: dict, statics: dict) -> tuple:
     a = _specs(arrays)
     _validate.check_dtypes("numpy" if _on_host(arrays) else "cupy", **a)
-    return _validate.psroi_pool_params(
-        a["input"], _host_rois(arrays["rois"]), a["offset"], **statics
-    ).out_shape
+    return _validate.psroi_pool_params(a["input"], _host_rois(arrays["rois"]), a["offset"], **statics).out_shape
 
 
 # --------------------------------------------------------------------------------------
@@ -176,8 +187,7 @@ def _leading(op: _Op, name: str, arr: np.ndarray) -> tuple:
     return arr.shape[: arr.ndim - nd]
 
 
-def _host_call(op: _Op, fn: Callable, names: tuple, statics: dict, outputs: tuple,
-               out_shapes: tuple, *arrays):
+def _host_call(op: _Op, fn: Callable, names: tuple, statics: dict, outputs: tuple, out_shapes: tuple, *arrays):
     """Runs ``fn`` (forward or backward of ``op``) on NumPy views of the callback's
     arguments. ``names`` names ``arrays``; ``outputs`` selects the results (a single
     array when it is None, else the listed fields of the returned named tuple).
@@ -199,14 +209,17 @@ def _host_call(op: _Op, fn: Callable, names: tuple, statics: dict, outputs: tupl
 
     if batch == ():
         res = one(host)
-    elif outputs is None and op.per_image and 0 not in batch and all(
-        _leading(op, k, v) == (1,) * len(batch) for k, v in host.items() if k not in op.per_image
+    elif (
+        outputs is None
+        and op.per_image
+        and 0 not in batch
+        and all(_leading(op, k, v) == (1,) * len(batch) for k, v in host.items() if k not in op.per_image)
     ):
         # only per-image arrays are vmapped: fold the vmapped axes into N, one call
         nb = int(np.prod(batch))
         folded = {}
         for k, v in host.items():
-            core = v.shape[v.ndim - op.ndims[k]:]
+            core = v.shape[v.ndim - op.ndims[k] :]
             if k in op.per_image:
                 v = np.broadcast_to(v, batch + core).reshape((nb * core[0],) + core[1:])
             else:
@@ -264,7 +277,7 @@ def _backward(op: _Op, statics: dict, arrays: dict, grad_output) -> dict:
     return {k: _make_varying(got.get(k), axes) for k in arrays}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _differentiable(op: _Op):
     """The ``jax.custom_vjp`` function of ``op``: ``f(statics, *arrays)``, statics being a
     hashable tuple of (name, value) pairs."""
@@ -307,7 +320,7 @@ def _make_varying(x, axes: tuple):
         return x
     if hasattr(jax.lax, "pcast"):
         return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)  # JAX < 0.7
+    return jax.lax.pvary(x, missing)  # type: ignore[attr-defined]  # JAX < 0.7
 
 
 def _freeze(value: Any) -> Any:
@@ -370,13 +383,13 @@ _ROI = (
 )
 
 
-def deform_roi_pool(input, rois, offset=None, output_size=(7, 7), spatial_scale=1.0,
-                    sampling_ratio=0, gamma=0.1, mask=None):
+def deform_roi_pool(
+    input, rois, offset=None, output_size=(7, 7), spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None
+):
     """``deformarray.deform_roi_pool`` on JAX arrays. Gradients flow to input, offset and
     mask; ``rois`` gets zeros. See docs/jax.md."""
     arrays = dict(input=input, rois=rois, offset=offset, mask=mask)
-    statics = dict(output_size=output_size, spatial_scale=spatial_scale,
-                   sampling_ratio=sampling_ratio, gamma=gamma)
+    statics = dict(output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=gamma)
     return _apply(_require(_ROI, "deform_roi_pool"), arrays, statics)
 
 
@@ -395,18 +408,35 @@ _PSROI = (
 )
 
 
-def deform_psroi_pool(input, rois, offset=None, *, output_dim, group_size, pooled_size,
-                      part_size=None, sample_per_part=4, trans_std=0.1, spatial_scale=1.0):
+def deform_psroi_pool(
+    input,
+    rois,
+    offset=None,
+    *,
+    output_dim,
+    group_size,
+    pooled_size,
+    part_size=None,
+    sample_per_part=4,
+    trans_std=0.1,
+    spatial_scale=1.0,
+):
     """``deformarray.deform_psroi_pool`` on JAX arrays. Gradients flow to input and offset;
     ``rois`` gets zeros. See docs/jax.md."""
     arrays = dict(input=input, rois=rois, offset=offset)
-    statics = dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-                   part_size=part_size, sample_per_part=sample_per_part,
-                   trans_std=trans_std, spatial_scale=spatial_scale)
+    statics = dict(
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled_size,
+        part_size=part_size,
+        sample_per_part=sample_per_part,
+        trans_std=trans_std,
+        spatial_scale=spatial_scale,
+    )
     return _apply(_require(_PSROI, "deform_psroi_pool"), arrays, statics)
 
 
-def _require(op: Optional[_Op], name: str) -> _Op:
+def _require(op: _Op | None, name: str) -> _Op:
     if op is None:
         raise NotImplementedError(f"this deformarray build has no {name} in its array API")
     return op

@@ -35,8 +35,9 @@ See docs/torch.md.
 """
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ _HALF = (torch.float16, torch.bfloat16)
 # Crossing between tensors and arrays (DLPack, no copy)
 
 
-def _to_array(t: Optional[Tensor]) -> Any:
+def _to_array(t: Tensor | None) -> Any:
     """The NumPy (CPU) or CuPy (CUDA) view of a tensor, sharing its memory and strides."""
     if t is None:
         return None
@@ -86,9 +87,7 @@ def _to_array(t: Optional[Tensor]) -> Any:
             import ml_dtypes
 
             return cupy.from_dlpack(t.view(torch.int16)).view(ml_dtypes.bfloat16)
-    raise TypeError(
-        f"deformarray.torch supports CPU and CUDA tensors, got a tensor on {t.device}"
-    )
+    raise TypeError(f"deformarray.torch supports CPU and CUDA tensors, got a tensor on {t.device}")
 
 
 def _to_tensor(a: Any) -> Tensor:
@@ -120,20 +119,17 @@ def _on_device(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _common_dtype(tensors: dict[str, Optional[Tensor]]) -> torch.dtype:
+def _common_dtype(tensors: dict[str, Tensor | None]) -> torch.dtype:
     """The one floating dtype shared by the given tensors (None skipped), else TypeError."""
     present = {k: v for k, v in tensors.items() if v is not None}
     (first_name, first), *_ = present.items()
     for name, t in present.items():
         if t.dtype != first.dtype:
-            raise TypeError(
-                f"all tensors must share one dtype: {first_name} is {first.dtype}, "
-                f"{name} is {t.dtype}"
-            )
+            raise TypeError(f"all tensors must share one dtype: {first_name} is {first.dtype}, {name} is {t.dtype}")
     return first.dtype
 
 
-def _call_array_api(fn: Callable, tensors: dict[str, Optional[Tensor]], **kwargs) -> Any:
+def _call_array_api(fn: Callable, tensors: dict[str, Tensor | None], **kwargs) -> Any:
     """Call the array function ``fn(**tensors, **kwargs)`` on array views of the tensors.
 
     Every tensor must share one dtype (TypeError otherwise, as the array API). Half types on
@@ -148,22 +144,21 @@ def _call_array_api(fn: Callable, tensors: dict[str, Optional[Tensor]], **kwargs
         arrays = {k: _to_array(v) for k, v in tensors.items()}
         result = fn(**arrays, **kwargs)
 
-        def back(a: Any) -> Optional[Tensor]:
+        def back(a: Any) -> Tensor | None:
             if a is None:
                 return None
             t = _to_tensor(a)
             return t if t.dtype == dtype else t.to(dtype)
 
         if isinstance(result, tuple):
-            return type(result)(*(back(a) for a in result))
+            # named tuples of gradients keep their type
+            return type(result)(*(back(a) for a in result))  # type: ignore[arg-type]
         return back(result)
 
 
-def _static_shapes(*tensors: Optional[Tensor]) -> bool:
+def _static_shapes(*tensors: Tensor | None) -> bool:
     """True when every shape is made of plain ints (no symbolic sizes under torch.compile)."""
-    return all(
-        isinstance(s, int) for t in tensors if t is not None for s in t.shape
-    )
+    return all(isinstance(s, int) for t in tensors if t is not None for s in t.shape)
 
 
 def _pair_list(value: Any, name: str) -> list[int]:
@@ -215,16 +210,18 @@ def _deform_conv2d_op(
     input: Tensor,
     offset: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
-    mask: Optional[Tensor],
+    mask: Tensor | None,
 ) -> Tensor:
     out = _call_array_api(
         _api.deform_conv2d,
         dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask),
-        stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+        stride=tuple(stride),
+        padding=tuple(padding),
+        dilation=tuple(dilation),
     )
     return out.contiguous()
 
@@ -234,8 +231,7 @@ def _conv_out_shape(input, offset, weight, bias, stride, padding, dilation, mask
         # Same ValueError as the eager call, raised while tracing
         from ._validate import conv_params
 
-        return conv_params(input, offset, weight, bias, tuple(stride), tuple(padding),
-                           tuple(dilation), mask).out_shape
+        return conv_params(input, offset, weight, bias, tuple(stride), tuple(padding), tuple(dilation), mask).out_shape
     n, _, h, w = input.shape
     c_out, _, kh, kw = weight.shape
     h_out = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
@@ -256,20 +252,21 @@ def _deform_conv2d_backward_op(
     input: Tensor,
     offset: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
-    mask: Optional[Tensor],
+    mask: Tensor | None,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (input, offset, weight, bias, mask); an absent bias or mask gives an
     empty tensor. ``deterministic=False`` means deformarray's default, not "fast"."""
     g = _call_array_api(
         _api.deform_conv2d_backward,
-        dict(grad_output=grad_output, input=input, offset=offset, weight=weight, bias=bias,
-             mask=mask),
-        stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+        dict(grad_output=grad_output, input=input, offset=offset, weight=weight, bias=bias, mask=mask),
+        stride=tuple(stride),
+        padding=tuple(padding),
+        dilation=tuple(dilation),
         deterministic=True if deterministic else None,
     )
     return (
@@ -288,8 +285,7 @@ def _(grad_output, input, offset, weight, bias, stride, padding, dilation, mask,
         torch.empty_like(offset, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
         input.new_empty((0,)) if bias is None else torch.empty_like(bias),
-        input.new_empty((0,)) if mask is None
-        else torch.empty_like(mask, memory_format=torch.contiguous_format),
+        input.new_empty((0,)) if mask is None else torch.empty_like(mask, memory_format=torch.contiguous_format),
     )
 
 
@@ -303,16 +299,21 @@ def _deform_conv2d_backward(ctx, grad_output):
     input, offset, weight, bias, mask = ctx.saved_tensors
     stride, padding, dilation = ctx.geometry
     gi, go, gw, gb, gm = _deform_conv2d_backward_op(
-        grad_output, input, offset, weight, bias, stride, padding, dilation, mask,
+        grad_output,
+        input,
+        offset,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        mask,
         _deterministic_flag(),
     )
-    return (gi, go, gw, None if bias is None else gb, None, None, None,
-            None if mask is None else gm)
+    return (gi, go, gw, None if bias is None else gb, None, None, None, None if mask is None else gm)
 
 
-_deform_conv2d_op.register_autograd(
-    _deform_conv2d_backward, setup_context=_deform_conv2d_setup_context
-)
+_deform_conv2d_op.register_autograd(_deform_conv2d_backward, setup_context=_deform_conv2d_setup_context)
 _register_autocast(_deform_conv2d_op)
 _register_autocast(_deform_conv2d_backward_op)
 
@@ -321,11 +322,11 @@ def deform_conv2d(
     input: Tensor,
     offset: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor] = None,
-    stride: Union[int, tuple[int, int]] = (1, 1),
-    padding: Union[int, tuple[int, int]] = (0, 0),
-    dilation: Union[int, tuple[int, int]] = (1, 1),
-    mask: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Deformable convolution v1 (``mask=None``) or v2 (modulated), differentiable.
 
@@ -336,9 +337,14 @@ def deform_conv2d(
     mask ``(N, G*kh*kw, H_out, W_out)``. Returns ``(N, C_out, H_out, W_out)``.
     """
     out = _deform_conv2d_op(
-        input, offset, weight, bias,
-        _pair_list(stride, "stride"), _pair_list(padding, "padding"),
-        _pair_list(dilation, "dilation"), mask,
+        input,
+        offset,
+        weight,
+        bias,
+        _pair_list(stride, "stride"),
+        _pair_list(padding, "padding"),
+        _pair_list(dilation, "dilation"),
+        mask,
     )
     return _cast_back(out, input)
 
@@ -351,18 +357,20 @@ def deform_conv2d(
 def _deform_roi_pool_op(
     input: Tensor,
     rois: Tensor,
-    offset: Optional[Tensor],
+    offset: Tensor | None,
     output_size: Sequence[int],
     spatial_scale: float,
     sampling_ratio: int,
     gamma: float,
-    mask: Optional[Tensor],
+    mask: Tensor | None,
 ) -> Tensor:
     out = _call_array_api(
         _api.deform_roi_pool,
         dict(input=input, rois=rois, offset=offset, mask=mask),
-        output_size=tuple(output_size), spatial_scale=spatial_scale,
-        sampling_ratio=sampling_ratio, gamma=gamma,
+        output_size=tuple(output_size),
+        spatial_scale=spatial_scale,
+        sampling_ratio=sampling_ratio,
+        gamma=gamma,
     )
     return out.contiguous()
 
@@ -374,8 +382,7 @@ def _roi_out_shape(input: Tensor, rois: Tensor, ph: Any, pw: Any) -> tuple:
         raise ValueError(f"input must have shape (N, C, H, W), got {tuple(input.shape)}")
     if rois.dim() != 2 or (_static_shapes(rois) and rois.shape[1] != 5):
         raise ValueError(
-            f"rois must have shape (R, 5) with rows [batch_index, x1, y1, x2, y2], "
-            f"got {tuple(rois.shape)}"
+            f"rois must have shape (R, 5) with rows [batch_index, x1, y1, x2, y2], got {tuple(rois.shape)}"
         )
     return (rois.shape[0], input.shape[1], ph, pw)
 
@@ -391,20 +398,22 @@ def _deform_roi_pool_backward_op(
     grad_output: Tensor,
     input: Tensor,
     rois: Tensor,
-    offset: Optional[Tensor],
+    offset: Tensor | None,
     output_size: Sequence[int],
     spatial_scale: float,
     sampling_ratio: int,
     gamma: float,
-    mask: Optional[Tensor],
+    mask: Tensor | None,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (input, offset, mask); an absent offset or mask gives an empty tensor."""
     g = _call_array_api(
         _api.deform_roi_pool_backward,
         dict(grad_output=grad_output, input=input, rois=rois, offset=offset, mask=mask),
-        output_size=tuple(output_size), spatial_scale=spatial_scale,
-        sampling_ratio=sampling_ratio, gamma=gamma,
+        output_size=tuple(output_size),
+        spatial_scale=spatial_scale,
+        sampling_ratio=sampling_ratio,
+        gamma=gamma,
         deterministic=True if deterministic else None,
     )
     return (
@@ -415,14 +424,11 @@ def _deform_roi_pool_backward_op(
 
 
 @_deform_roi_pool_backward_op.register_fake
-def _(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask,
-      deterministic):
+def _(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask, deterministic):
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
-        input.new_empty((0,)) if offset is None
-        else torch.empty_like(offset, memory_format=torch.contiguous_format),
-        input.new_empty((0,)) if mask is None
-        else torch.empty_like(mask, memory_format=torch.contiguous_format),
+        input.new_empty((0,)) if offset is None else torch.empty_like(offset, memory_format=torch.contiguous_format),
+        input.new_empty((0,)) if mask is None else torch.empty_like(mask, memory_format=torch.contiguous_format),
     )
 
 
@@ -434,17 +440,12 @@ def _deform_roi_pool_setup_context(ctx, inputs, output):
 
 def _deform_roi_pool_backward(ctx, grad_output):
     input, rois, offset, mask = ctx.saved_tensors
-    gi, go, gm = _deform_roi_pool_backward_op(
-        grad_output, input, rois, offset, *ctx.args, mask, _deterministic_flag()
-    )
+    gi, go, gm = _deform_roi_pool_backward_op(grad_output, input, rois, offset, *ctx.args, mask, _deterministic_flag())
     # rois get no gradient (as in mmcv and torchvision)
-    return (gi, None, None if offset is None else go, None, None, None, None,
-            None if mask is None else gm)
+    return (gi, None, None if offset is None else go, None, None, None, None, None if mask is None else gm)
 
 
-_deform_roi_pool_op.register_autograd(
-    _deform_roi_pool_backward, setup_context=_deform_roi_pool_setup_context
-)
+_deform_roi_pool_op.register_autograd(_deform_roi_pool_backward, setup_context=_deform_roi_pool_setup_context)
 _register_autocast(_deform_roi_pool_op)
 _register_autocast(_deform_roi_pool_backward_op)
 
@@ -452,12 +453,12 @@ _register_autocast(_deform_roi_pool_backward_op)
 def deform_roi_pool(
     input: Tensor,
     rois: Tensor,
-    offset: Optional[Tensor] = None,
-    output_size: Union[int, tuple[int, int]] = (7, 7),
+    offset: Tensor | None = None,
+    output_size: int | tuple[int, int] = (7, 7),
     spatial_scale: float = 1.0,
     sampling_ratio: int = 0,
     gamma: float = 0.1,
-    mask: Optional[Tensor] = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Deformable RoI pooling with mmcv's ``deform_roi_pool`` arguments and numbers
     (modulated, DCNv2, when ``mask`` is given), differentiable in input, offset and mask.
@@ -467,8 +468,14 @@ def deform_roi_pool(
     Returns ``(R, C, ph, pw)``. See docs/deform_roi_pool.md.
     """
     out = _deform_roi_pool_op(
-        input, rois, offset, _pair_list(output_size, "output_size"), float(spatial_scale),
-        int(sampling_ratio), float(gamma), mask,
+        input,
+        rois,
+        offset,
+        _pair_list(output_size, "output_size"),
+        float(spatial_scale),
+        int(sampling_ratio),
+        float(gamma),
+        mask,
     )
     return _cast_back(out, input)
 
@@ -481,11 +488,11 @@ def deform_roi_pool(
 def _deform_psroi_pool_op(
     input: Tensor,
     rois: Tensor,
-    offset: Optional[Tensor],
+    offset: Tensor | None,
     output_dim: int,
     group_size: int,
     pooled_size: int,
-    part_size: Optional[int],
+    part_size: int | None,
     sample_per_part: int,
     trans_std: float,
     spatial_scale: float,
@@ -493,16 +500,19 @@ def _deform_psroi_pool_op(
     out = _call_array_api(
         _api.deform_psroi_pool,
         dict(input=input, rois=rois, offset=offset),
-        output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-        part_size=part_size, sample_per_part=sample_per_part, trans_std=trans_std,
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled_size,
+        part_size=part_size,
+        sample_per_part=sample_per_part,
+        trans_std=trans_std,
         spatial_scale=spatial_scale,
     )
     return out.contiguous()
 
 
 @_deform_psroi_pool_op.register_fake
-def _(input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,
-      trans_std, spatial_scale):
+def _(input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale):
     _common_dtype(dict(input=input, rois=rois, offset=offset))
     r, _, ph, pw = _roi_out_shape(input, rois, pooled_size, pooled_size)
     return input.new_empty((r, output_dim, ph, pw))
@@ -513,11 +523,11 @@ def _deform_psroi_pool_backward_op(
     grad_output: Tensor,
     input: Tensor,
     rois: Tensor,
-    offset: Optional[Tensor],
+    offset: Tensor | None,
     output_dim: int,
     group_size: int,
     pooled_size: int,
-    part_size: Optional[int],
+    part_size: int | None,
     sample_per_part: int,
     trans_std: float,
     spatial_scale: float,
@@ -527,9 +537,14 @@ def _deform_psroi_pool_backward_op(
     g = _call_array_api(
         _api.deform_psroi_pool_backward,
         dict(grad_output=grad_output, input=input, rois=rois, offset=offset),
-        output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-        part_size=part_size, sample_per_part=sample_per_part, trans_std=trans_std,
-        spatial_scale=spatial_scale, deterministic=True if deterministic else None,
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled_size,
+        part_size=part_size,
+        sample_per_part=sample_per_part,
+        trans_std=trans_std,
+        spatial_scale=spatial_scale,
+        deterministic=True if deterministic else None,
     )
     return (
         g.input.contiguous(),
@@ -538,12 +553,23 @@ def _deform_psroi_pool_backward_op(
 
 
 @_deform_psroi_pool_backward_op.register_fake
-def _(grad_output, input, rois, offset, output_dim, group_size, pooled_size, part_size,
-      sample_per_part, trans_std, spatial_scale, deterministic):
+def _(
+    grad_output,
+    input,
+    rois,
+    offset,
+    output_dim,
+    group_size,
+    pooled_size,
+    part_size,
+    sample_per_part,
+    trans_std,
+    spatial_scale,
+    deterministic,
+):
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
-        input.new_empty((0,)) if offset is None
-        else torch.empty_like(offset, memory_format=torch.contiguous_format),
+        input.new_empty((0,)) if offset is None else torch.empty_like(offset, memory_format=torch.contiguous_format),
     )
 
 
@@ -555,15 +581,11 @@ def _deform_psroi_pool_setup_context(ctx, inputs, output):
 
 def _deform_psroi_pool_backward(ctx, grad_output):
     input, rois, offset = ctx.saved_tensors
-    gi, go = _deform_psroi_pool_backward_op(
-        grad_output, input, rois, offset, *ctx.args, _deterministic_flag()
-    )
+    gi, go = _deform_psroi_pool_backward_op(grad_output, input, rois, offset, *ctx.args, _deterministic_flag())
     return (gi, None, None if offset is None else go) + (None,) * len(ctx.args)
 
 
-_deform_psroi_pool_op.register_autograd(
-    _deform_psroi_pool_backward, setup_context=_deform_psroi_pool_setup_context
-)
+_deform_psroi_pool_op.register_autograd(_deform_psroi_pool_backward, setup_context=_deform_psroi_pool_setup_context)
 _register_autocast(_deform_psroi_pool_op)
 _register_autocast(_deform_psroi_pool_backward_op)
 
@@ -571,12 +593,12 @@ _register_autocast(_deform_psroi_pool_backward_op)
 def deform_psroi_pool(
     input: Tensor,
     rois: Tensor,
-    offset: Optional[Tensor] = None,
+    offset: Tensor | None = None,
     *,
     output_dim: int,
     group_size: int,
     pooled_size: int,
-    part_size: Optional[int] = None,
+    part_size: int | None = None,
     sample_per_part: int = 4,
     trans_std: float = 0.1,
     spatial_scale: float = 1.0,
@@ -591,9 +613,16 @@ def deform_psroi_pool(
     ``(R, output_dim, pooled_size, pooled_size)``. See docs/deform_psroi_pool.md.
     """
     out = _deform_psroi_pool_op(
-        input, rois, offset, int(output_dim), int(group_size), int(pooled_size),
-        None if part_size is None else int(part_size), int(sample_per_part),
-        float(trans_std), float(spatial_scale),
+        input,
+        rois,
+        offset,
+        int(output_dim),
+        int(group_size),
+        int(pooled_size),
+        None if part_size is None else int(part_size),
+        int(sample_per_part),
+        float(trans_std),
+        float(spatial_scale),
     )
     return _cast_back(out, input)
 
@@ -617,10 +646,10 @@ class DeformConv2d(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: Union[int, tuple[int, int]],
-        stride: Union[int, tuple[int, int]] = 1,
-        padding: Union[int, tuple[int, int]] = 0,
-        dilation: Union[int, tuple[int, int]] = 1,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
     ) -> None:
@@ -636,9 +665,7 @@ class DeformConv2d(nn.Module):
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
         self.groups = groups
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
-        )
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels))
         else:
@@ -653,9 +680,17 @@ class DeformConv2d(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        return deform_conv2d(input, offset, self.weight, self.bias, stride=self.stride,
-                             padding=self.padding, dilation=self.dilation, mask=mask)
+    def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
+        return deform_conv2d(
+            input,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
+        )
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -684,13 +719,13 @@ class _MmcvConvBase(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: Union[int, tuple[int, int]],
-        stride: Union[int, tuple[int, int]] = 1,
-        padding: Union[int, tuple[int, int]] = 0,
-        dilation: Union[int, tuple[int, int]] = 1,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         deform_groups: int = 1,
-        bias: Union[bool, str] = False,
+        bias: bool | str = False,
     ) -> None:
         super().__init__()
         if in_channels % groups != 0:
@@ -698,9 +733,7 @@ class _MmcvConvBase(nn.Module):
         if out_channels % groups != 0:
             raise ValueError(f"out_channels {out_channels} must be divisible by groups {groups}")
         if in_channels % deform_groups != 0:
-            raise ValueError(
-                f"in_channels {in_channels} must be divisible by deform_groups {deform_groups}"
-            )
+            raise ValueError(f"in_channels {in_channels} must be divisible by deform_groups {deform_groups}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -712,17 +745,23 @@ class _MmcvConvBase(nn.Module):
         # nn.Conv2d look-alike attributes (mmcv sets them too; some tools read them)
         self.transposed = False
         self.output_padding = (0,)
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
-        )
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         if bias:  # mmcv: a truthy value, 'auto' included, means a bias
             self.bias = nn.Parameter(torch.empty(out_channels))
         else:
             self.register_parameter("bias", None)
 
-    def _deform(self, x: Tensor, offset: Tensor, mask: Optional[Tensor]) -> Tensor:
-        return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride,
-                             padding=self.padding, dilation=self.dilation, mask=mask)
+    def _deform(self, x: Tensor, offset: Tensor, mask: Tensor | None) -> Tensor:
+        return deform_conv2d(
+            x,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
+        )
 
     def _make_conv_offset(self, per_point: int) -> nn.Conv2d:
         """The offset (and mask) predictor, zero-initialised: offsets 0 (and masks
@@ -730,18 +769,23 @@ class _MmcvConvBase(nn.Module):
         conv = nn.Conv2d(
             self.in_channels,
             self.deform_groups * per_point * self.kernel_size[0] * self.kernel_size[1],
-            kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, bias=True,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
         )
         nn.init.zeros_(conv.weight)
-        nn.init.zeros_(conv.bias)
+        nn.init.zeros_(cast(Tensor, conv.bias))
         return conv
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-                f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"dilation={self.dilation}, groups={self.groups}, "
-                f"deform_groups={self.deform_groups}, bias={self.bias is not None}")
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, groups={self.groups}, "
+            f"deform_groups={self.deform_groups}, bias={self.bias is not None}"
+        )
 
 
 class ModulatedDeformConv2d(_MmcvConvBase):
@@ -749,10 +793,19 @@ class ModulatedDeformConv2d(_MmcvConvBase):
     and ``bias`` (default ``bias=True``), mmcv's initialisation (weight
     U(-1/sqrt(in_channels*kh*kw), +...), bias 0)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 dilation=1, groups=1, deform_groups=1, bias: Union[bool, str] = True):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, deform_groups, bias)
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        deform_groups=1,
+        bias: bool | str = True,
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups, bias)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -760,8 +813,9 @@ class ModulatedDeformConv2d(_MmcvConvBase):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         if hasattr(self, "conv_offset"):
-            nn.init.zeros_(self.conv_offset.weight)
-            nn.init.zeros_(self.conv_offset.bias)
+            offset_conv = cast(nn.Conv2d, self.conv_offset)
+            nn.init.zeros_(offset_conv.weight)
+            nn.init.zeros_(cast(Tensor, offset_conv.bias))
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
         return self._deform(x, offset, mask)
@@ -799,11 +853,20 @@ class DeformConv2dPack(_MmcvConvBase):
     (``bias``), ``conv_offset.weight``, ``conv_offset.bias``. ``forward(x)``.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 dilation=1, groups=1, deform_groups=1, bias: Union[bool, str] = False,
-                 im2col_step: int = 32):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, deform_groups, bias)
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        deform_groups=1,
+        bias: bool | str = False,
+        im2col_step: int = 32,
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups, bias)
         self.im2col_step = im2col_step
         self.reset_parameters()  # before conv_offset exists: mmcv's order of random draws
         self.conv_offset = self._make_conv_offset(2)
@@ -817,7 +880,7 @@ class DeformConv2dPack(_MmcvConvBase):
 
     def init_offset(self) -> None:
         nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
+        nn.init.zeros_(cast(Tensor, self.conv_offset.bias))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._deform(x, self.conv_offset(x), None)
@@ -830,38 +893,45 @@ class DeformConv2dPack(_MmcvConvBase):
 class DeformRoIPool(nn.Module):
     """mmcv's ``DeformRoIPool``: ``forward(input, rois, offset=None)``, no parameters."""
 
-    def __init__(self, output_size: Union[int, tuple[int, int]], spatial_scale: float = 1.0,
-                 sampling_ratio: int = 0, gamma: float = 0.1) -> None:
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
         super().__init__()
         self.output_size = _pair(output_size)
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
         self.gamma = float(gamma)
 
-    def _pool(self, input: Tensor, rois: Tensor, offset: Optional[Tensor],
-              mask: Optional[Tensor] = None) -> Tensor:
-        return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale,
-                               self.sampling_ratio, self.gamma, mask)
+    def _pool(self, input: Tensor, rois: Tensor, offset: Tensor | None, mask: Tensor | None = None) -> Tensor:
+        return deform_roi_pool(
+            input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma, mask
+        )
 
-    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, rois: Tensor, offset: Tensor | None = None) -> Tensor:
         return self._pool(input, rois, offset)
 
     def extra_repr(self) -> str:
-        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}")
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}"
+        )
 
 
 class ModulatedDeformRoIPool(DeformRoIPool):
     """Modulated deformable RoI pooling (DCNv2): ``forward(input, rois, offset=None,
     mask=None)``, each bin's average multiplied by ``mask`` ``(R, 1, ph, pw)``."""
 
-    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, rois: Tensor, offset: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         return self._pool(input, rois, offset, mask)
 
 
-def _roi_fc(in_features: int, hidden: int, out_features: int, layers: int,
-            final: Optional[nn.Module] = None) -> nn.Sequential:
+def _roi_fc(
+    in_features: int, hidden: int, out_features: int, layers: int, final: nn.Module | None = None
+) -> nn.Sequential:
     """mmcv's offset/mask heads: ``layers`` Linear layers with ReLU between them (and an
     optional final activation), the last Linear zero-initialised."""
     mods: list[nn.Module] = []
@@ -884,9 +954,15 @@ class DeformRoIPoolPack(DeformRoIPool):
     pools again with them. Same constructor and ``state_dict`` keys
     (``offset_fc.{0,2,4}.{weight,bias}``) as mmcv. ``forward(input, rois)``."""
 
-    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
-                 spatial_scale: float = 1.0, sampling_ratio: int = 0,
-                 gamma: float = 0.1) -> None:
+    def __init__(
+        self,
+        output_size,
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
         super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
         self.output_channels = output_channels
         self.deform_fc_channels = deform_fc_channels
@@ -896,8 +972,7 @@ class DeformRoIPoolPack(DeformRoIPool):
     def _check_channels(self, input: Tensor) -> None:
         if input.shape[1] != self.output_channels:
             raise ValueError(
-                f"input must have output_channels = {self.output_channels} channels, "
-                f"got shape {tuple(input.shape)}"
+                f"input must have output_channels = {self.output_channels} channels, got shape {tuple(input.shape)}"
             )
 
     def _offset(self, pooled: Tensor) -> Tensor:
@@ -915,14 +990,18 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
     0.5). ``state_dict`` keys as mmcv's: ``offset_fc.{0,2,4}.*``, ``mask_fc.{0,2}.*``.
     ``forward(input, rois)``."""
 
-    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
-                 spatial_scale: float = 1.0, sampling_ratio: int = 0,
-                 gamma: float = 0.1) -> None:
-        super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale,
-                         sampling_ratio, gamma)
+    def __init__(
+        self,
+        output_size,
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio, gamma)
         ph, pw = self.output_size
-        self.mask_fc = _roi_fc(ph * pw * output_channels, deform_fc_channels, ph * pw, 2,
-                               final=nn.Sigmoid())
+        self.mask_fc = _roi_fc(ph * pw * output_channels, deform_fc_channels, ph * pw, 2, final=nn.Sigmoid())
 
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
         self._check_channels(input)
@@ -936,9 +1015,16 @@ class DeformPSRoIPool(nn.Module):
     """Deformable position-sensitive RoI pooling (R-FCN), no parameters:
     ``forward(input, rois, offset=None)``; see ``deform_psroi_pool``."""
 
-    def __init__(self, output_dim: int, group_size: int, pooled_size: int,
-                 part_size: Optional[int] = None, sample_per_part: int = 4,
-                 trans_std: float = 0.1, spatial_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        output_dim: int,
+        group_size: int,
+        pooled_size: int,
+        part_size: int | None = None,
+        sample_per_part: int = 4,
+        trans_std: float = 0.1,
+        spatial_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.output_dim = int(output_dim)
         self.group_size = int(group_size)
@@ -948,16 +1034,24 @@ class DeformPSRoIPool(nn.Module):
         self.trans_std = float(trans_std)
         self.spatial_scale = float(spatial_scale)
 
-    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, rois: Tensor, offset: Tensor | None = None) -> Tensor:
         return deform_psroi_pool(
-            input, rois, offset, output_dim=self.output_dim, group_size=self.group_size,
-            pooled_size=self.pooled_size, part_size=self.part_size,
-            sample_per_part=self.sample_per_part, trans_std=self.trans_std,
+            input,
+            rois,
+            offset,
+            output_dim=self.output_dim,
+            group_size=self.group_size,
+            pooled_size=self.pooled_size,
+            part_size=self.part_size,
+            sample_per_part=self.sample_per_part,
+            trans_std=self.trans_std,
             spatial_scale=self.spatial_scale,
         )
 
     def extra_repr(self) -> str:
-        return (f"output_dim={self.output_dim}, group_size={self.group_size}, "
-                f"pooled_size={self.pooled_size}, part_size={self.part_size}, "
-                f"sample_per_part={self.sample_per_part}, trans_std={self.trans_std}, "
-                f"spatial_scale={self.spatial_scale}")
+        return (
+            f"output_dim={self.output_dim}, group_size={self.group_size}, "
+            f"pooled_size={self.pooled_size}, part_size={self.part_size}, "
+            f"sample_per_part={self.sample_per_part}, trans_std={self.trans_std}, "
+            f"spatial_scale={self.spatial_scale}"
+        )

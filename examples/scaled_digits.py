@@ -42,6 +42,7 @@ SCALE_RANGE = (0.5, 1.5)
 
 # ------------------------------------------------------------------------------ data
 
+
 def load_data(seed: int, n_train: int | None = None, n_test: int | None = None):
     """Digits as float32 tensors (N, 1, 28, 28) in [0, 1], split 80/20 with a fixed seed."""
     from sklearn.datasets import load_digits
@@ -74,6 +75,7 @@ def random_scale(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ model
 
+
 class Net(nn.Module):
     """Four 3x3 convolutions (+ batch norm, ReLU), global average pooling, a linear layer:
     the 4-layer CNN of the Keras experiment, narrower. Global pooling makes it insensitive
@@ -85,8 +87,11 @@ class Net(nn.Module):
         strides = (1, 2, 1, 2)
         layers = []
         for i, s in enumerate(strides):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=s, padding=1),
-                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
+            layers += [
+                nn.Conv2d(chans[i], chans[i + 1], 3, stride=s, padding=1),
+                nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(),
+            ]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(chans[-1], 10)
 
@@ -103,8 +108,7 @@ def to_deformable(net: Net) -> Net:
     deform = copy.deepcopy(net)
     for i, m in enumerate(deform.features):
         if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
-            d = DeformConv2dPack(m.in_channels, m.out_channels, 3, stride=m.stride,
-                                 padding=m.padding, bias=True)
+            d = DeformConv2dPack(m.in_channels, m.out_channels, 3, stride=m.stride, padding=m.padding, bias=True)
             with torch.no_grad():
                 d.weight.copy_(m.weight)
                 d.bias.copy_(m.bias)
@@ -115,6 +119,7 @@ def to_deformable(net: Net) -> Net:
 
 
 # ------------------------------------------------------------------------------ training
+
 
 class Progress:
     """A one-line text progress bar (no dependency), on stderr."""
@@ -128,8 +133,10 @@ class Progress:
         done = int(self.width * self.n / self.total)
         elapsed = time.perf_counter() - self.start
         eta = elapsed / self.n * (self.total - self.n)
-        sys.stderr.write(f"\r{self.label} [{'#' * done}{'.' * (self.width - done)}] "
-                         f"{self.n}/{self.total} {elapsed:5.1f}s eta {eta:5.1f}s {info}   ")
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * done}{'.' * (self.width - done)}] "
+            f"{self.n}/{self.total} {elapsed:5.1f}s eta {eta:5.1f}s {info}   "
+        )
         sys.stderr.flush()
         if self.n == self.total:
             sys.stderr.write("\n")
@@ -149,7 +156,7 @@ def train(model, x, y, epochs, lr, batch, generator, label, scale=False):
                     m.eval()
         perm = torch.randperm(len(x), generator=generator)
         for i in range(0, len(x), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             xb = random_scale(x[idx], generator) if scale else x[idx]
             loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad()
@@ -162,12 +169,12 @@ def train(model, x, y, epochs, lr, batch, generator, label, scale=False):
 @torch.no_grad()
 def accuracy(model, x, y, batch=256) -> float:
     model.eval()
-    hits = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
-               for i in range(0, len(x), batch))
+    hits = sum((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item() for i in range(0, len(x), batch))
     return hits / len(x)
 
 
 # ------------------------------------------------------------------------------ picture
+
 
 def sampling_locations(model: Net, image: torch.Tensor, deformable: bool, full_layers: int = 2) -> np.ndarray:
     """Input-image positions (y, x) read by the centre unit of the last convolution, traced
@@ -176,8 +183,11 @@ def sampling_locations(model: Net, image: torch.Tensor, deformable: bool, full_l
     layer's learned offsets are added (read at the nearest output pixel of that layer)."""
     convs = [m for m in model.features if isinstance(m, (nn.Conv2d, DeformConv2dPack))]
     offsets = []
-    hooks = [c.conv_offset.register_forward_hook(lambda m, i, o: offsets.append(o[0].numpy()))
-             for c in convs if isinstance(c, DeformConv2dPack)]
+    hooks = [
+        c.conv_offset.register_forward_hook(lambda m, i, o: offsets.append(o[0].numpy()))
+        for c in convs
+        if isinstance(c, DeformConv2dPack)
+    ]
     with torch.no_grad():
         model.eval()
         model(image[None])
@@ -224,7 +234,7 @@ def draw_panel(image: np.ndarray, layers, zoom: int) -> np.ndarray:
         for y, x in pts:
             cy, cx = int(round((y + 0.5) * zoom)), int(round((x + 0.5) * zoom))
             if 1 <= cy < h - 1 and 1 <= cx < w - 1:
-                rgb[cy - 1:cy + 2, cx - 1:cx + 2] = color
+                rgb[cy - 1 : cy + 2, cx - 1 : cx + 2] = color
     return rgb
 
 
@@ -241,13 +251,16 @@ def save_picture(path: Path, regular: Net, deform: Net, image: torch.Tensor) -> 
     panels = []
     for scale in (0.6, 1.4):
         img = zoom_image(image, scale)
-        layers = [(sampling_locations(regular, img, False), (0, 200, 0)),
-                  (sampling_locations(deform, img, True), (255, 40, 40))]
+        layers = [
+            (sampling_locations(regular, img, False), (0, 200, 0)),
+            (sampling_locations(deform, img, True), (255, 40, 40)),
+        ]
         panels += [draw_panel(img[0].numpy(), layers, zoom), np.full((28 * zoom, 8, 3), 255, np.uint8)]
     write_png(path, np.concatenate(panels[:-1], axis=1))
 
 
 # ------------------------------------------------------------------------------ main
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -255,8 +268,12 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=12, help="epochs of regular training")
     ap.add_argument("--finetune-epochs", type=int, default=8, help="epochs of offset fine-tuning")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--png", type=Path, default=Path("scaled_digits_sampling.png"),
-                    help="where to write the picture of sampling locations")
+    ap.add_argument(
+        "--png",
+        type=Path,
+        default=Path("scaled_digits_sampling.png"),
+        help="where to write the picture of sampling locations",
+    )
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -268,8 +285,10 @@ def main(argv=None) -> int:
         xtr, ytr, xte, yte = load_data(args.seed)
         epochs, ft_epochs = args.epochs, args.finetune_epochs
     xte_scaled = random_scale(xte, torch.Generator().manual_seed(args.seed + 1))
-    print(f"digits: {len(xtr)} train, {len(xte)} test images (28x28); scaled test set: "
-          f"zoom {SCALE_RANGE[0]}-{SCALE_RANGE[1]}")
+    print(
+        f"digits: {len(xtr)} train, {len(xte)} test images (28x28); scaled test set: "
+        f"zoom {SCALE_RANGE[0]}-{SCALE_RANGE[1]}"
+    )
 
     t0 = time.perf_counter()
     regular = Net()
@@ -278,26 +297,28 @@ def main(argv=None) -> int:
     deform = to_deformable(regular)
     same = torch.allclose(regular.eval()(xte[:8]), deform.eval()(xte[:8]), atol=1e-4)
     n_offset = sum(p.numel() for p in deform.parameters() if p.requires_grad)
-    print(f"deformable copy: same outputs before fine-tuning: {same}; "
-          f"trainable (offset) parameters: {n_offset}")
+    print(f"deformable copy: same outputs before fine-tuning: {same}; trainable (offset) parameters: {n_offset}")
     train(deform, xtr, ytr, ft_epochs, 1e-3, 64, gen, "offsets only, scaled digits  ", scale=True)
     t2 = time.perf_counter()
 
-    acc = {(name, test): accuracy(model, xs, yte)
-           for name, model in (("regular", regular), ("deformable", deform))
-           for test, xs in (("regular", xte), ("scaled", xte_scaled))}
+    acc = {
+        (name, test): accuracy(model, xs, yte)
+        for name, model in (("regular", regular), ("deformable", deform))
+        for test, xs in (("regular", xte), ("scaled", xte_scaled))
+    }
     print()
     print("| test accuracy      | regular CNN | deformable CNN |")
     print("|--------------------|-------------|----------------|")
     for test, label in (("regular", "regular digits"), ("scaled", "scaled digits")):
-        print(f"| {label:<18} | {100 * acc[('regular', test)]:10.2f}% | "
-              f"{100 * acc[('deformable', test)]:13.2f}% |")
+        print(f"| {label:<18} | {100 * acc[('regular', test)]:10.2f}% | {100 * acc[('deformable', test)]:13.2f}% |")
     print()
     print(f"time: regular training {t1 - t0:.1f} s, offset fine-tuning {t2 - t1:.1f} s")
 
     save_picture(args.png, regular, deform, xte[0])
-    print(f"sampling locations of one unit (green: regular grid, red: learned) on test digit "
-          f"'{int(yte[0])}' shrunk x0.6 (left) and enlarged x1.4 (right): {args.png}")
+    print(
+        f"sampling locations of one unit (green: regular grid, red: learned) on test digit "
+        f"'{int(yte[0])}' shrunk x0.6 (left) and enlarged x1.4 (right): {args.png}"
+    )
     return 0
 
 

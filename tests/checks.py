@@ -21,8 +21,7 @@ def assert_close(actual, expected, dtype, name, rel=None):
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape}, expected {expected.shape}"
     rel = REL[dtype] if rel is None else rel
     scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
-    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=rel, atol=rel * scale,
-                               err_msg=name)
+    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=rel, atol=rel * scale, err_msg=name)
 
 
 # Non-contiguous views with the same values, for the layout tests of every operator.

@@ -10,15 +10,14 @@ import functools
 
 import numpy as np
 import pytest
-
 import reference
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_unavailable_reason():
     """None when CuPy imports and sees at least one CUDA device, else why not."""
     try:
-        import cupy  # noqa: F401
+        import cupy
     except Exception as exc:  # ImportError, or a broken CUDA install raising on import
         return f"CuPy is not importable ({type(exc).__name__}: {exc})"
     try:

@@ -65,9 +65,20 @@ def _build(filename: str) -> tuple[ctypes.CDLL, list[str]]:
         src_path.write_text(source)
         tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
-            [compiler(), "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-             "-o", str(tmp), str(src_path)],
-            check=True, capture_output=True, text=True,
+            [
+                compiler(),
+                "-std=c++17",
+                "-O2",
+                "-shared",
+                "-fPIC",
+                "-Wno-unknown-pragmas",
+                "-o",
+                str(tmp),
+                str(src_path),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         os.replace(tmp, lib_path)
     return ctypes.CDLL(str(lib_path)), exprs

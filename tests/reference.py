@@ -29,7 +29,7 @@ only the channel dimension is vectorised. Keep cases small.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -93,8 +93,7 @@ def geometry(x, offset, weight, stride, padding, dilation) -> Geometry:
     offset_groups = offset.shape[1] // (2 * kh * kw)
     h_out = (height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
     w_out = (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-    return Geometry(n, c_in, height, width, c_out, kh, kw, sh, sw, ph, pw, dh, dw,
-                    groups, offset_groups, h_out, w_out)
+    return Geometry(n, c_in, height, width, c_out, kh, kw, sh, sw, ph, pw, dh, dw, groups, offset_groups, h_out, w_out)
 
 
 def sample_point(g: Geometry, offset, n, og, i, j, ho, wo):
@@ -142,9 +141,9 @@ def ref_deform_conv2d(x, offset, weight, bias=None, stride=1, padding=0, dilatio
     opg = g.c_out // g.groups
     y = np.zeros((g.n, g.c_out, g.h_out, g.w_out))
     for grp in range(g.groups):
-        wg = weight[grp * opg:(grp + 1) * opg]  # (opg, cpg, kh, kw)
-        cg = cols[:, grp * cpg:(grp + 1) * cpg]  # (n, cpg, kh, kw, ho, wo)
-        y[:, grp * opg:(grp + 1) * opg] = np.einsum("ocij,ncijhw->nohw", wg, cg)
+        wg = weight[grp * opg : (grp + 1) * opg]  # (opg, cpg, kh, kw)
+        cg = cols[:, grp * cpg : (grp + 1) * cpg]  # (n, cpg, kh, kw, ho, wo)
+        y[:, grp * opg : (grp + 1) * opg] = np.einsum("ocij,ncijhw->nohw", wg, cg)
     if bias is not None:
         y += _as64(bias)[None, :, None, None]
     return y
@@ -154,12 +153,13 @@ class RefGrads(NamedTuple):
     input: np.ndarray
     offset: np.ndarray
     weight: np.ndarray
-    bias: Optional[np.ndarray]
-    mask: Optional[np.ndarray]
+    bias: np.ndarray | None
+    mask: np.ndarray | None
 
 
-def ref_deform_conv2d_backward(grad_output, x, offset, weight, bias=None, stride=1, padding=0,
-                               dilation=1, mask=None) -> RefGrads:
+def ref_deform_conv2d_backward(
+    grad_output, x, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None
+) -> RefGrads:
     """All five gradients of ``ref_deform_conv2d``, analytically, in float64."""
     go, x, offset, weight, mask = (_as64(a) for a in (grad_output, x, offset, weight, mask))
     g = geometry(x, offset, weight, stride, padding, dilation)
@@ -171,9 +171,9 @@ def ref_deform_conv2d_backward(grad_output, x, offset, weight, bias=None, stride
     # Gradient w.r.t. the modulated columns: gcols[n, c, i, j, p] = sum_o w[o, c, i, j] go[n, o, p]
     gcols = np.zeros((g.n, g.c_in, g.kh, g.kw, g.h_out, g.w_out))
     for grp in range(g.groups):
-        wg = weight[grp * opg:(grp + 1) * opg]
-        gog = go[:, grp * opg:(grp + 1) * opg]
-        gcols[:, grp * cpg:(grp + 1) * cpg] = np.einsum("ocij,nohw->ncijhw", wg, gog)
+        wg = weight[grp * opg : (grp + 1) * opg]
+        gog = go[:, grp * opg : (grp + 1) * opg]
+        gcols[:, grp * cpg : (grp + 1) * cpg] = np.einsum("ocij,nohw->ncijhw", wg, gog)
 
     g_x = np.zeros_like(x)
     g_off = np.zeros_like(offset)
@@ -207,9 +207,9 @@ def ref_deform_conv2d_backward(grad_output, x, offset, weight, bias=None, stride
     cols = ref_columns(x, offset, weight, stride, padding, dilation, mask)
     g_w = np.zeros_like(weight)
     for grp in range(g.groups):
-        gog = go[:, grp * opg:(grp + 1) * opg]
-        cg = cols[:, grp * cpg:(grp + 1) * cpg]
-        g_w[grp * opg:(grp + 1) * opg] = np.einsum("nohw,ncijhw->ocij", gog, cg)
+        gog = go[:, grp * opg : (grp + 1) * opg]
+        cg = cols[:, grp * cpg : (grp + 1) * cpg]
+        g_w[grp * opg : (grp + 1) * opg] = np.einsum("nohw,ncijhw->ocij", gog, cg)
     g_b = None if bias is None else go.sum(axis=(0, 2, 3))
     return RefGrads(g_x, g_off, g_w, g_b, g_mask)
 
@@ -225,29 +225,48 @@ class Case(NamedTuple):
     input: np.ndarray
     offset: np.ndarray
     weight: np.ndarray
-    bias: Optional[np.ndarray]
+    bias: np.ndarray | None
     stride: object
     padding: object
     dilation: object
-    mask: Optional[np.ndarray]
+    mask: np.ndarray | None
 
     def kwargs(self):
-        return dict(bias=self.bias, stride=self.stride, padding=self.padding,
-                    dilation=self.dilation, mask=self.mask)
+        return dict(bias=self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation, mask=self.mask)
 
     def astype(self, dtype):
         cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
-        return self._replace(input=cast(self.input), offset=cast(self.offset),
-                             weight=cast(self.weight), bias=cast(self.bias), mask=cast(self.mask))
+        return self._replace(
+            input=cast(self.input),
+            offset=cast(self.offset),
+            weight=cast(self.weight),
+            bias=cast(self.bias),
+            mask=cast(self.mask),
+        )
 
     def out_shape(self):
         g = geometry(self.input, self.offset, self.weight, self.stride, self.padding, self.dilation)
         return (g.n, g.c_out, g.h_out, g.w_out)
 
 
-def make_case(rng, n=2, c_in=4, height=6, width=7, c_out=4, kernel=3, stride=1, padding=1,
-              dilation=1, groups=1, offset_groups=1, mask=True, bias=True, offset_scale=1.5,
-              dtype=np.float64) -> Case:
+def make_case(
+    rng,
+    n=2,
+    c_in=4,
+    height=6,
+    width=7,
+    c_out=4,
+    kernel=3,
+    stride=1,
+    padding=1,
+    dilation=1,
+    groups=1,
+    offset_groups=1,
+    mask=True,
+    bias=True,
+    offset_scale=1.5,
+    dtype=np.float64,
+) -> Case:
     """A random case; offsets uniform in [-offset_scale, offset_scale], mask in [0, 1]."""
     kh, kw = _pair(kernel)
     sh, sw = _pair(stride)

@@ -24,7 +24,7 @@ plain Python over RoIs, bins and samples, vectorised over channels only: keep ca
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -74,8 +74,8 @@ def c_round(v: float) -> float:
 
 class RoiGrads(NamedTuple):
     input: np.ndarray
-    offset: Optional[np.ndarray]
-    mask: Optional[np.ndarray]
+    offset: np.ndarray | None
+    mask: np.ndarray | None
 
 
 def roi_bins(rois, r, pooled, spatial_scale, sampling_ratio, gamma, offset):
@@ -95,9 +95,11 @@ def roi_bins(rois, r, pooled, spatial_scale, sampling_ratio, gamma, offset):
             if offset is not None:
                 ox = gamma * roi_w * float(offset[r, 0, i, j])
                 oy = gamma * roi_h * float(offset[r, 1, i, j])
-            pts = [(start_h + oy + i * bin_h + (iy + 0.5) * bin_h / gy,
-                    start_w + ox + j * bin_w + (ix + 0.5) * bin_w / gx)
-                   for iy in range(gy) for ix in range(gx)]
+            pts = [
+                (start_h + oy + i * bin_h + (iy + 0.5) * bin_h / gy, start_w + ox + j * bin_w + (ix + 0.5) * bin_w / gx)
+                for iy in range(gy)
+                for ix in range(gx)
+            ]
             bins.append((i, j, pts, gy * gx, roi_h, roi_w))
     return int(b), bins
 
@@ -106,8 +108,9 @@ def _roi_inside(y, x, height, width):
     return -1.0 <= y <= height and -1.0 <= x <= width
 
 
-def ref_deform_roi_pool(x, rois, offset=None, output_size=(7, 7), spatial_scale=1.0,
-                        sampling_ratio=0, gamma=0.1, mask=None):
+def ref_deform_roi_pool(
+    x, rois, offset=None, output_size=(7, 7), spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None
+):
     x = np.asarray(x, dtype=np.float64)
     n_img, c, height, width = x.shape
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
@@ -128,8 +131,9 @@ def ref_deform_roi_pool(x, rois, offset=None, output_size=(7, 7), spatial_scale=
     return out
 
 
-def ref_deform_roi_pool_backward(grad_output, x, rois, offset=None, output_size=(7, 7),
-                                 spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None):
+def ref_deform_roi_pool_backward(
+    grad_output, x, rois, offset=None, output_size=(7, 7), spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None
+):
     """Hand-derived gradients:
 
     dL/dx[b, c, q]   = sum_{r of image b, bins, samples} go[r, c, bin] m / count * w_q
@@ -177,7 +181,7 @@ def ref_deform_roi_pool_backward(grad_output, x, rois, offset=None, output_size=
 
 class PSRoiGrads(NamedTuple):
     input: np.ndarray
-    offset: Optional[np.ndarray]
+    offset: np.ndarray | None
 
 
 def psroi_bins(rois, r, c, p, offset, all_points=False):
@@ -218,26 +222,42 @@ def psroi_bins(rois, r, c, p, offset, all_points=False):
     return int(b), bins
 
 
-def psroi_param_dict(x, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
-                     trans_std=0.1, spatial_scale=1.0):
+def psroi_param_dict(
+    x, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4, trans_std=0.1, spatial_scale=1.0
+):
     """The dict ``psroi_bins`` takes, from the operator's keyword arguments."""
-    return _ps_params(x, output_dim, group_size, pooled_size, part_size, sample_per_part,
-                      trans_std, spatial_scale)
+    return _ps_params(x, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
 
 
-def _ps_params(x, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
-               spatial_scale):
-    return dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-                part_size=pooled_size if part_size is None else part_size,
-                sample_per_part=sample_per_part, trans_std=trans_std,
-                spatial_scale=spatial_scale, height=x.shape[2], width=x.shape[3])
+def _ps_params(x, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale):
+    return dict(
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled_size,
+        part_size=pooled_size if part_size is None else part_size,
+        sample_per_part=sample_per_part,
+        trans_std=trans_std,
+        spatial_scale=spatial_scale,
+        height=x.shape[2],
+        width=x.shape[3],
+    )
 
 
-def ref_deform_psroi_pool(x, rois, offset=None, *, output_dim, group_size, pooled_size,
-                          part_size=None, sample_per_part=4, trans_std=0.1, spatial_scale=1.0):
+def ref_deform_psroi_pool(
+    x,
+    rois,
+    offset=None,
+    *,
+    output_dim,
+    group_size,
+    pooled_size,
+    part_size=None,
+    sample_per_part=4,
+    trans_std=0.1,
+    spatial_scale=1.0,
+):
     x = np.asarray(x, dtype=np.float64)
-    p = _ps_params(x, output_dim, group_size, pooled_size, part_size, sample_per_part,
-                   trans_std, spatial_scale)
+    p = _ps_params(x, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
     height, width = x.shape[2:]
     out = np.zeros((len(rois), output_dim, pooled_size, pooled_size))
     for r in range(len(rois)):
@@ -254,16 +274,26 @@ def ref_deform_psroi_pool(x, rois, offset=None, *, output_dim, group_size, poole
     return out
 
 
-def ref_deform_psroi_pool_backward(grad_output, x, rois, offset=None, *, output_dim, group_size,
-                                   pooled_size, part_size=None, sample_per_part=4,
-                                   trans_std=0.1, spatial_scale=1.0):
+def ref_deform_psroi_pool_backward(
+    grad_output,
+    x,
+    rois,
+    offset=None,
+    *,
+    output_dim,
+    group_size,
+    pooled_size,
+    part_size=None,
+    sample_per_part=4,
+    trans_std=0.1,
+    spatial_scale=1.0,
+):
     """dL/dx[b, ch, q] = sum go[r, c, bin] / count * w_q over the bins reading ch;
     dL/doff[r, 2*cls + (0: x, 1: y), part] = trans_std * roi_(w, h) * sum over the
     channels c of the class and the bins of the part of go / count * sum_samples dX/d(x, y)."""
     x = np.asarray(x, dtype=np.float64)
     go = np.asarray(grad_output, dtype=np.float64)
-    p = _ps_params(x, output_dim, group_size, pooled_size, part_size, sample_per_part,
-                   trans_std, spatial_scale)
+    p = _ps_params(x, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
     height, width = x.shape[2:]
     gx_ = np.zeros_like(x)
     goff = None if offset is None else np.zeros(np.shape(offset))

@@ -24,8 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--shapes", "1,2,5,5,3;2,3,6,4,2", "--repeat", "1"]
 TINY_ROI = ["--roi-shapes", "1,4,8,8,3", "--psroi-shapes", "2,1,6,5,2"]  # C = 1*49 score maps
 RATIO = re.compile(r"\s\d+\.\d\dx(?=\s|$)")  # a ratio cell of a table row
-ROI_ROWS = [("deform_roi_pool", "offset"), ("deform_roi_pool", "offset+mask"),
-            ("deform_psroi_pool", "class offsets"), ("deform_psroi_pool", "no offset")]
+ROI_ROWS = [
+    ("deform_roi_pool", "offset"),
+    ("deform_roi_pool", "offset+mask"),
+    ("deform_psroi_pool", "class offsets"),
+    ("deform_psroi_pool", "no offset"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +59,20 @@ def _hide(monkeypatch, *names):
 def test_info_prints_versions_and_backends(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    for key in ("deformarray", "python", "numpy", "numba", "numba threads", "threading layer",
-                "workspace bound", "backends", "cupy", "torch", "torchvision", "jax"):
+    for key in (
+        "deformarray",
+        "python",
+        "numpy",
+        "numba",
+        "numba threads",
+        "threading layer",
+        "workspace bound",
+        "backends",
+        "cupy",
+        "torch",
+        "torchvision",
+        "jax",
+    ):
         assert any(line.startswith(key + " ") for line in out.splitlines()), key
     assert "numpy (always)" in out
     assert "256 MiB" in out or "workspace bound" in out
@@ -88,8 +104,16 @@ def test_bench_prints_table(capsys):
     assert cli.main(["bench", *TINY, *TINY_ROI, "--backend", "numpy"]) == 0  # --op all: the default
     captured = capsys.readouterr()
     out = captured.out
-    for header in ("N,C,H,W,Co", "fwd ms", "dense fwd ms", "ratio", "fwd+bwd ms", "peak extra MiB", "in bound",
-                   "warm-up s"):
+    for header in (
+        "N,C,H,W,Co",
+        "fwd ms",
+        "dense fwd ms",
+        "ratio",
+        "fwd+bwd ms",
+        "peak extra MiB",
+        "in bound",
+        "warm-up s",
+    ):
         assert header in out
     assert "1,2,5,5,3" in out and "2,3,6,4,2" in out
     assert "error" not in out
@@ -113,8 +137,9 @@ def test_bench_roi_without_torchvision_says_why(monkeypatch, capsys):
     # the reason names what is missing: torchvision here, or torch itself where torch is absent
     torch_installed = importlib.util.find_spec("torch") is not None
     reason = "torchvision not installed" if torch_installed else "torch not installed"
-    assert (f"note: {reason}: no torchvision roi_align / ps_roi_align floor for the CPU RoI rows"
-            in out.splitlines()), out
+    assert f"note: {reason}: no torchvision roi_align / ps_roi_align floor for the CPU RoI rows" in out.splitlines(), (
+        out
+    )
     assert "tv fwd ms" not in out  # no empty baseline columns
     assert "Traceback" not in out
 
@@ -131,8 +156,12 @@ def test_bench_op_selects_the_rows(op, conv, roi, capsys):
 
 
 def test_bench_roi_json(capsys):
-    assert cli.main(["bench", "--op", "roi", *TINY_ROI, "--repeat", "2", "--backend", "numpy", "--json",
-                     "--dtype", "float64"]) == 0
+    assert (
+        cli.main(
+            ["bench", "--op", "roi", *TINY_ROI, "--repeat", "2", "--backend", "numpy", "--json", "--dtype", "float64"]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["settings"]["roi"]["pooled_size"] == 7
     assert report["settings"]["roi"]["deform_psroi_pool"]["sample_per_part"] == 4
@@ -144,16 +173,27 @@ def test_bench_roi_json(capsys):
         assert row["backend"] == "numpy" and row["dtype"] == "float64"
         ours = row["ours"]
         assert ours["label"] == f"deformarray.{row['op']}"
-        for key in ("warmup_fwd_s", "fwd_ms", "fwd_median_ms", "warmup_fwdbwd_s", "fwdbwd_ms",
-                    "peak_extra_mib", "within_workspace"):
+        for key in (
+            "warmup_fwd_s",
+            "fwd_ms",
+            "fwd_median_ms",
+            "warmup_fwdbwd_s",
+            "fwdbwd_ms",
+            "peak_extra_mib",
+            "within_workspace",
+        ):
             assert key in ours, key
         assert ours["fwdbwd_ms"] > 0 and ours["within_workspace"] is True
         assert "torchvision" not in row and row["ratios"] == {}  # torchvision is not installed here
 
 
 def test_bench_json(capsys):
-    assert cli.main(["bench", *TINY, "--op", "conv", "--backend", "numpy", "--json", "--threads", "1",
-                     "--dtype", "float64"]) == 0
+    assert (
+        cli.main(
+            ["bench", *TINY, "--op", "conv", "--backend", "numpy", "--json", "--threads", "1", "--dtype", "float64"]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)  # stdout holds the JSON only
     assert set(report) >= {"environment", "settings", "results", "gpu_skipped", "notes"}
     assert report["environment"]["threads"]["numba"] == 1
@@ -264,8 +304,12 @@ def test_script_forwards_to_the_cli():
 
 def test_roi_script_runs_the_roi_rows_only():
     script = ROOT / "benchmarks" / "bench_roi_pool.py"
-    proc = subprocess.run([sys.executable, str(script), *TINY_ROI, "--repeat", "1", "--backend", "numpy", "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), *TINY_ROI, "--repeat", "1", "--backend", "numpy", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert [(r["op"], r["variant"]) for r in report["results"]] == ROI_ROWS
@@ -396,8 +440,9 @@ def test_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
 
     fake_tv = types.SimpleNamespace(__version__="0.0-standin", ops=types.SimpleNamespace(deform_conv2d=deform_conv2d))
     real_import = _bench.optional_import
-    monkeypatch.setattr(_bench, "optional_import",
-                        lambda name: (fake_tv, "") if name == "torchvision" else real_import(name))
+    monkeypatch.setattr(
+        _bench, "optional_import", lambda name: (fake_tv, "") if name == "torchvision" else real_import(name)
+    )
     monkeypatch.setattr(_bench, "gpu_status", lambda: (fake_cupy, ""))
     monkeypatch.setattr(_bench, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
     monkeypatch.setattr(_bench, "cupy_peak_extra", _bench.tracemalloc_peak_extra)
@@ -407,8 +452,24 @@ def test_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
 
-    assert cli.main(["bench", "--op", "conv", "--shapes", "1,2,5,5,3", "--repeat", "1", "--backend", "cupy",
-                     "--dtype", "float32"]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--op",
+                "conv",
+                "--shapes",
+                "1,2,5,5,3",
+                "--repeat",
+                "1",
+                "--backend",
+                "cupy",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "GPU (Stand-in GPU), cupy arrays" in out
     for header in ("tv fwd", "cuDNN fwd", "/tv f+b", "/cuDNN f+b", "tv peak MiB"):
@@ -431,9 +492,9 @@ def _standin_torchvision(torch):
 
     def ps_roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1):
         assert sampling_ratio == 4
-        r, k = rois.shape[0], x.shape[1] // output_size ** 2
+        r, k = rois.shape[0], x.shape[1] // output_size**2
         y = pool(x[rois[:, 0].long()], output_size)
-        return y.view(r, k, output_size ** 2, output_size, output_size).mean(2)
+        return y.view(r, k, output_size**2, output_size, output_size).mean(2)
 
     ops = types.SimpleNamespace(deform_conv2d=deform_conv2d, roi_align=roi_align, ps_roi_align=ps_roi_align)
     return types.SimpleNamespace(__version__="0.0-standin", ops=ops)
@@ -445,13 +506,15 @@ def test_roi_cpu_floor_with_stand_in_torchvision(monkeypatch, capsys):
     torch = pytest.importorskip("torch")
     fake_tv = _standin_torchvision(torch)
     real_import = _bench.optional_import
-    monkeypatch.setattr(_bench, "optional_import",
-                        lambda name: (fake_tv, "") if name == "torchvision" else real_import(name))
+    monkeypatch.setattr(
+        _bench, "optional_import", lambda name: (fake_tv, "") if name == "torchvision" else real_import(name)
+    )
     argv = ["bench", "--op", "roi", *TINY_ROI, "--repeat", "1", "--backend", "numpy"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "floor = torchvision.ops.ps_roi_align (torchvision 0.0-standin), torchvision.ops.roi_align(aligned=True)" \
-        in out
+    assert (
+        "floor = torchvision.ops.ps_roi_align (torchvision 0.0-standin), torchvision.ops.roi_align(aligned=True)" in out
+    )
     for header in ("tv fwd ms", "tv fwd+bwd ms", "ratio"):
         assert header in out
     for op, variant in ROI_ROWS:
@@ -475,8 +538,9 @@ def test_roi_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
     )
     fake_tv = _standin_torchvision(torch)
     real_import = _bench.optional_import
-    monkeypatch.setattr(_bench, "optional_import",
-                        lambda name: (fake_tv, "") if name == "torchvision" else real_import(name))
+    monkeypatch.setattr(
+        _bench, "optional_import", lambda name: (fake_tv, "") if name == "torchvision" else real_import(name)
+    )
     monkeypatch.setattr(_bench, "gpu_status", lambda: (fake_cupy, ""))
     monkeypatch.setattr(_bench, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
     monkeypatch.setattr(_bench, "cupy_peak_extra", _bench.tracemalloc_peak_extra)
@@ -494,7 +558,7 @@ def test_roi_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
     roi_at = out.index("RoI pooling (7x7 bins")
     assert conv_at < roi_at < out.index("GPU (Stand-in GPU), cupy arrays; tv = torchvision.ops.ps_roi_align")
     assert "[10/10]" in captured.err  # 2 dtypes x (1 conv + 4 RoI rows)
-    roi = out[out.index("RoI pooling (7x7 bins"):].splitlines()
+    roi = out[out.index("RoI pooling (7x7 bins") :].splitlines()
     for header in ("dtype", "tv fwd", "/tv fwd", "tv f+b", "/tv f+b", "peak MiB", "tv peak MiB"):
         assert header in roi[1]
     rows = [line for line in roi if line.startswith("deform_")]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import make_case
 
 import deformarray as da
-from reference import make_case
 
 cupy = pytest.importorskip("cupy")
 
@@ -27,8 +27,17 @@ CASES = {
     "basic_v2": dict(),
     "v1_no_bias_stride2_nopad": dict(stride=2, padding=0, mask=False, bias=False, height=7, width=8),
     "dilation2_groups2_og2": dict(dilation=2, padding=2, groups=2, offset_groups=2, c_out=6),
-    "rect_kernel_pairs": dict(kernel=(2, 3), stride=(2, 1), padding=(0, 1), dilation=(1, 2),
-                              groups=2, offset_groups=4, c_out=6, height=7, width=6),
+    "rect_kernel_pairs": dict(
+        kernel=(2, 3),
+        stride=(2, 1),
+        padding=(0, 1),
+        dilation=(1, 2),
+        groups=2,
+        offset_groups=4,
+        c_out=6,
+        height=7,
+        width=6,
+    ),
     "depthwise_og4_v1": dict(groups=4, offset_groups=4, c_out=8, mask=False),
     "large_offsets_leave_image": dict(offset_scale=7.0, offset_groups=2, height=5, width=5),
     "zero_offsets_pad1": dict(offset_scale=0.0),  # samples at exactly h = -1 / w = -1
@@ -118,16 +127,29 @@ def test_matches_torchvision(rng):
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
     # random (non-integer) offsets: torchvision's gradient differs only at exactly -1
-    case = make_case(rng, n=2, c_in=8, c_out=6, height=9, width=10, groups=2, offset_groups=2,
-                     stride=(1, 2), padding=(1, 2), dilation=(2, 1), offset_scale=3.0)
+    case = make_case(
+        rng,
+        n=2,
+        c_in=8,
+        c_out=6,
+        height=9,
+        width=10,
+        groups=2,
+        offset_groups=2,
+        stride=(1, 2),
+        padding=(1, 2),
+        dilation=(2, 1),
+        offset_scale=3.0,
+    )
     kw = _geometry_kwargs(case)
     grad_out = rng.standard_normal(case.out_shape())
     x, off, w, b, m = (_to_gpu(a, np.float64) for a in _arrays(case))
     out = da.deform_conv2d(x, off, w, b, mask=m, **kw)
     grads = da.deform_conv2d_backward(_to_gpu(grad_out, np.float64), x, off, w, b, mask=m, **kw)
     t = [torch.from_dlpack(a).clone().requires_grad_(True) for a in (x, off, w, b, m)]
-    t_out = tv_ops.deform_conv2d(t[0], t[1], t[2], t[3], stride=case.stride, padding=case.padding,
-                                 dilation=case.dilation, mask=t[4])
+    t_out = tv_ops.deform_conv2d(
+        t[0], t[1], t[2], t[3], stride=case.stride, padding=case.padding, dilation=case.dilation, mask=t[4]
+    )
     t_out.backward(torch.from_dlpack(_to_gpu(grad_out, np.float64)))
     _assert_close(out, t_out.detach().cpu().numpy(), 1e-10, "output")
     for gname, g, tt in zip(GRAD_NAMES, grads, t):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference
 
 import deformarray
-import reference
 from deformarray._validate import conv_params
 
 cuda_emulation = pytest.importorskip("cuda_emulation")
@@ -39,6 +39,7 @@ def _reference(x, off, w, b, m, stride, padding, dilation):
     are detached, so d/dh is (1-lw)(v3-v1) + lw(v4-v2) exactly; an invalid point
     (h <= -1, h >= H, w <= -1 or w >= W) has value and gradient 0."""
     import torch
+
     n, c, hh, ww = x.shape
     c_out, cpg, kh, kw = w.shape
     groups = c // cpg
@@ -65,18 +66,20 @@ def _reference(x, off, w, b, m, stride, padding, dilation):
                 hl = torch.floor(h).detach()
                 wl = torch.floor(wq).detach()
                 lh, lw = h - hl, wq - wl
-                xs = flat[:, g * cpo:(g + 1) * cpo]
+                xs = flat[:, g * cpo : (g + 1) * cpo]
 
-                def corner(yy, xx):
+                def corner(yy, xx, xs=xs):
                     inside = (yy >= 0) & (yy <= hh - 1) & (xx >= 0) & (xx <= ww - 1)
                     idx = (yy.clamp(0, hh - 1) * ww + xx.clamp(0, ww - 1)).long().view(n, 1, -1)
                     v = xs.gather(2, idx.expand(-1, cpo, -1)).view(n, cpo, ho, wo)
                     return v * inside.unsqueeze(1)
 
-                val = ((1 - lh) * (1 - lw)).unsqueeze(1) * corner(hl, wl) \
-                    + ((1 - lh) * lw).unsqueeze(1) * corner(hl, wl + 1) \
-                    + (lh * (1 - lw)).unsqueeze(1) * corner(hl + 1, wl) \
+                val = (
+                    ((1 - lh) * (1 - lw)).unsqueeze(1) * corner(hl, wl)
+                    + ((1 - lh) * lw).unsqueeze(1) * corner(hl, wl + 1)
+                    + (lh * (1 - lw)).unsqueeze(1) * corner(hl + 1, wl)
                     + (lh * lw).unsqueeze(1) * corner(hl + 1, wl + 1)
+                )
                 val = torch.where(valid.unsqueeze(1), val, torch.zeros_like(val))
                 if m is not None:
                     val = val * m[:, g * k + kk].unsqueeze(1)
@@ -91,8 +94,24 @@ def _reference(x, off, w, b, m, stride, padding, dilation):
     return out
 
 
-def _case(rng, n=2, c=4, h=7, w=6, c_out=6, kh=3, kw=2, stride=(1, 2), padding=(1, 0),
-          dilation=(1, 2), groups=2, og=2, bias=True, mask=True, spread=2.0):
+def _case(
+    rng,
+    n=2,
+    c=4,
+    h=7,
+    w=6,
+    c_out=6,
+    kh=3,
+    kw=2,
+    stride=(1, 2),
+    padding=(1, 0),
+    dilation=(1, 2),
+    groups=2,
+    og=2,
+    bias=True,
+    mask=True,
+    spread=2.0,
+):
     k = kh * kw
     ho = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
     wo = (w + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
@@ -109,28 +128,53 @@ def _case(rng, n=2, c=4, h=7, w=6, c_out=6, kh=3, kw=2, stride=(1, 2), padding=(
 
 def _run_reference(arrays, geometry, grad_out):
     torch = pytest.importorskip("torch")
-    t = {k: (torch.tensor(v, dtype=torch.float64, requires_grad=True) if v is not None else None)
-         for k, v in arrays.items()}
-    out = _reference(t["input"], t["offset"], t["weight"], t["bias"], t["mask"],
-                     geometry["stride"], geometry["padding"], geometry["dilation"])
+    t = {
+        k: (torch.tensor(v, dtype=torch.float64, requires_grad=True) if v is not None else None)
+        for k, v in arrays.items()
+    }
+    out = _reference(
+        t["input"],
+        t["offset"],
+        t["weight"],
+        t["bias"],
+        t["mask"],
+        geometry["stride"],
+        geometry["padding"],
+        geometry["dilation"],
+    )
     out.backward(torch.tensor(grad_out))
-    grads = [t[k].grad.numpy() if t[k] is not None else None
-             for k in ("input", "offset", "weight", "bias", "mask")]
+    grads = [t[k].grad.numpy() if t[k] is not None else None for k in ("input", "offset", "weight", "bias", "mask")]
     return out.detach().numpy(), grads
 
 
 def _params(arrays, geometry):
-    return conv_params(arrays["input"], arrays["offset"], arrays["weight"], arrays["bias"],
-                       geometry["stride"], geometry["padding"], geometry["dilation"], arrays["mask"])
+    return conv_params(
+        arrays["input"],
+        arrays["offset"],
+        arrays["weight"],
+        arrays["bias"],
+        geometry["stride"],
+        geometry["padding"],
+        geometry["dilation"],
+        arrays["mask"],
+    )
 
 
 def _run_emulated(be, arrays, geometry, grad_out, dtype, deterministic):
     cast = {k: (v.astype(dtype) if v is not None else None) for k, v in arrays.items()}
     p = _params(cast, geometry)
-    out = cuda_deform_conv._forward(be, p, cast["input"], cast["offset"], cast["weight"],
-                                    cast["bias"], cast["mask"])
-    grads = cuda_deform_conv._backward(be, p, grad_out.astype(dtype), cast["input"], cast["offset"],
-                                       cast["weight"], cast["bias"], cast["mask"], deterministic)
+    out = cuda_deform_conv._forward(be, p, cast["input"], cast["offset"], cast["weight"], cast["bias"], cast["mask"])
+    grads = cuda_deform_conv._backward(
+        be,
+        p,
+        grad_out.astype(dtype),
+        cast["input"],
+        cast["offset"],
+        cast["weight"],
+        cast["bias"],
+        cast["mask"],
+        deterministic,
+    )
     return out, grads
 
 
@@ -144,10 +188,36 @@ NAMES = ("input", "offset", "weight", "bias", "mask")
 CASES = [
     dict(),
     dict(groups=1, og=1, bias=False, mask=False),
-    dict(n=3, c=6, h=5, w=5, c_out=3, kh=3, kw=3, stride=(2, 1), padding=(2, 1), dilation=(1, 1),
-         groups=3, og=3, spread=4.0),  # many samples leave the image
-    dict(n=1, c=2, h=4, w=9, c_out=2, kh=1, kw=1, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-         groups=1, og=2, mask=False),
+    dict(
+        n=3,
+        c=6,
+        h=5,
+        w=5,
+        c_out=3,
+        kh=3,
+        kw=3,
+        stride=(2, 1),
+        padding=(2, 1),
+        dilation=(1, 1),
+        groups=3,
+        og=3,
+        spread=4.0,
+    ),  # many samples leave the image
+    dict(
+        n=1,
+        c=2,
+        h=4,
+        w=9,
+        c_out=2,
+        kh=1,
+        kw=1,
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        groups=1,
+        og=2,
+        mask=False,
+    ),
 ]
 
 
@@ -157,8 +227,17 @@ REF_CASES = {
     "basic_v2": dict(),
     "v1_stride2_nopad": dict(stride=2, padding=0, mask=False, bias=False, height=7, width=8),
     "dilation2_groups2_og2": dict(dilation=2, padding=2, groups=2, offset_groups=2, c_out=6),
-    "rect_kernel_pairs": dict(kernel=(2, 3), stride=(2, 1), padding=(0, 1), dilation=(1, 2),
-                              groups=2, offset_groups=4, c_out=6, height=7, width=6),
+    "rect_kernel_pairs": dict(
+        kernel=(2, 3),
+        stride=(2, 1),
+        padding=(0, 1),
+        dilation=(1, 2),
+        groups=2,
+        offset_groups=4,
+        c_out=6,
+        height=7,
+        width=6,
+    ),
     "large_offsets_leave_image": dict(offset_scale=7.0, offset_groups=2, height=5, width=5),
     "zero_offsets_pad1": dict(offset_scale=0.0),  # samples at exactly h = -1 / w = -1
     "integer_offsets": dict(offset_scale=0.0, padding=2),
@@ -177,8 +256,7 @@ def test_matches_project_reference(backend, name, deterministic):
     p = _params(arrays, geometry)
     grad_out = rng.standard_normal(p.out_shape)
     want_out = reference.ref_deform_conv2d(case.input, case.offset, case.weight, **case.kwargs())
-    want_grads = reference.ref_deform_conv2d_backward(grad_out, case.input, case.offset, case.weight,
-                                                      **case.kwargs())
+    want_grads = reference.ref_deform_conv2d_backward(grad_out, case.input, case.offset, case.weight, **case.kwargs())
     out, grads = _run_emulated(backend, arrays, geometry, grad_out, np.float64, deterministic)
     _assert_close(out, want_out, 1e-10, 1e-10, "output")
     for gname, g, wg in zip(NAMES, grads, want_grads):
@@ -271,8 +349,13 @@ def test_plan_bounds_workspace():
     assert [(c.n0, c.nb, c.q0, c.length) for c in chunks] == [(0, 2, 0, 20), (2, 2, 20, 20), (4, 1, 40, 10)]
     chunks = list(plan(2, 10, 8, 16, 8 * 4 + 16))  # four pixels per chunk within an image
     assert [(c.q0, c.length, c.starts_image, c.ends_image) for c in chunks] == [
-        (0, 4, True, False), (4, 4, False, False), (8, 2, False, True),
-        (10, 4, True, False), (14, 4, False, False), (18, 2, False, True)]
+        (0, 4, True, False),
+        (4, 4, False, False),
+        (8, 2, False, True),
+        (10, 4, True, False),
+        (14, 4, False, False),
+        (18, 2, False, True),
+    ]
     assert [c.length for c in plan(1, 3, 100, 0, 1)] == [1, 1, 1]  # never below one pixel
 
 
@@ -280,8 +363,23 @@ def test_integer_offset_at_minus_one_has_zero_gradient(backend):
     """Zero offsets with padding 1 put kernel row 0 at h = -1: value 0 and, unlike
     torchvision, zero offset gradient (SPEC)."""
     rng = np.random.default_rng(3)
-    arrays, geometry = _case(rng, n=1, c=1, h=4, w=4, c_out=1, kh=3, kw=3, stride=(1, 1),
-                             padding=(1, 1), dilation=(1, 1), groups=1, og=1, mask=False, bias=False)
+    arrays, geometry = _case(
+        rng,
+        n=1,
+        c=1,
+        h=4,
+        w=4,
+        c_out=1,
+        kh=3,
+        kw=3,
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+        og=1,
+        mask=False,
+        bias=False,
+    )
     arrays["offset"][:] = 0.0
     p = _params(arrays, geometry)
     grad_out = np.ones(p.out_shape)
@@ -310,11 +408,20 @@ def test_non_contiguous_inputs(backend):
     grad_out = rng.standard_normal(p.out_shape)
     want_out, want_grads = _run_emulated(backend, arrays, geometry, grad_out, np.float64, True)
     strided = {k: (np.asfortranarray(v) if v is not None else None) for k, v in arrays.items()}
-    out = cuda_deform_conv._forward(backend, p, strided["input"], strided["offset"], strided["weight"],
-                                    strided["bias"], strided["mask"])
-    grads = cuda_deform_conv._backward(backend, p, np.asfortranarray(grad_out), strided["input"],
-                                       strided["offset"], strided["weight"], strided["bias"],
-                                       strided["mask"], True)
+    out = cuda_deform_conv._forward(
+        backend, p, strided["input"], strided["offset"], strided["weight"], strided["bias"], strided["mask"]
+    )
+    grads = cuda_deform_conv._backward(
+        backend,
+        p,
+        np.asfortranarray(grad_out),
+        strided["input"],
+        strided["offset"],
+        strided["weight"],
+        strided["bias"],
+        strided["mask"],
+        True,
+    )
     np.testing.assert_array_equal(out, want_out)
     for g, w in zip(grads, want_grads):
         np.testing.assert_array_equal(g, w)

@@ -76,8 +76,23 @@ def _rois(rng, n, r, h, w, scale, integer=False):
     return out
 
 
-def roi_case(rng, n=2, c=3, h=7, w=8, r=5, pooled=(3, 2), scale=0.5, ratio=0, gamma=0.2,
-             offset=True, mask=True, integer=False, offset_scale=1.0, empty_roi=False):
+def roi_case(
+    rng,
+    n=2,
+    c=3,
+    h=7,
+    w=8,
+    r=5,
+    pooled=(3, 2),
+    scale=0.5,
+    ratio=0,
+    gamma=0.2,
+    offset=True,
+    mask=True,
+    integer=False,
+    offset_scale=1.0,
+    empty_roi=False,
+):
     rois = _rois(rng, n, r, h, w, scale, integer)
     if empty_roi:  # zero width: with sampling_ratio 0 its bins have no sample
         rois[0, 3] = rois[0, 1]
@@ -90,8 +105,20 @@ def roi_case(rng, n=2, c=3, h=7, w=8, r=5, pooled=(3, 2), scale=0.5, ratio=0, ga
     )
     if integer and offset:
         arrays["offset"] = np.zeros((r, 2, ph, pw))  # samples on integer coordinates
-    p = RoiPoolParams(n=n, c=c, h=h, w=w, r=r, pooled_h=ph, pooled_w=pw, spatial_scale=scale,
-                      sampling_ratio=ratio, gamma=gamma, has_offset=offset, has_mask=mask)
+    p = RoiPoolParams(
+        n=n,
+        c=c,
+        h=h,
+        w=w,
+        r=r,
+        pooled_h=ph,
+        pooled_w=pw,
+        spatial_scale=scale,
+        sampling_ratio=ratio,
+        gamma=gamma,
+        has_offset=offset,
+        has_mask=mask,
+    )
     return p, arrays
 
 
@@ -102,8 +129,9 @@ def _cast(arrays, dtype):
 def _roi_emulated(be, p, arrays, grad_out, dtype, deterministic):
     a = _cast(arrays, dtype)
     out = cuda_roi._forward(be, p, a["input"], a["rois"], a["offset"], a["mask"])
-    grads = cuda_roi._backward(be, p, grad_out.astype(dtype), a["input"], a["rois"], a["offset"],
-                               a["mask"], deterministic)
+    grads = cuda_roi._backward(
+        be, p, grad_out.astype(dtype), a["input"], a["rois"], a["offset"], a["mask"], deterministic
+    )
     return out, grads
 
 
@@ -149,11 +177,15 @@ def test_roi_matches_reference_loops(roi_be):
     rng = np.random.default_rng(21)
     p, arrays = roi_case(rng, r=4, pooled=(2, 3), integer=False)
     grad_out = rng.standard_normal(p.out_shape)
-    kw = dict(output_size=(p.pooled_h, p.pooled_w), spatial_scale=p.spatial_scale,
-              sampling_ratio=p.sampling_ratio, gamma=p.gamma, mask=arrays["mask"])
+    kw = dict(
+        output_size=(p.pooled_h, p.pooled_w),
+        spatial_scale=p.spatial_scale,
+        sampling_ratio=p.sampling_ratio,
+        gamma=p.gamma,
+        mask=arrays["mask"],
+    )
     want_out = reference_roi.ref_deform_roi_pool(arrays["input"], arrays["rois"], arrays["offset"], **kw)
-    want = reference_roi.ref_deform_roi_pool_backward(grad_out, arrays["input"], arrays["rois"],
-                                                      arrays["offset"], **kw)
+    want = reference_roi.ref_deform_roi_pool_backward(grad_out, arrays["input"], arrays["rois"], arrays["offset"], **kw)
     out, grads = _roi_emulated(roi_be, p, arrays, grad_out, np.float64, True)
     _close(out, want_out, 1e-10, "output")
     for gname, g, wg in zip(GRAD_NAMES, grads, want):
@@ -170,8 +202,7 @@ def test_roi_gradients_by_definition(roi_be):
 
     def loss(**changed):
         a = dict(arrays, **changed)
-        return float(np.sum(grad_out * cuda_roi._forward(roi_be, p, a["input"], a["rois"], a["offset"],
-                                                         a["mask"])))
+        return float(np.sum(grad_out * cuda_roi._forward(roi_be, p, a["input"], a["rois"], a["offset"], a["mask"])))
 
     d = rng.standard_normal(arrays["input"].shape)
     assert abs(loss(input=arrays["input"] + d) - loss() - float(np.sum(g_in * d))) < 1e-10 * (1 + abs(loss()))
@@ -286,8 +317,9 @@ def test_roi_non_contiguous(roi_be):
     want_out, want = _roi_emulated(roi_be, p, arrays, grad_out, np.float64, True)
     f = {k: np.asfortranarray(v) for k, v in arrays.items()}
     out = cuda_roi._forward(roi_be, p, f["input"], f["rois"], f["offset"], f["mask"])
-    grads = cuda_roi._backward(roi_be, p, np.asfortranarray(grad_out), f["input"], f["rois"],
-                               f["offset"], f["mask"], True)
+    grads = cuda_roi._backward(
+        roi_be, p, np.asfortranarray(grad_out), f["input"], f["rois"], f["offset"], f["mask"], True
+    )
     np.testing.assert_array_equal(out, want_out)
     for g, w in zip(grads, want):
         np.testing.assert_array_equal(g, w)
@@ -306,9 +338,25 @@ def test_cut_bounds_cost():
 # deform_psroi_pool
 
 
-def ps_case(rng, n=2, output_dim=4, group_size=2, pooled=3, part=None, spp=2, trans_std=0.15,
-            scale=0.5, h=8, w=7, r=5, num_classes=2, offset=True, integer=True, offset_scale=1.0,
-            on_grid=False):
+def ps_case(
+    rng,
+    n=2,
+    output_dim=4,
+    group_size=2,
+    pooled=3,
+    part=None,
+    spp=2,
+    trans_std=0.15,
+    scale=0.5,
+    h=8,
+    w=7,
+    r=5,
+    num_classes=2,
+    offset=True,
+    integer=True,
+    offset_scale=1.0,
+    on_grid=False,
+):
     part = pooled if part is None else part
     c = output_dim * group_size * group_size
     rois = _rois(rng, n, r, h, w, scale, integer)
@@ -328,18 +376,29 @@ def ps_case(rng, n=2, output_dim=4, group_size=2, pooled=3, part=None, spp=2, tr
         rois=rois,
         offset=rng.uniform(-offset_scale, offset_scale, (r, 2 * num_classes, part, part)) if offset else None,
     )
-    p = PSRoiPoolParams(n=n, c=c, h=h, w=w, r=r, output_dim=output_dim, group_size=group_size,
-                        pooled_size=pooled, part_size=part, sample_per_part=spp, trans_std=trans_std,
-                        spatial_scale=scale, num_classes=num_classes if offset else 1,
-                        has_offset=offset)
+    p = PSRoiPoolParams(
+        n=n,
+        c=c,
+        h=h,
+        w=w,
+        r=r,
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled,
+        part_size=part,
+        sample_per_part=spp,
+        trans_std=trans_std,
+        spatial_scale=scale,
+        num_classes=num_classes if offset else 1,
+        has_offset=offset,
+    )
     return p, arrays
 
 
 def _ps_emulated(be, p, arrays, grad_out, dtype, deterministic):
     a = _cast(arrays, dtype)
     out = cuda_psroi._forward(be, p, a["input"], a["rois"], a["offset"])
-    grads = cuda_psroi._backward(be, p, grad_out.astype(dtype), a["input"], a["rois"], a["offset"],
-                                 deterministic)
+    grads = cuda_psroi._backward(be, p, grad_out.astype(dtype), a["input"], a["rois"], a["offset"], deterministic)
     return out, grads
 
 
@@ -382,12 +441,19 @@ def test_psroi_matches_reference_loops(ps_be):
     rng = np.random.default_rng(22)
     p, arrays = ps_case(rng, r=3, pooled=3, part=2, spp=2)
     grad_out = rng.standard_normal(p.out_shape)
-    kw = dict(output_dim=p.output_dim, group_size=p.group_size, pooled_size=p.pooled_size,
-              part_size=p.part_size, sample_per_part=p.sample_per_part, trans_std=p.trans_std,
-              spatial_scale=p.spatial_scale)
+    kw = dict(
+        output_dim=p.output_dim,
+        group_size=p.group_size,
+        pooled_size=p.pooled_size,
+        part_size=p.part_size,
+        sample_per_part=p.sample_per_part,
+        trans_std=p.trans_std,
+        spatial_scale=p.spatial_scale,
+    )
     want_out = reference_roi.ref_deform_psroi_pool(arrays["input"], arrays["rois"], arrays["offset"], **kw)
-    want = reference_roi.ref_deform_psroi_pool_backward(grad_out, arrays["input"], arrays["rois"],
-                                                        arrays["offset"], **kw)
+    want = reference_roi.ref_deform_psroi_pool_backward(
+        grad_out, arrays["input"], arrays["rois"], arrays["offset"], **kw
+    )
     out, grads = _ps_emulated(ps_be, p, arrays, grad_out, np.float64, True)
     _close(out, want_out, 1e-10, "output")
     for gname, g, wg in zip(("input", "offset"), grads, want):
@@ -477,8 +543,7 @@ def test_psroi_non_contiguous(ps_be):
     want_out, want = _ps_emulated(ps_be, p, arrays, grad_out, np.float64, True)
     f = {k: np.asfortranarray(v) for k, v in arrays.items()}
     out = cuda_psroi._forward(ps_be, p, f["input"], f["rois"], f["offset"])
-    grads = cuda_psroi._backward(ps_be, p, np.asfortranarray(grad_out), f["input"], f["rois"],
-                                 f["offset"], True)
+    grads = cuda_psroi._backward(ps_be, p, np.asfortranarray(grad_out), f["input"], f["rois"], f["offset"], True)
     np.testing.assert_array_equal(out, want_out)
     for g, w in zip(grads, want):
         np.testing.assert_array_equal(g, w)

@@ -7,7 +7,8 @@ type: both compute the sample coordinates in float32 from the same values, so th
 on which pixel a sample falls in. The NumPy backend computes coordinates in float64, and
 16-bit offsets and RoIs put samples exactly on integer coordinates (and on the edge of the
 image) often enough that float32 and float64 round them to different sides there, where
-the one-sided offset derivative (or a skipped sample) is discontinuous. Also: torchvision's ``roi_align`` (aligned=True) and ``ps_roi_align`` where
+the one-sided offset derivative (or a skipped sample) is discontinuous. Also: torchvision's
+``roi_align`` (aligned=True) and ``ps_roi_align`` where
 the formulas coincide (no offset, no mask; for ps_roi_align RoIs inside the image with the
 box shifted so that the sample points coincide, see ``test_psroi_matches_torchvision``),
 bitwise determinism of ``deterministic=True``, chunked == unchunked, non-contiguous inputs,
@@ -80,8 +81,22 @@ def _rois(rng, n, r, h, w, scale, integer=False, margin=0.3):
 # deform_roi_pool
 
 
-def roi_case(rng, n=2, c=5, h=9, w=10, r=7, pooled=(3, 2), scale=0.5, ratio=0, gamma=0.2,
-             offset=True, mask=True, integer=False, offset_scale=1.0):
+def roi_case(
+    rng,
+    n=2,
+    c=5,
+    h=9,
+    w=10,
+    r=7,
+    pooled=(3, 2),
+    scale=0.5,
+    ratio=0,
+    gamma=0.2,
+    offset=True,
+    mask=True,
+    integer=False,
+    offset_scale=1.0,
+):
     ph, pw = pooled
     arrays = dict(
         input=rng.standard_normal((n, c, h, w)),
@@ -109,8 +124,7 @@ ROI_CASES = {
 def _roi_run(arrays, kw, grad_out, cast, deterministic):
     x, rois, off, m = (cast(arrays[k]) for k in ("input", "rois", "offset", "mask"))
     out = da.deform_roi_pool(x, rois, off, mask=m, **kw)
-    grads = da.deform_roi_pool_backward(cast(grad_out), x, rois, off, mask=m,
-                                        deterministic=deterministic, **kw)
+    grads = da.deform_roi_pool_backward(cast(grad_out), x, rois, off, mask=m, deterministic=deterministic, **kw)
     return out, grads
 
 
@@ -133,7 +147,8 @@ def test_roi_matches_numpy_backend(rng, name, dtype, deterministic):
     arrays, kw = roi_case(rng, **ROI_CASES[name])
     grad_out = rng.standard_normal((len(arrays["rois"]), arrays["input"].shape[1]) + kw["output_size"])
     arrays, grad_out, (want_out, want) = _reference(
-        arrays, grad_out, dt, lambda a, g, cast, det: _roi_run(a, kw, g, cast, det))
+        arrays, grad_out, dt, lambda a, g, cast, det: _roi_run(a, kw, g, cast, det)
+    )
     want_out, want = _to_host64(want_out), [_to_host64(g) for g in want]
     out, grads = _roi_run(arrays, kw, grad_out, lambda a: _to_gpu(a, dt), deterministic)
     assert isinstance(out, cupy.ndarray) and out.dtype == dt
@@ -152,15 +167,22 @@ def test_roi_matches_torchvision(rng, ratio):
     tv_ops = pytest.importorskip("torchvision.ops")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
-    arrays, kw = roi_case(rng, n=2, c=6, h=11, w=13, r=9, pooled=(3, 4), scale=0.7, ratio=ratio,
-                          offset=False, mask=False)
+    arrays, kw = roi_case(
+        rng, n=2, c=6, h=11, w=13, r=9, pooled=(3, 4), scale=0.7, ratio=ratio, offset=False, mask=False
+    )
     x, rois = _to_gpu(arrays["input"], np.float64), _to_gpu(arrays["rois"], np.float64)
     out = da.deform_roi_pool(x, rois, **kw)
     grad_out = _to_gpu(rng.standard_normal(out.shape), np.float64)
     g_in = da.deform_roi_pool_backward(grad_out, x, rois, **kw).input
     tx = torch.from_dlpack(x).clone().requires_grad_(True)
-    t_out = tv_ops.roi_align(tx, torch.from_dlpack(rois), output_size=kw["output_size"],
-                             spatial_scale=kw["spatial_scale"], sampling_ratio=ratio, aligned=True)
+    t_out = tv_ops.roi_align(
+        tx,
+        torch.from_dlpack(rois),
+        output_size=kw["output_size"],
+        spatial_scale=kw["spatial_scale"],
+        sampling_ratio=ratio,
+        aligned=True,
+    )
     t_out.backward(torch.from_dlpack(grad_out))
     _assert_close(out, t_out.detach().cpu().numpy(), 1e-10, "output")
     _assert_close(g_in, tx.grad.cpu().numpy(), 1e-10, "grad input")
@@ -173,8 +195,7 @@ def test_roi_deterministic_is_bitwise_repeatable(rng, dtype):
     grad_out = rng.standard_normal((64, 16, 7, 7))
     x, rois, off, m = (_to_gpu(arrays[k], dtype) for k in ("input", "rois", "offset", "mask"))
     go = _to_gpu(grad_out, dtype)
-    runs = [da.deform_roi_pool_backward(go, x, rois, off, mask=m, deterministic=True, **kw)
-            for _ in range(5)]
+    runs = [da.deform_roi_pool_backward(go, x, rois, off, mask=m, deterministic=True, **kw) for _ in range(5)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert cupy.asnumpy(a).tobytes() == cupy.asnumpy(b).tobytes()
@@ -236,8 +257,24 @@ def test_roi_zero_rois(rng):
 # deform_psroi_pool
 
 
-def ps_case(rng, n=2, output_dim=4, group_size=2, pooled=3, part=None, spp=2, trans_std=0.15,
-            scale=0.5, h=9, w=8, r=6, num_classes=2, offset=True, integer=True, offset_scale=1.0):
+def ps_case(
+    rng,
+    n=2,
+    output_dim=4,
+    group_size=2,
+    pooled=3,
+    part=None,
+    spp=2,
+    trans_std=0.15,
+    scale=0.5,
+    h=9,
+    w=8,
+    r=6,
+    num_classes=2,
+    offset=True,
+    integer=True,
+    offset_scale=1.0,
+):
     part = pooled if part is None else part
     c = output_dim * group_size * group_size
     arrays = dict(
@@ -245,8 +282,15 @@ def ps_case(rng, n=2, output_dim=4, group_size=2, pooled=3, part=None, spp=2, tr
         rois=_rois(rng, n, r, h, w, scale, integer),
         offset=rng.uniform(-offset_scale, offset_scale, (r, 2 * num_classes, part, part)) if offset else None,
     )
-    kw = dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled, part_size=part,
-              sample_per_part=spp, trans_std=trans_std, spatial_scale=scale)
+    kw = dict(
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled,
+        part_size=part,
+        sample_per_part=spp,
+        trans_std=trans_std,
+        spatial_scale=scale,
+    )
     return arrays, kw
 
 
@@ -257,8 +301,7 @@ PS_CASES = {
     "group_smaller_than_pooled": dict(pooled=5, part=5, group_size=2, output_dim=4, num_classes=4, spp=1),
     "float_rois_scale1": dict(integer=False, scale=1.0, spp=4),
     "large_offsets_leave_image": dict(offset_scale=5.0),
-    "wider": dict(n=3, output_dim=8, group_size=3, pooled=3, spp=4, h=20, w=24, r=16, scale=0.25,
-                  num_classes=4),
+    "wider": dict(n=3, output_dim=8, group_size=3, pooled=3, spp=4, h=20, w=24, r=16, scale=0.25, num_classes=4),
 }
 
 
@@ -278,7 +321,8 @@ def test_psroi_matches_numpy_backend(rng, name, dtype, deterministic):
     p = kw["pooled_size"]
     grad_out = rng.standard_normal((len(arrays["rois"]), kw["output_dim"], p, p))
     arrays, grad_out, (want_out, want) = _reference(
-        arrays, grad_out, dt, lambda a, g, cast, det: _ps_run(a, kw, g, cast, det))
+        arrays, grad_out, dt, lambda a, g, cast, det: _ps_run(a, kw, g, cast, det)
+    )
     want_out, want = _to_host64(want_out), [_to_host64(g) for g in want]
     out, grads = _ps_run(arrays, kw, grad_out, lambda a: _to_gpu(a, dt), deterministic)
     assert isinstance(out, cupy.ndarray) and out.dtype == dt
@@ -319,8 +363,9 @@ def test_psroi_matches_torchvision(rng):
     grad_out = _to_gpu(rng.standard_normal(out.shape), np.float64)
     g_in = da.deform_psroi_pool_backward(grad_out, gx, grois, **kw).input
     tx = torch.from_dlpack(gx).clone().requires_grad_(True)
-    t_out = tv_ops.ps_roi_align(tx, torch.from_dlpack(_to_gpu(boxes, np.float64)), output_size=P,
-                                spatial_scale=s, sampling_ratio=spp)
+    t_out = tv_ops.ps_roi_align(
+        tx, torch.from_dlpack(_to_gpu(boxes, np.float64)), output_size=P, spatial_scale=s, sampling_ratio=spp
+    )
     t_out.backward(torch.from_dlpack(grad_out))
     _assert_close(out, t_out.detach().cpu().numpy(), 1e-10, "output")
     _assert_close(g_in, tx.grad.cpu().numpy(), 1e-10, "grad input")

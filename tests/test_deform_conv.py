@@ -6,8 +6,6 @@ import tracemalloc
 
 import numpy as np
 import pytest
-
-import deformarray as da
 from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
 from reference import (
     geometry,
@@ -18,6 +16,8 @@ from reference import (
     sample_point,
 )
 
+import deformarray as da
+
 GRAD_NAMES = ("input", "offset", "weight", "bias", "mask")
 
 # Geometries (keyword arguments of reference.make_case). Small: the reference is slow Python.
@@ -25,8 +25,17 @@ CASES = {
     "basic_v2": dict(),
     "v1_no_bias_stride2_nopad": dict(stride=2, padding=0, mask=False, bias=False, height=7, width=8),
     "dilation2_groups2_og2": dict(dilation=2, padding=2, groups=2, offset_groups=2, c_out=6),
-    "rect_kernel_pairs": dict(kernel=(2, 3), stride=(2, 1), padding=(0, 1), dilation=(1, 2),
-                              groups=2, offset_groups=4, c_out=6, height=7, width=6),
+    "rect_kernel_pairs": dict(
+        kernel=(2, 3),
+        stride=(2, 1),
+        padding=(0, 1),
+        dilation=(1, 2),
+        groups=2,
+        offset_groups=4,
+        c_out=6,
+        height=7,
+        width=6,
+    ),
     "depthwise_og4_v1": dict(groups=4, offset_groups=4, c_out=8, mask=False),
     "groups1_og2_stride_pad_pairs": dict(offset_groups=2, stride=(1, 2), padding=(2, 0), c_out=3),
     "groups2_og1": dict(groups=2, offset_groups=1, c_out=2, bias=False),
@@ -92,8 +101,20 @@ def _targeted_offsets(rng, case, targets_h, targets_w):
 def test_integer_and_border_sample_points(dtype, with_mask, rng):
     """Samples exactly on integers and on the borders h = -1, 0, H-1, H (same for w)."""
     H, W = 5, 6
-    case = make_case(rng, n=2, c_in=4, height=H, width=W, c_out=4, kernel=3, padding=1,
-                     offset_groups=2, groups=2 if with_mask else 1, mask=with_mask, dtype=dtype)
+    case = make_case(
+        rng,
+        n=2,
+        c_in=4,
+        height=H,
+        width=W,
+        c_out=4,
+        kernel=3,
+        padding=1,
+        offset_groups=2,
+        groups=2 if with_mask else 1,
+        mask=with_mask,
+        dtype=dtype,
+    )
     targets_h = [-2.0, -1.5, -1.0, -0.5, 0.0, 1.0, 2.0, 2.5, H - 1.5, H - 1.0, H - 0.5, float(H), H + 1.0]
     targets_w = [-2.0, -1.5, -1.0, -0.5, 0.0, 1.0, 3.0, 3.5, W - 1.5, W - 1.0, W - 0.5, float(W), W + 1.0]
     off, hit_h, hit_w = _targeted_offsets(rng, case, targets_h, targets_w)
@@ -132,15 +153,17 @@ def _fortran(a):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("make_view", [transposed_view, strided_view, reversed_view, _fortran],
-                         ids=["transposed", "strided", "reversed", "fortran"])
+@pytest.mark.parametrize(
+    "make_view",
+    [transposed_view, strided_view, reversed_view, _fortran],
+    ids=["transposed", "strided", "reversed", "fortran"],
+)
 def test_non_contiguous_inputs(make_view, dtype, rng):
     case = make_case(rng, c_in=4, c_out=4, groups=2, offset_groups=2, dtype=dtype)
     go = rng.standard_normal(case.out_shape()).astype(dtype)
     y = run_forward(case)
     grads = run_backward(go, case)
-    view = case._replace(**{f: make_view(getattr(case, f))
-                            for f in ("input", "offset", "weight", "bias", "mask")})
+    view = case._replace(**{f: make_view(getattr(case, f)) for f in ("input", "offset", "weight", "bias", "mask")})
     for f in ("input", "offset", "weight", "mask"):
         assert np.array_equal(getattr(view, f), getattr(case, f))
     y_v = run_forward(view)
@@ -148,8 +171,7 @@ def test_non_contiguous_inputs(make_view, dtype, rng):
     tight = 1e-12 if dtype == np.float64 else 1e-6
     assert_close(y_v, y.astype(np.float64), dtype, "output", rel=tight)
     for name in GRAD_NAMES:
-        assert_close(getattr(grads_v, name), getattr(grads, name).astype(np.float64), dtype,
-                     f"grad {name}", rel=tight)
+        assert_close(getattr(grads_v, name), getattr(grads, name).astype(np.float64), dtype, f"grad {name}", rel=tight)
 
 
 @pytest.mark.parametrize("nan_at", [(3, 3), (0, 0), (4, 5)], ids=["interior", "first", "last"])
@@ -161,8 +183,7 @@ def test_nan_in_input_propagates(nan_at, rng):
     (corners outside the image and points outside it contribute zero, not 0 * x).
     """
     H, W = 5, 6
-    case = make_case(rng, n=1, c_in=4, height=H, width=W, c_out=4, groups=2, offset_groups=2,
-                     offset_scale=2.5)
+    case = make_case(rng, n=1, c_in=4, height=H, width=W, c_out=4, groups=2, offset_groups=2, offset_scale=2.5)
     c_nan = 1  # conv group 0, offset group 0
     x = case.input.copy()
     x[0, c_nan, nan_at[0], nan_at[1]] = np.nan
@@ -209,8 +230,7 @@ def test_nan_in_input_zero_offsets(rng):
 
 def test_backward_bitwise_deterministic(rng):
     """Large enough for several tasks per thread; two runs give the same bits."""
-    case = make_case(rng, n=4, c_in=16, height=24, width=24, c_out=16, groups=2, offset_groups=2,
-                     offset_scale=3.0)
+    case = make_case(rng, n=4, c_in=16, height=24, width=24, c_out=16, groups=2, offset_groups=2, offset_scale=3.0)
     go = rng.standard_normal(case.out_shape())
     first = run_backward(go, case)
     y1 = run_forward(case)
@@ -220,12 +240,10 @@ def test_backward_bitwise_deterministic(rng):
             assert getattr(again, name).tobytes() == getattr(first, name).tobytes(), name
     assert run_forward(case).tobytes() == y1.tobytes()
     # the CPU backward is deterministic whatever the keyword says
-    loose = da.deform_conv2d_backward(go, case.input, case.offset, case.weight,
-                                      **case.kwargs(), deterministic=False)
+    loose = da.deform_conv2d_backward(go, case.input, case.offset, case.weight, **case.kwargs(), deterministic=False)
     for name in GRAD_NAMES:
         assert getattr(loose, name).tobytes() == getattr(first, name).tobytes(), name
-    assert all(np.isfinite(getattr(first, n)).all() and np.abs(getattr(first, n)).max() > 0
-               for n in GRAD_NAMES)
+    assert all(np.isfinite(getattr(first, n)).all() and np.abs(getattr(first, n)).max() > 0 for n in GRAD_NAMES)
 
 
 def _column_bytes_per_image(case):
@@ -236,14 +254,14 @@ def _column_bytes_per_image(case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 def test_workspace_limit_chunking_gives_same_results(dtype, rng):
     """Chunking over the batch and over output pixels of one image changes nothing."""
-    case = make_case(rng, n=5, c_in=4, height=6, width=7, c_out=6, groups=2, offset_groups=2,
-                     offset_scale=2.5, dtype=dtype)
+    case = make_case(
+        rng, n=5, c_in=4, height=6, width=7, c_out=6, groups=2, offset_groups=2, offset_scale=2.5, dtype=dtype
+    )
     go = rng.standard_normal(case.out_shape()).astype(dtype)
     y = run_forward(case)
     grads = run_backward(go, case)
     # also right, not just consistent
-    assert_close(y, ref_deform_conv2d(case.input, case.offset, case.weight, **case.kwargs()),
-                 dtype, "output")
+    assert_close(y, ref_deform_conv2d(case.input, case.offset, case.weight, **case.kwargs()), dtype, "output")
 
     per_image = _column_bytes_per_image(case)
     per_pixel = case.input.shape[1] * 9 * case.input.dtype.itemsize
@@ -264,8 +282,13 @@ def test_workspace_limit_chunking_gives_same_results(dtype, rng):
         assert da.get_workspace_limit() == old
         assert_close(y_c, y.astype(np.float64), dtype, f"output, limit {limit}", rel=tight)
         for name in GRAD_NAMES:
-            assert_close(getattr(grads_c, name), getattr(grads, name).astype(np.float64), dtype,
-                         f"grad {name}, limit {limit}", rel=tight)
+            assert_close(
+                getattr(grads_c, name),
+                getattr(grads, name).astype(np.float64),
+                dtype,
+                f"grad {name}, limit {limit}",
+                rel=tight,
+            )
 
 
 def _traced_peak(fn):

@@ -45,7 +45,9 @@ def conv_case(rng, mask=True, bias=True, n=2, c_in=4, c_out=3, hw=(5, 6), groups
     w = rng.standard_normal((c_out, c_in // groups, 3, 3))
     off = _off_kink(rng, (n, 2 * og * 9, *hw))
     return dict(
-        input=x, offset=off, weight=w,
+        input=x,
+        offset=off,
+        weight=w,
         bias=rng.standard_normal(c_out) if bias else None,
         mask=rng.uniform(0.1, 1.0, (n, og * 9, *hw)) if mask else None,
     )
@@ -83,8 +85,10 @@ def test_conv_grad_equals_array_api(rng, mask):
 
     expected = da.deform_conv2d_backward(g_out, **c, **CONV_KW)
     args = [c[k] for k in names]
-    for grads in (jax.grad(loss, argnums=tuple(range(len(names))))(*args),
-                  jax.jit(jax.grad(loss, argnums=tuple(range(len(names)))))(*args)):
+    for grads in (
+        jax.grad(loss, argnums=tuple(range(len(names))))(*args),
+        jax.jit(jax.grad(loss, argnums=tuple(range(len(names)))))(*args),
+    ):
         for name, g in zip(names, grads):
             _close(g, getattr(expected, name))
 
@@ -135,9 +139,10 @@ def test_conv_per_example_gradients_vmap_of_grad(rng):
         return jnp.sum(dj.deform_conv2d(x[None], o[None], w, b, padding=1, mask=m[None]) ** 2)
 
     grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), in_axes=(0, 0, 0, None, None)))(
-        c["input"], c["offset"], c["mask"], c["weight"], c["bias"])
+        c["input"], c["offset"], c["mask"], c["weight"], c["bias"]
+    )
     for i in range(3):
-        one = {k: (v[i:i + 1] if k in ("input", "offset", "mask") else v) for k, v in c.items()}
+        one = {k: (v[i : i + 1] if k in ("input", "offset", "mask") else v) for k, v in c.items()}
         y = da.deform_conv2d(**one, **CONV_KW)
         ref = da.deform_conv2d_backward(2 * y, **one, **CONV_KW)
         for g, name in zip(grads, ("input", "offset", "mask", "weight", "bias")):
@@ -155,6 +160,7 @@ def test_conv_errors_at_trace_time(rng):
 
 
 # ---------------------------------------------------------------- RoI pooling
+
 
 def _have(name):
     """The RoI operators exist in the array API and their CPU backend runs."""
@@ -182,8 +188,9 @@ def roi_case(rng, r=3, n=2, c=3, hw=(12, 13), ps=3):
     # boxes well inside the image (no clamping kinks), fractional corners
     x1 = rng.uniform(2.1, 4.9, r)
     y1 = rng.uniform(2.1, 4.9, r)
-    rois = np.stack([rng.integers(0, n, r), x1, y1, x1 + rng.uniform(3.1, 5.9, r),
-                     y1 + rng.uniform(3.1, 5.9, r)], axis=1).astype(np.float64)
+    rois = np.stack(
+        [rng.integers(0, n, r), x1, y1, x1 + rng.uniform(3.1, 5.9, r), y1 + rng.uniform(3.1, 5.9, r)], axis=1
+    ).astype(np.float64)
     off = rng.uniform(-0.3, 0.3, (r, 2, ps, ps))
     mask = rng.uniform(0.1, 1.0, (r, 1, ps, ps))
     return x, rois, off, mask
@@ -216,8 +223,9 @@ def test_roi_pool_values_grads_check_grads(rng, mask):
     check_grads(f, args, order=1, modes=["rev"])
 
 
-PS_KW = dict(output_dim=2, group_size=2, pooled_size=2, part_size=2, sample_per_part=2,
-             trans_std=0.1, spatial_scale=1.0)
+PS_KW = dict(
+    output_dim=2, group_size=2, pooled_size=2, part_size=2, sample_per_part=2, trans_std=0.1, spatial_scale=1.0
+)
 
 
 @needs_psroi
@@ -299,7 +307,8 @@ def test_shard_map_data_parallel_step_two_cpu_devices():
     # XLA_FLAGS must be set before JAX starts its backend: a fresh process, so that this
     # process's JAX (already started with one device) is left alone.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARD_MAP_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SHARD_MAP_OK" in proc.stdout

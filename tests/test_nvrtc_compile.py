@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import pytest
 
-cupy = pytest.importorskip("cupy")  # noqa: F841 (the binding ships with CuPy)
+cupy = pytest.importorskip("cupy")
 
 try:
     from cupy.cuda import nvrtc
+
     _NVRTC_VERSION = nvrtc.getVersion()
     _NVRTC_ARCHS = set(nvrtc.getSupportedArchs())
 except Exception as exc:  # pragma: no cover - depends on the machine

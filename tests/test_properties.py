@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 import deformarray as da
 
 # database=None: no .hypothesis/ directory in the work tree; failures print their example.
-SETTINGS = settings(deadline=None, max_examples=30, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(deadline=None, max_examples=30, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -39,9 +38,22 @@ def geometries(draw):
     h_out = (height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
     w_out = (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
     assume(h_out >= 1 and w_out >= 1)
-    return dict(n=n, c_in=c_in, c_out=c_out, height=height, width=width, kh=kh, kw=kw,
-                stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups,
-                offset_groups=offset_groups, h_out=h_out, w_out=w_out)
+    return dict(
+        n=n,
+        c_in=c_in,
+        c_out=c_out,
+        height=height,
+        width=width,
+        kh=kh,
+        kw=kw,
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+        groups=groups,
+        offset_groups=offset_groups,
+        h_out=h_out,
+        w_out=w_out,
+    )
 
 
 def _arrays(g, rng, offsets="smooth"):
@@ -73,17 +85,20 @@ def _conv(g, x, w, bias=None, padding=None):
     h_out = (height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
     w_out = (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
     xp = np.zeros((n, c_in, height + 2 * ph, width + 2 * pw))
-    xp[:, :, ph:ph + height, pw:pw + width] = x
+    xp[:, :, ph : ph + height, pw : pw + width] = x
     out = np.zeros((n, c_out, h_out, w_out))
     groups = c_in // cg
     cog = c_out // groups
     for r in range(groups):
         for i in range(kh):
             for j in range(kw):
-                tap = xp[:, r * cg:(r + 1) * cg,
-                         i * dh:i * dh + (h_out - 1) * sh + 1:sh,
-                         j * dw:j * dw + (w_out - 1) * sw + 1:sw]  # (n, cg, h_out, w_out)
-                out[:, r * cog:(r + 1) * cog] += np.einsum("oc,nchw->nohw", w[r * cog:(r + 1) * cog, :, i, j], tap)
+                tap = xp[
+                    :,
+                    r * cg : (r + 1) * cg,
+                    i * dh : i * dh + (h_out - 1) * sh + 1 : sh,
+                    j * dw : j * dw + (w_out - 1) * sw + 1 : sw,
+                ]  # (n, cg, h_out, w_out)
+                out[:, r * cog : (r + 1) * cog] += np.einsum("oc,nchw->nohw", w[r * cog : (r + 1) * cog, :, i, j], tap)
     if bias is not None:
         out += bias[None, :, None, None]
     return out
@@ -119,8 +134,7 @@ def _shift_pad(x, dy, dx, ph, pw):
     a_lo, a_hi = max(0, ph - dy), min(height + 2 * ph, ph - dy + height)
     b_lo, b_hi = max(0, pw - dx), min(width + 2 * pw, pw - dx + width)
     if a_lo < a_hi and b_lo < b_hi:
-        out[:, :, a_lo:a_hi, b_lo:b_hi] = x[:, :, a_lo - ph + dy:a_hi - ph + dy,
-                                               b_lo - pw + dx:b_hi - pw + dx]
+        out[:, :, a_lo:a_hi, b_lo:b_hi] = x[:, :, a_lo - ph + dy : a_hi - ph + dy, b_lo - pw + dx : b_hi - pw + dx]
     return out
 
 
@@ -148,8 +162,12 @@ def test_constant_integer_offsets_is_shifted_convolution(g, seed, with_mask):
     for k in range(K):
         i, j = divmod(k, kw)
         canvas = np.concatenate(
-            [scales[og, k] * _shift_pad(x[:, og * cpo:(og + 1) * cpo], shifts[og, k, 0],
-                                        shifts[og, k, 1], ph, pw) for og in range(G)], axis=1)
+            [
+                scales[og, k] * _shift_pad(x[:, og * cpo : (og + 1) * cpo], shifts[og, k, 0], shifts[og, k, 1], ph, pw)
+                for og in range(G)
+            ],
+            axis=1,
+        )
         w_k = np.zeros_like(w)
         w_k[:, :, i, j] = w[:, :, i, j]
         expected += _conv(g, canvas, w_k, padding=0)
@@ -162,15 +180,24 @@ def test_linear_in_weight_and_mask(g, seed, a, c):
     rng = np.random.default_rng(seed)
     x, off, w1, _, m1 = _arrays(g, rng)
     _, _, w2, _, m2 = _arrays(g, rng)
-    _close(_dc(g, x, off, a * w1 + c * w2, None, m1),
-           a * _dc(g, x, off, w1, None, m1) + c * _dc(g, x, off, w2, None, m1), rel=1e-9)
-    _close(_dc(g, x, off, w1, None, a * m1 + c * m2),
-           a * _dc(g, x, off, w1, None, m1) + c * _dc(g, x, off, w1, None, m2), rel=1e-9)
+    _close(
+        _dc(g, x, off, a * w1 + c * w2, None, m1),
+        a * _dc(g, x, off, w1, None, m1) + c * _dc(g, x, off, w2, None, m1),
+        rel=1e-9,
+    )
+    _close(
+        _dc(g, x, off, w1, None, a * m1 + c * m2),
+        a * _dc(g, x, off, w1, None, m1) + c * _dc(g, x, off, w1, None, m2),
+        rel=1e-9,
+    )
     # and in the input (v1 and v2)
     x2 = rng.standard_normal(x.shape)
     for m in (None, m1):
-        _close(_dc(g, a * x + c * x2, off, w1, None, m),
-               a * _dc(g, x, off, w1, None, m) + c * _dc(g, x2, off, w1, None, m), rel=1e-9)
+        _close(
+            _dc(g, a * x + c * x2, off, w1, None, m),
+            a * _dc(g, x, off, w1, None, m) + c * _dc(g, x2, off, w1, None, m),
+            rel=1e-9,
+        )
 
 
 def _dot(a, b):
@@ -263,13 +290,34 @@ def test_gradients_match_finite_differences(g, seed, with_mask, bias):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_properties_hold_in_float32_too(dtype):
     """One smoke check that the zero-offset identity also holds for float32 (looser)."""
-    g = dict(n=2, c_in=4, c_out=4, height=6, width=5, kh=3, kw=3, stride=(1, 2), padding=(1, 1),
-             dilation=(1, 1), groups=2, offset_groups=2, h_out=6, w_out=3)
+    g = dict(
+        n=2,
+        c_in=4,
+        c_out=4,
+        height=6,
+        width=5,
+        kh=3,
+        kw=3,
+        stride=(1, 2),
+        padding=(1, 1),
+        dilation=(1, 1),
+        groups=2,
+        offset_groups=2,
+        h_out=6,
+        w_out=3,
+    )
     rng = np.random.default_rng(7)
     x, off, w, b, _ = _arrays(g, rng, offsets="zero")
     y = _dc(g, x.astype(dtype), off.astype(dtype), w.astype(dtype), b.astype(dtype))
     assert y.dtype == np.dtype(dtype)
     rel = 1e-4 if dtype == np.float32 else 1e-10
-    _close(y.astype(np.float64), _conv(g, x.astype(dtype).astype(np.float64),
-                                       w.astype(dtype).astype(np.float64),
-                                       b.astype(dtype).astype(np.float64)), rel=rel)
+    _close(
+        y.astype(np.float64),
+        _conv(
+            g,
+            x.astype(dtype).astype(np.float64),
+            w.astype(dtype).astype(np.float64),
+            b.astype(dtype).astype(np.float64),
+        ),
+        rel=rel,
+    )

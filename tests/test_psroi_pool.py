@@ -17,11 +17,9 @@ import tracemalloc
 import numba
 import numpy as np
 import pytest
+from checks import DTYPES, assert_close, reversed_view, strided_view
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import deformarray as da
-from checks import DTYPES, assert_close, reversed_view, strided_view
 from reference_roi import (
     psroi_bins,
     psroi_param_dict,
@@ -30,22 +28,44 @@ from reference_roi import (
     ref_deform_psroi_pool_backward,
 )
 
+import deformarray as da
 
-def make_case(rng, n=2, output_dim=4, group_size=3, pooled_size=3, part_size=None,
-              sample_per_part=3, trans_std=0.2, spatial_scale=0.5, num_classes=2, offset=True,
-              height=7, width=8, r=6, offset_scale=1.0,
-              kinds=("inside", "tiny", "large", "partial", "degenerate"), dtype=np.float64):
-    c = output_dim * group_size ** 2
+
+def make_case(
+    rng,
+    n=2,
+    output_dim=4,
+    group_size=3,
+    pooled_size=3,
+    part_size=None,
+    sample_per_part=3,
+    trans_std=0.2,
+    spatial_scale=0.5,
+    num_classes=2,
+    offset=True,
+    height=7,
+    width=8,
+    r=6,
+    offset_scale=1.0,
+    kinds=("inside", "tiny", "large", "partial", "degenerate"),
+    dtype=np.float64,
+):
+    c = output_dim * group_size**2
     part = pooled_size if part_size is None else part_size
     arrays = dict(
         input=rng.standard_normal((n, c, height, width)).astype(dtype),
         rois=random_rois(rng, r, n, height, width, spatial_scale, kinds).astype(dtype),
-        offset=(offset_scale * rng.standard_normal((r, 2 * num_classes, part, part))).astype(dtype)
-        if offset else None,
+        offset=(offset_scale * rng.standard_normal((r, 2 * num_classes, part, part))).astype(dtype) if offset else None,
     )
-    kw = dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
-              part_size=part_size, sample_per_part=sample_per_part, trans_std=trans_std,
-              spatial_scale=spatial_scale)
+    kw = dict(
+        output_dim=output_dim,
+        group_size=group_size,
+        pooled_size=pooled_size,
+        part_size=part_size,
+        sample_per_part=sample_per_part,
+        trans_std=trans_std,
+        spatial_scale=spatial_scale,
+    )
     return arrays, kw
 
 
@@ -80,8 +100,9 @@ def test_channel_map(gs, ps):
     """Input channel ch filled with ch: every bin with a valid sample gives its channel
     (c*gs + gi)*gs + gj with gi = floor(i*gs/ps)."""
     out_dim, H, W = 2, 6, 6
-    x = np.broadcast_to(np.arange(out_dim * gs * gs, dtype=np.float64)[None, :, None, None],
-                        (1, out_dim * gs * gs, H, W)).copy()
+    x = np.broadcast_to(
+        np.arange(out_dim * gs * gs, dtype=np.float64)[None, :, None, None], (1, out_dim * gs * gs, H, W)
+    ).copy()
     rois = np.array([[0.0, 0.0, 0.0, 5.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
     y = da.deform_psroi_pool(x, rois, output_dim=out_dim, group_size=gs, pooled_size=ps)
     for c in range(out_dim):
@@ -91,11 +112,14 @@ def test_channel_map(gs, ps):
                 np.testing.assert_allclose(y[:, c, i, j], want, rtol=1e-15)
 
 
-@pytest.mark.parametrize("x1,x2,start,size", [
-    (0.5, 4.5, 0.5, 5.0),   # round(0.5) = 1, round(4.5) = 5 (NumPy's round gives 0 and 4)
-    (2.5, 2.5, 2.5, 1.0),   # a one-pixel box: ends at (round(x2) + 1) - 0.5
-    (1.49, 3.51, 0.5, 4.0),
-])
+@pytest.mark.parametrize(
+    "x1,x2,start,size",
+    [
+        (0.5, 4.5, 0.5, 5.0),  # round(0.5) = 1, round(4.5) = 5 (NumPy's round gives 0 and 4)
+        (2.5, 2.5, 2.5, 1.0),  # a one-pixel box: ends at (round(x2) + 1) - 0.5
+        (1.49, 3.51, 0.5, 4.0),
+    ],
+)
 def test_rounding_and_ends(x1, x2, start, size):
     """A horizontal ramp x[..., w] = w: without clamping, output = mean sample column =
     start + j*bin_w + (spp - 1)/2 * bin_w/spp, with start = round(x1) - 0.5 and
@@ -103,8 +127,7 @@ def test_rounding_and_ends(x1, x2, start, size):
     W, spp, ps = 40, 4, 2
     x = np.broadcast_to(np.arange(W, dtype=np.float64) - 10.0, (1, 1, 4, W)).copy()
     rois = np.array([[0.0, x1 + 10, 1.0, x2 + 10, 2.0]])  # +10: keep every sample inside
-    y = da.deform_psroi_pool(x, rois, output_dim=1, group_size=1, pooled_size=ps,
-                             sample_per_part=spp)
+    y = da.deform_psroi_pool(x, rois, output_dim=1, group_size=1, pooled_size=ps, sample_per_part=spp)
     bin_w = size / ps
     for j in range(ps):
         want = start + j * bin_w + (spp - 1) / 2 * bin_w / spp
@@ -132,8 +155,7 @@ def test_small_rois_are_at_least_0_1():
     y = da.deform_psroi_pool(x, rois, **kw)
     assert_close(y, ref_deform_psroi_pool(x, rois, **kw), np.float64, "output")
     # start = 8e-3 - 0.5, size 0.1: every sample in [-0.5, -0.39]: clamped to column 0
-    np.testing.assert_allclose(y[0, 0], [[x[0, 0, 0, 0], x[0, 1, 0, 0]],
-                                         [x[0, 2, 0, 0], x[0, 3, 0, 0]]], rtol=1e-14)
+    np.testing.assert_allclose(y[0, 0], [[x[0, 0, 0, 0], x[0, 1, 0, 0]], [x[0, 2, 0, 0], x[0, 3, 0, 0]]], rtol=1e-14)
 
 
 def test_class_of_each_output_channel(rng):
@@ -142,7 +164,7 @@ def test_class_of_each_output_channel(rng):
     plain = run_forward(dict(a, offset=None), kw)
     for cls in range(3):
         off = np.zeros_like(a["offset"])
-        off[:, 2 * cls:2 * cls + 2] = a["offset"][:, 2 * cls:2 * cls + 2]
+        off[:, 2 * cls : 2 * cls + 2] = a["offset"][:, 2 * cls : 2 * cls + 2]
         y = run_forward(dict(a, offset=off), kw)
         for c in range(6):
             same = np.array_equal(y[:, c], plain[:, c])
@@ -266,13 +288,26 @@ def _clean_offsets(a, kw, delta):
                     dirty.add((r, cls, pi, pj))
     n_cls, part = a["offset"].shape[1] // 2, a["offset"].shape[2]
     assert cec * n_cls == kw["output_dim"]
-    return [(r, cls, pi, pj) for r in range(len(a["rois"])) for cls in range(n_cls)
-            for pi in range(part) for pj in range(part) if (r, cls, pi, pj) not in dirty]
+    return [
+        (r, cls, pi, pj)
+        for r in range(len(a["rois"]))
+        for cls in range(n_cls)
+        for pi in range(part)
+        for pj in range(part)
+        if (r, cls, pi, pj) not in dirty
+    ]
 
 
 def test_central_differences(rng):
-    a, kw = make_case(rng, r=5, spatial_scale=1.0, part_size=2, sample_per_part=2,
-                      offset_scale=2.0, kinds=("inside", "tiny", "large", "partial"))
+    a, kw = make_case(
+        rng,
+        r=5,
+        spatial_scale=1.0,
+        part_size=2,
+        sample_per_part=2,
+        offset_scale=2.0,
+        kinds=("inside", "tiny", "large", "partial"),
+    )
     go = rng.standard_normal(run_forward(a, kw).shape)
     grads = run_backward(go, a, kw)
     eps = 1e-6
@@ -300,8 +335,7 @@ def test_central_differences(rng):
 # Hypothesis over RoI sizes
 # ---------------------------------------------------------------------------------------
 
-SETTINGS = settings(deadline=None, max_examples=25, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(deadline=None, max_examples=25, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -316,11 +350,20 @@ def test_roi_sizes_property(box, scale, spp, sizes, seed):
     rng = np.random.default_rng(seed)
     gs, ps, part = sizes
     x1, y1, w, h = box
-    a = dict(input=rng.standard_normal((1, 2 * gs * gs, 5, 6)),
-             rois=np.array([[0.0, x1, y1, x1 + w, y1 + h]]),
-             offset=rng.standard_normal((1, 4, part, part)))
-    kw = dict(output_dim=2, group_size=gs, pooled_size=ps, part_size=part, sample_per_part=spp,
-              trans_std=0.1, spatial_scale=scale)
+    a = dict(
+        input=rng.standard_normal((1, 2 * gs * gs, 5, 6)),
+        rois=np.array([[0.0, x1, y1, x1 + w, y1 + h]]),
+        offset=rng.standard_normal((1, 4, part, part)),
+    )
+    kw = dict(
+        output_dim=2,
+        group_size=gs,
+        pooled_size=ps,
+        part_size=part,
+        sample_per_part=spp,
+        trans_std=0.1,
+        spatial_scale=scale,
+    )
     check_against_reference(a, kw, rng, np.float64)
 
 
@@ -330,8 +373,9 @@ def test_roi_sizes_property(box, scale, spp, sizes, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("make_view", [strided_view, reversed_view, np.asfortranarray],
-                         ids=["strided", "reversed", "fortran"])
+@pytest.mark.parametrize(
+    "make_view", [strided_view, reversed_view, np.asfortranarray], ids=["strided", "reversed", "fortran"]
+)
 def test_non_contiguous_inputs(make_view, dtype, rng):
     a, kw = make_case(rng, dtype=dtype)
     go = rng.standard_normal(run_forward(a, kw).shape).astype(dtype)
@@ -346,9 +390,19 @@ def test_non_contiguous_inputs(make_view, dtype, rng):
 
 
 def test_backward_bitwise_deterministic(rng):
-    a, kw = make_case(rng, n=3, output_dim=6, group_size=3, pooled_size=3, num_classes=3,
-                      height=16, width=18, r=40, spatial_scale=1.0,
-                      kinds=("inside", "large", "partial"))
+    a, kw = make_case(
+        rng,
+        n=3,
+        output_dim=6,
+        group_size=3,
+        pooled_size=3,
+        num_classes=3,
+        height=16,
+        width=18,
+        r=40,
+        spatial_scale=1.0,
+        kinds=("inside", "large", "partial"),
+    )
     go = rng.standard_normal(run_forward(a, kw).shape)
     first = run_backward(go, a, kw)
     for _ in range(2):
@@ -386,14 +440,14 @@ def test_workspace_chunking(dtype, rng):
         assert y_c.tobytes() == y.tobytes(), limit
         assert grads_c.input.tobytes() == grads.input.tobytes(), limit
         tight = 1e-12 if dtype == np.float64 else 2e-6
-        assert_close(grads_c.offset, grads.offset.astype(np.float64), dtype,
-                     f"grad offset, limit {limit}", rel=tight)
+        assert_close(grads_c.offset, grads.offset.astype(np.float64), dtype, f"grad offset, limit {limit}", rel=tight)
 
 
 def test_workspace_bound_holds(rng):
     """Contiguous input: no workspace. Non-contiguous: chunks within the bound."""
-    a, kw = make_case(rng, n=60, output_dim=2, group_size=2, pooled_size=2, height=8,
-                      width=16, r=120, kinds=("inside",))
+    a, kw = make_case(
+        rng, n=60, output_dim=2, group_size=2, pooled_size=2, height=8, width=16, r=120, kinds=("inside",)
+    )
     go = rng.standard_normal(run_forward(a, kw).shape)
     limit = 16 * 1024
     slack = 48 * 1024

@@ -17,11 +17,9 @@ import tracemalloc
 import numba
 import numpy as np
 import pytest
+from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import deformarray as da
-from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
 from reference_roi import (
     random_rois,
     ref_deform_roi_pool,
@@ -29,12 +27,28 @@ from reference_roi import (
     roi_bins,
 )
 
+import deformarray as da
+
 GRAD_NAMES = ("input", "offset", "mask")
 
 
-def make_case(rng, n=2, c=3, height=7, width=8, r=6, pooled=(3, 2), spatial_scale=0.5,
-              sampling_ratio=0, gamma=0.1, offset=True, mask=True, offset_scale=1.0,
-              kinds=("inside", "tiny", "large", "partial", "degenerate"), dtype=np.float64):
+def make_case(
+    rng,
+    n=2,
+    c=3,
+    height=7,
+    width=8,
+    r=6,
+    pooled=(3, 2),
+    spatial_scale=0.5,
+    sampling_ratio=0,
+    gamma=0.1,
+    offset=True,
+    mask=True,
+    offset_scale=1.0,
+    kinds=("inside", "tiny", "large", "partial", "degenerate"),
+    dtype=np.float64,
+):
     """(arrays dict: input, rois, offset, mask; keyword dict) for one random call."""
     ph, pw = pooled
     arrays = dict(
@@ -43,8 +57,7 @@ def make_case(rng, n=2, c=3, height=7, width=8, r=6, pooled=(3, 2), spatial_scal
         offset=(offset_scale * rng.standard_normal((r, 2, ph, pw))).astype(dtype) if offset else None,
         mask=rng.uniform(0.2, 1.0, (r, 1, ph, pw)).astype(dtype) if mask else None,
     )
-    kw = dict(output_size=pooled, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-              gamma=gamma)
+    kw = dict(output_size=pooled, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=gamma)
     return arrays, kw
 
 
@@ -53,8 +66,7 @@ def run_forward(a, kw):
 
 
 def run_backward(go, a, kw, **extra):
-    return da.deform_roi_pool_backward(go, a["input"], a["rois"], a["offset"], mask=a["mask"],
-                                       **kw, **extra)
+    return da.deform_roi_pool_backward(go, a["input"], a["rois"], a["offset"], mask=a["mask"], **kw, **extra)
 
 
 def check_against_reference(a, kw, rng, dtype):
@@ -76,19 +88,33 @@ def check_against_reference(a, kw, rng, dtype):
 # ---------------------------------------------------------------------------------------
 
 MMCV_CASES = [
-    ([[[[1., 2.], [3., 4.]]]], [[0., 0., 0., 1., 1.]],
-     [[[[1, 1.25], [1.5, 1.75]]]],
-     [[[[3.0625, 0.4375], [0.4375, 0.0625]]]]),
-    ([[[[1., 2.], [3., 4.]], [[4., 3.], [2., 1.]]]], [[0., 0., 0., 1., 1.]],
-     [[[[1., 1.25], [1.5, 1.75]], [[4, 3.75], [3.5, 3.25]]]],
-     [[[[3.0625, 0.4375], [0.4375, 0.0625]], [[3.0625, 0.4375], [0.4375, 0.0625]]]]),
-    ([[[[1., 2., 5., 6.], [3., 4., 7., 8.], [9., 10., 13., 14.], [11., 12., 15., 16.]]]],
-     [[0., 0., 0., 3., 3.]],
-     [[[[1.9375, 4.75], [7.5625, 10.375]]]],
-     [[[[0.47265625, 0.4296875, 0.4296875, 0.04296875],
-        [0.4296875, 0.390625, 0.390625, 0.0390625],
-        [0.4296875, 0.390625, 0.390625, 0.0390625],
-        [0.04296875, 0.0390625, 0.0390625, 0.00390625]]]]),
+    (
+        [[[[1.0, 2.0], [3.0, 4.0]]]],
+        [[0.0, 0.0, 0.0, 1.0, 1.0]],
+        [[[[1, 1.25], [1.5, 1.75]]]],
+        [[[[3.0625, 0.4375], [0.4375, 0.0625]]]],
+    ),
+    (
+        [[[[1.0, 2.0], [3.0, 4.0]], [[4.0, 3.0], [2.0, 1.0]]]],
+        [[0.0, 0.0, 0.0, 1.0, 1.0]],
+        [[[[1.0, 1.25], [1.5, 1.75]], [[4, 3.75], [3.5, 3.25]]]],
+        [[[[3.0625, 0.4375], [0.4375, 0.0625]], [[3.0625, 0.4375], [0.4375, 0.0625]]]],
+    ),
+    (
+        [[[[1.0, 2.0, 5.0, 6.0], [3.0, 4.0, 7.0, 8.0], [9.0, 10.0, 13.0, 14.0], [11.0, 12.0, 15.0, 16.0]]]],
+        [[0.0, 0.0, 0.0, 3.0, 3.0]],
+        [[[[1.9375, 4.75], [7.5625, 10.375]]]],
+        [
+            [
+                [
+                    [0.47265625, 0.4296875, 0.4296875, 0.04296875],
+                    [0.4296875, 0.390625, 0.390625, 0.0390625],
+                    [0.4296875, 0.390625, 0.390625, 0.0390625],
+                    [0.04296875, 0.0390625, 0.0390625, 0.00390625],
+                ]
+            ]
+        ],
+    ),
 ]
 
 
@@ -150,15 +176,15 @@ def test_samples_on_kinks_and_borders(with_mask, rng):
     x = rng.standard_normal((1, 3, H, W))
     # a 1x1-bin RoI of size 2 (spatial_scale 1): its one sample (sampling_ratio 1) is its
     # centre, (y1 + y2)/2 - 0.5; the offset is zero so every target is hit exactly
-    rois = np.array([[0.0, tx - 0.5, ty - 0.5, tx + 1.5, ty + 1.5]
-                     for ty in targets_y for tx in targets_x])
+    rois = np.array([[0.0, tx - 0.5, ty - 0.5, tx + 1.5, ty + 1.5] for ty in targets_y for tx in targets_x])
     r = len(rois)
     off = np.zeros((r, 2, 1, 1))
     mask = rng.uniform(0.5, 1.0, (r, 1, 1, 1)) if with_mask else None
     a = dict(input=x, rois=rois, offset=off, mask=mask)
     kw = dict(output_size=1, spatial_scale=1.0, sampling_ratio=1, gamma=0.1)
-    for (i, j), (ty, tx) in zip(np.ndindex(len(targets_y), len(targets_x)),
-                                [(ty, tx) for ty in targets_y for tx in targets_x]):
+    for (i, j), (ty, tx) in zip(
+        np.ndindex(len(targets_y), len(targets_x)), [(ty, tx) for ty in targets_y for tx in targets_x]
+    ):
         _, bins = roi_bins(rois, i * len(targets_x) + j, (1, 1), 1.0, 1, 0.1, off)
         assert bins[0][2] == [(ty, tx)]
     y, _ = check_against_reference(a, kw, rng, np.float64)
@@ -245,8 +271,9 @@ def _bins_away_from_kinks(a, kw, delta):
     integer (the kinks: integers, the clamp at 0 and H-1, the jump at -1 and H)."""
     clean = []
     for r in range(len(a["rois"])):
-        _, bins = roi_bins(a["rois"], r, kw["output_size"], kw["spatial_scale"],
-                           kw["sampling_ratio"], kw["gamma"], a["offset"])
+        _, bins = roi_bins(
+            a["rois"], r, kw["output_size"], kw["spatial_scale"], kw["sampling_ratio"], kw["gamma"], a["offset"]
+        )
         for i, j, pts, count, _, _ in bins:
             if count and all(abs(t - round(t)) >= delta for pt in pts for t in pt):
                 clean.append((r, i, j))
@@ -268,8 +295,15 @@ def test_adjoint_input_and_mask(rng):
 
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
 def test_central_differences(sampling_ratio, rng):
-    a, kw = make_case(rng, r=6, sampling_ratio=sampling_ratio, spatial_scale=1.0, gamma=0.2,
-                      offset_scale=2.0, kinds=("inside", "tiny", "large", "partial"))
+    a, kw = make_case(
+        rng,
+        r=6,
+        sampling_ratio=sampling_ratio,
+        spatial_scale=1.0,
+        gamma=0.2,
+        offset_scale=2.0,
+        kinds=("inside", "tiny", "large", "partial"),
+    )
     go = rng.standard_normal(run_forward(a, kw).shape)
     grads = run_backward(go, a, kw)
     eps = 1e-6
@@ -301,8 +335,7 @@ def test_central_differences(sampling_ratio, rng):
 # Hypothesis over RoI sizes
 # ---------------------------------------------------------------------------------------
 
-SETTINGS = settings(deadline=None, max_examples=25, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(deadline=None, max_examples=25, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -317,10 +350,12 @@ def test_roi_sizes_property(box, scale, ratio, pooled, seed):
     """Any box size (from zero to larger than the image, anywhere) matches the reference."""
     rng = np.random.default_rng(seed)
     x1, y1, w, h = box
-    a = dict(input=rng.standard_normal((1, 2, 5, 6)),
-             rois=np.array([[0.0, x1, y1, x1 + w, y1 + h]]),
-             offset=rng.standard_normal((1, 2) + pooled),
-             mask=rng.uniform(0, 1, (1, 1) + pooled))
+    a = dict(
+        input=rng.standard_normal((1, 2, 5, 6)),
+        rois=np.array([[0.0, x1, y1, x1 + w, y1 + h]]),
+        offset=rng.standard_normal((1, 2) + pooled),
+        mask=rng.uniform(0, 1, (1, 1) + pooled),
+    )
     kw = dict(output_size=pooled, spatial_scale=scale, sampling_ratio=ratio, gamma=0.1)
     check_against_reference(a, kw, rng, np.float64)
 
@@ -331,9 +366,11 @@ def test_roi_sizes_property(box, scale, ratio, pooled, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("make_view", [transposed_view, strided_view, reversed_view,
-                                       np.asfortranarray],
-                         ids=["transposed", "strided", "reversed", "fortran"])
+@pytest.mark.parametrize(
+    "make_view",
+    [transposed_view, strided_view, reversed_view, np.asfortranarray],
+    ids=["transposed", "strided", "reversed", "fortran"],
+)
 def test_non_contiguous_inputs(make_view, dtype, rng):
     a, kw = make_case(rng, dtype=dtype)
     go = rng.standard_normal(run_forward(a, kw).shape).astype(dtype)
@@ -351,8 +388,17 @@ def test_non_contiguous_inputs(make_view, dtype, rng):
 
 def test_backward_bitwise_deterministic(rng):
     """Same bits on every run, and whatever the thread count."""
-    a, kw = make_case(rng, n=3, c=40, height=20, width=24, r=60, pooled=(4, 4),
-                      spatial_scale=1.0, kinds=("inside", "large", "partial"))
+    a, kw = make_case(
+        rng,
+        n=3,
+        c=40,
+        height=20,
+        width=24,
+        r=60,
+        pooled=(4, 4),
+        spatial_scale=1.0,
+        kinds=("inside", "large", "partial"),
+    )
     go = rng.standard_normal(run_forward(a, kw).shape)
     first = run_backward(go, a, kw)
     y1 = run_forward(a, kw)
@@ -395,8 +441,13 @@ def test_workspace_chunking(dtype, rng):
         assert grads_c.input.tobytes() == grads.input.tobytes(), limit
         tight = 1e-12 if dtype == np.float64 else 2e-6
         for name in ("offset", "mask"):
-            assert_close(getattr(grads_c, name), getattr(grads, name).astype(np.float64), dtype,
-                         f"grad {name}, limit {limit}", rel=tight)
+            assert_close(
+                getattr(grads_c, name),
+                getattr(grads, name).astype(np.float64),
+                dtype,
+                f"grad {name}, limit {limit}",
+                rel=tight,
+            )
 
 
 def _traced_peak(fn):

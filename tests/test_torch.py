@@ -35,9 +35,7 @@ def fractional_offsets(gen, shape, dtype=torch.float64):
 
 
 def make_conv_case(name, dtype=torch.float64, seed=0):
-    n, c_in, h, w, c_out, groups, og, (kh, kw), stride, padding, dilation, use_mask, use_bias = (
-        GEOMETRIES[name]
-    )
+    n, c_in, h, w, c_out, groups, og, (kh, kw), stride, padding, dilation, use_mask, use_bias = GEOMETRIES[name]
     gen = torch.Generator().manual_seed(seed)
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
@@ -49,8 +47,7 @@ def make_conv_case(name, dtype=torch.float64, seed=0):
         offset=fractional_offsets(gen, (n, 2 * og * kh * kw, h_out, w_out), dtype),
         weight=torch.randn(c_out, c_in // groups, kh, kw, generator=gen, dtype=dtype),
         bias=torch.randn(c_out, generator=gen, dtype=dtype) if use_bias else None,
-        mask=torch.rand(n, og * kh * kw, h_out, w_out, generator=gen, dtype=dtype)
-        if use_mask else None,
+        mask=torch.rand(n, og * kh * kw, h_out, w_out, generator=gen, dtype=dtype) if use_mask else None,
     )
     params = dict(stride=stride, padding=padding, dilation=dilation)
     return tensors, params
@@ -58,8 +55,7 @@ def make_conv_case(name, dtype=torch.float64, seed=0):
 
 def call_conv(tensors, params):
     t = tensors
-    return dt.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"],
-                            **params)
+    return dt.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **params)
 
 
 def as_numpy(tensors):
@@ -104,15 +100,25 @@ def test_torchvision_signature():
     """Same parameter names and defaults as torchvision.ops.deform_conv2d / DeformConv2d."""
     sig = inspect.signature(dt.deform_conv2d)
     assert [(p.name, p.default) for p in sig.parameters.values()] == [
-        ("input", inspect.Parameter.empty), ("offset", inspect.Parameter.empty),
-        ("weight", inspect.Parameter.empty), ("bias", None), ("stride", (1, 1)),
-        ("padding", (0, 0)), ("dilation", (1, 1)), ("mask", None),
+        ("input", inspect.Parameter.empty),
+        ("offset", inspect.Parameter.empty),
+        ("weight", inspect.Parameter.empty),
+        ("bias", None),
+        ("stride", (1, 1)),
+        ("padding", (0, 0)),
+        ("dilation", (1, 1)),
+        ("mask", None),
     ]
     sig = inspect.signature(dt.DeformConv2d)
     assert [(p.name, p.default) for p in sig.parameters.values()] == [
-        ("in_channels", inspect.Parameter.empty), ("out_channels", inspect.Parameter.empty),
-        ("kernel_size", inspect.Parameter.empty), ("stride", 1), ("padding", 0),
-        ("dilation", 1), ("groups", 1), ("bias", True),
+        ("in_channels", inspect.Parameter.empty),
+        ("out_channels", inspect.Parameter.empty),
+        ("kernel_size", inspect.Parameter.empty),
+        ("stride", 1),
+        ("padding", 0),
+        ("dilation", 1),
+        ("groups", 1),
+        ("bias", True),
     ]
 
 
@@ -122,8 +128,9 @@ def test_non_contiguous_and_channels_last():
     t = dict(tensors)
     t["input"] = tensors["input"].to(memory_format=torch.channels_last)
     # a strided view of a larger tensor, and a transposed weight
-    big = torch.zeros((2,) + tuple(tensors["offset"].shape[1:3]) + (2 * tensors["offset"].shape[3],),
-                      dtype=torch.float64)
+    big = torch.zeros(
+        (2,) + tuple(tensors["offset"].shape[1:3]) + (2 * tensors["offset"].shape[3],), dtype=torch.float64
+    )
     big[..., ::2] = tensors["offset"]
     t["offset"] = big[..., ::2]
     t["weight"] = tensors["weight"].transpose(2, 3).contiguous().transpose(2, 3)
@@ -184,8 +191,7 @@ def test_half_on_cpu_computes_in_float32(dtype):
 def test_autocast_runs_in_float32():
     """Under CPU autocast the operator sees float32 and returns input's dtype (torchvision)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1),
-                              dt.ModulatedDeformConv2dPack(4, 3, 3, padding=1))
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), dt.ModulatedDeformConv2dPack(4, 3, 3, padding=1))
     x = torch.randn(2, 2, 6, 6)
     ref = net(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -235,8 +241,7 @@ def test_opcheck():
     grad_out = torch.randn(2, 3, 6, 7, dtype=torch.float64)
     torch.library.opcheck(
         torch.ops.deformarray.deform_conv2d_backward.default,
-        (grad_out, plain["input"], plain["offset"], plain["weight"], None, *geo, plain["mask"],
-         True),
+        (grad_out, plain["input"], plain["offset"], plain["weight"], None, *geo, plain["mask"], True),
     )
 
 
@@ -282,8 +287,7 @@ def test_compiled_backward_follows_deterministic_algorithms(monkeypatch):
 
     monkeypatch.setattr(_api, "deform_conv2d_backward", recording)
     torch._dynamo.reset()
-    compiled = torch.compile(dt.DeformConv2dPack(2, 2, 3, padding=1), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(dt.DeformConv2dPack(2, 2, 3, padding=1), fullgraph=True, backend="aot_eager")
     x = torch.randn(1, 2, 5, 5)
     previous = torch.are_deterministic_algorithms_enabled()
     try:
@@ -323,8 +327,7 @@ def test_pack_at_init_is_plain_convolution(modulated):
     x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
     out = layer(x)
     scale = 0.5 if modulated else 1.0  # mask = sigmoid(0)
-    conv = F.conv2d(x, layer.weight * scale, layer.bias, layer.stride, layer.padding,
-                    layer.dilation, layer.groups)
+    conv = F.conv2d(x, layer.weight * scale, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     torch.testing.assert_close(out, conv, rtol=1e-12, atol=1e-12)
 
 
@@ -344,10 +347,10 @@ def test_deform_conv2d_module_forward_and_init():
 # ---------------------------------------------------------------------------------------
 # RoI pooling (present when the array API has them)
 
-needs_roi = pytest.mark.skipif(not hasattr(da, "deform_roi_pool"),
-                               reason="deformarray has no deform_roi_pool yet")
-needs_psroi = pytest.mark.skipif(not hasattr(da, "deform_psroi_pool"),
-                                 reason="deformarray has no deform_psroi_pool yet")
+needs_roi = pytest.mark.skipif(not hasattr(da, "deform_roi_pool"), reason="deformarray has no deform_roi_pool yet")
+needs_psroi = pytest.mark.skipif(
+    not hasattr(da, "deform_psroi_pool"), reason="deformarray has no deform_psroi_pool yet"
+)
 
 ROIS = [[0, 1.3, 2.2, 7.7, 8.1], [1, 0.5, 0.4, 9.6, 6.2], [0, 3.1, 3.3, 5.2, 9.9]]
 
@@ -363,16 +366,13 @@ def test_deform_roi_pool_matches_array_api_and_gradcheck():
     out = dt.deform_roi_pool(x, rois, off, mask=mask, **kw)
     np.testing.assert_array_equal(
         out.detach().numpy(),
-        da.deform_roi_pool(x.detach().numpy(), rois.numpy(), off.detach().numpy(),
-                           mask=mask.detach().numpy(), **kw))
-    assert torch.autograd.gradcheck(
-        lambda a, b, c: dt.deform_roi_pool(a, rois, b, mask=c, **kw), (x, off, mask))
+        da.deform_roi_pool(x.detach().numpy(), rois.numpy(), off.detach().numpy(), mask=mask.detach().numpy(), **kw),
+    )
+    assert torch.autograd.gradcheck(lambda a, b, c: dt.deform_roi_pool(a, rois, b, mask=c, **kw), (x, off, mask))
     out = dt.deform_roi_pool(x, rois, None, 2, 0.5)  # mmcv's positional order
     assert out.shape == (3, 3, 2, 2)
-    torch.library.opcheck(torch.ops.deformarray.deform_roi_pool.default,
-                          (x, rois, off, [3, 3], 1.0, 2, 0.1, mask))
-    torch.library.opcheck(torch.ops.deformarray.deform_roi_pool.default,
-                          (x, rois, None, [2, 2], 0.5, 0, 0.1, None))
+    torch.library.opcheck(torch.ops.deformarray.deform_roi_pool.default, (x, rois, off, [3, 3], 1.0, 2, 0.1, mask))
+    torch.library.opcheck(torch.ops.deformarray.deform_roi_pool.default, (x, rois, None, [2, 2], 0.5, 0, 0.1, None))
 
 
 @needs_roi
@@ -383,19 +383,16 @@ def test_roi_pool_modules():
     plain = dt.DeformRoIPool((2, 3), spatial_scale=1.0, sampling_ratio=2)
     expected = plain(x, rois)
     pack = dt.DeformRoIPoolPack((2, 3), 3, deform_fc_channels=8, sampling_ratio=2).double()
-    assert set(pack.state_dict()) == {f"offset_fc.{i}.{p}" for i in (0, 2, 4)
-                                      for p in ("weight", "bias")}
+    assert set(pack.state_dict()) == {f"offset_fc.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     torch.testing.assert_close(pack(x, rois), expected)  # zero offsets at init
-    mpack = dt.ModulatedDeformRoIPoolPack((2, 3), 3, deform_fc_channels=8,
-                                          sampling_ratio=2).double()
+    mpack = dt.ModulatedDeformRoIPoolPack((2, 3), 3, deform_fc_channels=8, sampling_ratio=2).double()
     assert set(mpack.state_dict()) == (
         {f"offset_fc.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
-        | {f"mask_fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")})
+        | {f"mask_fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    )
     torch.testing.assert_close(mpack(x, rois), 0.5 * expected)  # mask = sigmoid(0)
     mod = dt.ModulatedDeformRoIPool((2, 3), sampling_ratio=2)
-    torch.testing.assert_close(mod(x, rois, None, torch.full((3, 1, 2, 3), 0.25,
-                                                             dtype=torch.float64)),
-                               0.25 * expected)
+    torch.testing.assert_close(mod(x, rois, None, torch.full((3, 1, 2, 3), 0.25, dtype=torch.float64)), 0.25 * expected)
     with pytest.raises(ValueError, match="output_channels"):
         pack(x[:, :2], rois)
 
@@ -406,18 +403,16 @@ def test_deform_psroi_pool_matches_array_api_and_gradcheck():
     x = torch.randn(2, 2 * 2 * 2, 9, 10, generator=gen, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor(ROIS, dtype=torch.float64)
     off = (0.3 * torch.randn(3, 2, 2, 2, generator=gen, dtype=torch.float64)).requires_grad_()
-    kw = dict(output_dim=2, group_size=2, pooled_size=2, sample_per_part=2, trans_std=0.1,
-              spatial_scale=0.8)
+    kw = dict(output_dim=2, group_size=2, pooled_size=2, sample_per_part=2, trans_std=0.1, spatial_scale=0.8)
     out = dt.deform_psroi_pool(x, rois, off, **kw)
     np.testing.assert_array_equal(
-        out.detach().numpy(),
-        da.deform_psroi_pool(x.detach().numpy(), rois.numpy(), off.detach().numpy(), **kw))
+        out.detach().numpy(), da.deform_psroi_pool(x.detach().numpy(), rois.numpy(), off.detach().numpy(), **kw)
+    )
     assert torch.autograd.gradcheck(lambda a, b: dt.deform_psroi_pool(a, rois, b, **kw), (x, off))
     module = dt.DeformPSRoIPool(**kw)
     torch.testing.assert_close(module(x, rois, off), out)
     assert module(x, rois).shape == (3, 2, 2, 2)
-    torch.library.opcheck(torch.ops.deformarray.deform_psroi_pool.default,
-                          (x, rois, off, 2, 2, 2, None, 2, 0.1, 0.8))
+    torch.library.opcheck(torch.ops.deformarray.deform_psroi_pool.default, (x, rois, off, 2, 2, 2, None, 2, 0.1, 0.8))
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,8 +441,9 @@ def test_cuda_matches_cpu(dtype):
     out_gpu.sum().backward()
     for k in cpu:
         ref = cpu[k].grad
-        torch.testing.assert_close(gpu[k].grad.double().cpu(), ref, rtol=tol,
-                                   atol=tol * max(1.0, float(ref.abs().max())), msg=k)
+        torch.testing.assert_close(
+            gpu[k].grad.double().cpu(), ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())), msg=k
+        )
 
 
 @pytest.mark.gpu

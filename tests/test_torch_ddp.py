@@ -50,8 +50,13 @@ def _grads(net: torch.nn.Module) -> dict:
 
 
 def _worker(rank: int, init_file: str, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         net = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(net)

@@ -15,8 +15,7 @@ import pytest
 import deformarray as da
 
 
-def good(n=2, c_in=4, h=6, w=7, c_out=6, k=(3, 3), g=2, groups=2, dtype=np.float64,
-         stride=1, padding=1, dilation=1):
+def good(n=2, c_in=4, h=6, w=7, c_out=6, k=(3, 3), g=2, groups=2, dtype=np.float64, stride=1, padding=1, dilation=1):
     """A valid set of arguments (dict), v2 with bias; 6x7 output with the defaults."""
     kh, kw = k
     rng = np.random.default_rng(0)
@@ -33,7 +32,9 @@ def good(n=2, c_in=4, h=6, w=7, c_out=6, k=(3, 3), g=2, groups=2, dtype=np.float
         offset=rng.standard_normal((n, 2 * g * kh * kw, ho, wo)).astype(dtype),
         weight=rng.standard_normal((c_out, c_in // groups, kh, kw)).astype(dtype),
         bias=rng.standard_normal(c_out).astype(dtype),
-        stride=stride, padding=padding, dilation=dilation,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
         mask=rng.uniform(0, 1, (n, g * kh * kw, ho, wo)).astype(dtype),
     )
 
@@ -90,9 +91,13 @@ SHAPE_ERRORS = [
     ("weight_cin_not_dividing", lambda: _shape(good(), "weight", (6, 3, 3, 3)), "weight"),
     ("weight_cin_too_large", lambda: _shape(good(), "weight", (6, 8, 3, 3)), "weight"),
     ("cout_not_divisible_by_groups", lambda: _shape(good(), "weight", (5, 2, 3, 3)), "weight"),
-    ("offset_groups_not_dividing", lambda: _with(
-        input=np.zeros((2, 4, 6, 7)), offset=np.zeros((2, 2 * 3 * 9, 6, 7)),
-        mask=np.zeros((2, 3 * 9, 6, 7))), "offset"),
+    (
+        "offset_groups_not_dividing",
+        lambda: _with(
+            input=np.zeros((2, 4, 6, 7)), offset=np.zeros((2, 2 * 3 * 9, 6, 7)), mask=np.zeros((2, 3 * 9, 6, 7))
+        ),
+        "offset",
+    ),
     ("output_size_zero", lambda: good(h=2, w=7, padding=0), "output size"),
     ("output_size_negative_dilation", lambda: _with(dilation=4, padding=0), "output size"),
 ]
@@ -140,8 +145,7 @@ def test_bad_stride_padding_dilation(change, exc, named, call):
     args = good()
     args.update(change)
     with pytest.raises(exc, match=named):
-        call(args) if call is call_forward else da.deform_conv2d_backward(
-            np.ones((2, 6, 6, 7)), **args)
+        call(args) if call is call_forward else da.deform_conv2d_backward(np.ones((2, 6, 6, 7)), **args)
 
 
 def test_numpy_integer_stride_is_accepted():
@@ -173,8 +177,11 @@ def test_grad_output_dtype_mismatch_raises_type_error():
 
 
 @BOTH
-@pytest.mark.parametrize("dtype", [np.float16, np.int32, np.int64, np.complex128, np.bool_],
-                         ids=["float16", "int32", "int64", "complex128", "bool"])
+@pytest.mark.parametrize(
+    "dtype",
+    [np.float16, np.int32, np.int64, np.complex128, np.bool_],
+    ids=["float16", "int32", "int64", "complex128", "bool"],
+)
 def test_unsupported_dtype_raises_type_error(dtype, call):
     args = good()
     for name in ("input", "offset", "weight", "bias", "mask"):
@@ -234,7 +241,7 @@ def test_none_for_a_required_array_raises_type_error(name, call):
 def fake_cupy(monkeypatch):
     """A stand-in ``cupy`` module in sys.modules, so the mixed-backend check can run on CPU."""
 
-    class ndarray:  # noqa: N801 - mimics cupy.ndarray
+    class ndarray:
         def __init__(self, a):
             self._a = np.asarray(a)
             self.shape = self._a.shape

@@ -27,7 +27,10 @@ def roi_good(dtype=np.float64):
         input=rng.standard_normal((2, 4, 6, 7)).astype(dtype),
         rois=np.array([[0, 0, 0, 3, 4], [1, 1, 1, 5, 5], [1, 2, 0, 2, 3]], dtype=dtype),
         offset=rng.standard_normal((3, 2, 2, 3)).astype(dtype),
-        output_size=(2, 3), spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
+        output_size=(2, 3),
+        spatial_scale=1.0,
+        sampling_ratio=0,
+        gamma=0.1,
         mask=rng.uniform(0, 1, (3, 1, 2, 3)).astype(dtype),
     )
 
@@ -78,8 +81,7 @@ ROI_SHAPES = [
 
 
 @ROI_BOTH
-@pytest.mark.parametrize("change,named,expected", [c[1:] for c in ROI_SHAPES],
-                         ids=[c[0] for c in ROI_SHAPES])
+@pytest.mark.parametrize("change,named,expected", [c[1:] for c in ROI_SHAPES], ids=[c[0] for c in ROI_SHAPES])
 def test_roi_bad_shapes(change, named, expected, call):
     with pytest.raises(ValueError, match=named) as info:
         call(_roi_with(**change))
@@ -208,8 +210,13 @@ def ps_good(dtype=np.float64):
         input=rng.standard_normal((2, 36, 6, 7)).astype(dtype),
         rois=np.array([[0, 0, 0, 3, 4], [1, 1, 1, 5, 5], [1, 2, 0, 2, 3]], dtype=dtype),
         offset=rng.standard_normal((3, 4, 2, 2)).astype(dtype),
-        output_dim=4, group_size=3, pooled_size=3, part_size=2, sample_per_part=2,
-        trans_std=0.1, spatial_scale=0.5,
+        output_dim=4,
+        group_size=3,
+        pooled_size=3,
+        part_size=2,
+        sample_per_part=2,
+        trans_std=0.1,
+        spatial_scale=0.5,
     )
 
 
@@ -242,15 +249,14 @@ def test_ps_good_arguments_are_accepted():
 def test_ps_keywords_are_keyword_only():
     a = ps_good()
     with pytest.raises(TypeError):
-        da.deform_psroi_pool(a["input"], a["rois"], a["offset"], 4, 3, 3)  # noqa
+        da.deform_psroi_pool(a["input"], a["rois"], a["offset"], 4, 3, 3)
     with pytest.raises(TypeError):
         da.deform_psroi_pool(a["input"], a["rois"])  # output_dim etc. are required
 
 
 PS_SHAPES = [
     ("input_3d", dict(input=np.zeros((36, 6, 7))), "input", "shape"),
-    ("input_channels", dict(input=np.zeros((2, 35, 6, 7))), "input",
-     r"output_dim\*group_size\*\*2.*4\*3\*\*2 = 36"),
+    ("input_channels", dict(input=np.zeros((2, 35, 6, 7))), "input", r"output_dim\*group_size\*\*2.*4\*3\*\*2 = 36"),
     ("input_zero_width", dict(input=np.zeros((2, 36, 6, 0))), "input", "H, W >= 1"),
     ("rois_4_columns", dict(rois=np.zeros((3, 4))), "rois", r"\(R, 5\)"),
     ("offset_rois", dict(offset=np.zeros((2, 4, 2, 2))), "offset", r"\(R, 2\*num_classes, part_size, part_size\)"),
@@ -332,7 +338,7 @@ def test_ps_mixed_dtypes(name, call):
 def fake_cupy(monkeypatch):
     """A stand-in ``cupy`` module whose arrays have ``.get()`` (a device -> host copy)."""
 
-    class ndarray:  # noqa: N801 - mimics cupy.ndarray
+    class ndarray:
         def __init__(self, a):
             self._a = np.asarray(a)
             self.shape = self._a.shape
@@ -378,14 +384,11 @@ def test_torch_tensor_rois():
 def test_device_rois_are_read_on_the_host(fake_cupy, bad_row, match):
     """CuPy arrays: the RoI values are checked through one ``.get()`` copy, before any
     CUDA code is loaded (the bad value is reported, not an import error)."""
-    args = {k: fake_cupy.ndarray(v) if isinstance(v, np.ndarray) else v
-            for k, v in roi_good(np.float32).items()}
-    args["rois"] = fake_cupy.ndarray(np.array([[0, 0, 0, 3, 4], [1, 1, 1, 5, 5]] + bad_row,
-                                              dtype=np.float32))
+    args = {k: fake_cupy.ndarray(v) if isinstance(v, np.ndarray) else v for k, v in roi_good(np.float32).items()}
+    args["rois"] = fake_cupy.ndarray(np.array([[0, 0, 0, 3, 4], [1, 1, 1, 5, 5]] + bad_row, dtype=np.float32))
     with pytest.raises(ValueError, match=match):
         roi_forward(args)
-    ps = {k: fake_cupy.ndarray(v) if isinstance(v, np.ndarray) else v
-          for k, v in ps_good(np.float32).items()}
+    ps = {k: fake_cupy.ndarray(v) if isinstance(v, np.ndarray) else v for k, v in ps_good(np.float32).items()}
     ps["rois"] = args["rois"]
     with pytest.raises(ValueError, match=match):
         ps_forward(ps)

@@ -129,5 +129,4 @@ def axis_weights(base, shift, num, den, count, size, margin, wgt, slope, idx, cw
 @njit(cache=True, inline="always")
 def axis_scratch(size):
     """Scratch and output arrays of ``axis_weights`` for an axis of ``size`` pixels."""
-    return (np.zeros(size), np.zeros(size), np.empty(size, np.uint64), np.empty(size),
-            np.empty(size))
+    return (np.zeros(size), np.zeros(size), np.empty(size, np.uint64), np.empty(size), np.empty(size))

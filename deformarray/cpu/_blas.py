@@ -14,9 +14,10 @@ threads as usual.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numba
 import numpy as np
@@ -33,7 +34,7 @@ def _controller() -> Any:
                 from threadpoolctl import ThreadpoolController
 
                 _state["controller"] = ThreadpoolController()
-            except Exception:  # noqa: BLE001 - optional: fall back to BLAS threading
+            except Exception:
                 _state["controller"] = None
         return _state["controller"]
 

@@ -42,7 +42,7 @@ class Carver:
         if start + size > self._raw.nbytes:
             raise RuntimeError("deformarray internal error: workspace arena too small")
         self._offset += nbytes(shape, dtype)
-        return self._raw[start:start + size].view(dtype).reshape(shape)
+        return self._raw[start : start + size].view(dtype).reshape(shape)
 
     def zeros(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         arr = self.empty(shape, dtype)

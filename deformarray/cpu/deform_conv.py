@@ -50,8 +50,15 @@ _FM = {"reassoc", "contract"}
 def _tile_buffers(like):
     """A task's per-tile arrays: pixel bases h0, w0, fractions fh, fw, corner indices,
     validity, and weights in the precision of ``like``."""
-    return (np.empty(_TILE), np.empty(_TILE), np.empty(_TILE), np.empty(_TILE),
-            np.empty((4, _TILE), np.uint64), np.empty((4, _TILE)), np.empty((4, _TILE), like.dtype))
+    return (
+        np.empty(_TILE),
+        np.empty(_TILE),
+        np.empty(_TILE),
+        np.empty(_TILE),
+        np.empty((4, _TILE), np.uint64),
+        np.empty((4, _TILE)),
+        np.empty((4, _TILE), like.dtype),
+    )
 
 
 @njit(cache=True, inline="always")
@@ -70,9 +77,21 @@ def _tile_points(off, mask, has_mask, n, ch, k, p_lo, cnt, geo, h0, w0, idx, val
     """Sample points of kernel point k (offset channel pair ch) for the tile, and their
     bilinear weights times the mask in ``wts`` (the data's precision)."""
     height, width, kw, dh, dw = geo[0], geo[1], geo[3], geo[8], geo[9]
-    tile_corners(h0, w0, (k // kw) * dh, (k % kw) * dw,
-                 off[n, 2 * ch, p_lo:p_lo + cnt], off[n, 2 * ch + 1, p_lo:p_lo + cnt],
-                 height, width, idx, valid, fh, fw, cnt)
+    tile_corners(
+        h0,
+        w0,
+        (k // kw) * dh,
+        (k % kw) * dw,
+        off[n, 2 * ch, p_lo : p_lo + cnt],
+        off[n, 2 * ch + 1, p_lo : p_lo + cnt],
+        height,
+        width,
+        idx,
+        valid,
+        fh,
+        fw,
+        cnt,
+    )
     for j in range(cnt):
         s = mask[n, ch, p_lo + j] if has_mask else 1.0
         wts[0, j] = valid[0, j] * (1.0 - fh[j]) * (1.0 - fw[j]) * s
@@ -109,8 +128,9 @@ def _im2col(xt, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
         for b in range(block_group.shape[0]):
             g = block_group[b]
             for k in range(n_k):
-                _tile_points(off, mask, has_mask, n0 + n, g * n_k + k, k, p0 + lo, cnt, geo,
-                             h0, w0, idx, valid, fh, fw, wts)
+                _tile_points(
+                    off, mask, has_mask, n0 + n, g * n_k + k, k, p0 + lo, cnt, geo, h0, w0, idx, valid, fh, fw, wts
+                )
                 for j in range(cnt):
                     i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
                     a0, a1, a2, a3 = wts[0, j], wts[1, j], wts[2, j], wts[3, j]
@@ -118,8 +138,12 @@ def _im2col(xt, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
                         c0 = runs[b, r, 0]
                         d0 = runs[b, r, 2] + np.uint64(k * cg)
                         for cc in range(runs[b, r, 1]):
-                            cols[n, lo + j, d0 + cc] = (a0 * xt[n, i0, c0 + cc] + a1 * xt[n, i1, c0 + cc]
-                                                        + a2 * xt[n, i2, c0 + cc] + a3 * xt[n, i3, c0 + cc])
+                            cols[n, lo + j, d0 + cc] = (
+                                a0 * xt[n, i0, c0 + cc]
+                                + a1 * xt[n, i1, c0 + cc]
+                                + a2 * xt[n, i2, c0 + cc]
+                                + a3 * xt[n, i3, c0 + cc]
+                            )
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -147,8 +171,9 @@ def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, ru
             cnt = min(_TILE, (part + 1) * n_pix // n_parts - lo)
             _tile_bases(p0 + lo, cnt, geo, h0, w0)
             for k in range(n_k):
-                _tile_points(off, mask, has_mask, n0 + n, g * n_k + k, k, p0 + lo, cnt, geo,
-                             h0, w0, idx, valid, fh, fw, wts)
+                _tile_points(
+                    off, mask, has_mask, n0 + n, g * n_k + k, k, p0 + lo, cnt, geo, h0, w0, idx, valid, fh, fw, wts
+                )
                 for j in range(cnt):
                     i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
                     a0, a1, a2, a3 = wts[0, j], wts[1, j], wts[2, j], wts[3, j]
@@ -164,8 +189,7 @@ def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, ru
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
-def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
-                grad_off, grad_mask):
+def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs, grad_off, grad_mask):
     """Offset and mask gradients. With S_q = sum_c gcol_c * x_c(corner q) over the point's
     channels, d/dh = sum_q dh_q S_q, d/dw = sum_q dw_q S_q and d/dmask = sum_q bw_q S_q.
     Blocks here are whole offset groups; each output value is written by one task."""
@@ -183,8 +207,7 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
             g = block_group[b]
             for k in range(n_k):
                 ch = g * n_k + k
-                _tile_points(off, mask, False, n0 + n, ch, k, p0 + lo, cnt, geo,
-                             h0, w0, idx, valid, fh, fw, wts)
+                _tile_points(off, mask, False, n0 + n, ch, k, p0 + lo, cnt, geo, h0, w0, idx, valid, fh, fw, wts)
                 for j in range(cnt):
                     i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
                     s0 = zero
@@ -271,7 +294,7 @@ def _channel_runs(p: ConvParams, block: int):
             blocks.append(block_runs)
     runs = np.zeros((len(blocks), max(len(b) for b in blocks), 3), dtype=np.uint64)
     for i, block_runs in enumerate(blocks):
-        runs[i, :len(block_runs)] = block_runs
+        runs[i, : len(block_runs)] = block_runs
     return np.array(groups, dtype=np.int64), np.array([len(b) for b in blocks], dtype=np.int64), runs
 
 
@@ -286,10 +309,10 @@ def _flat(p: ConvParams, offset, mask, dtype):
 def _channels_last(input, n0, nc, buf):
     """(nc, H*W + 1, C) channels-last copy of images n0..n0+nc, plus a zero row that the
     kernels read for corners outside the image."""
-    chunk = input[n0:n0 + nc]
+    chunk = input[n0 : n0 + nc]
     _, c, h, w = chunk.shape
     xt = buf.empty((nc, h * w + 1, c), chunk.dtype)
-    xt[:, :h * w].reshape(nc, h, w, c)[...] = chunk.transpose(0, 2, 3, 1)
+    xt[:, : h * w].reshape(nc, h, w, c)[...] = chunk.transpose(0, 2, 3, 1)
     xt[:, h * w] = 0
     return xt
 
@@ -355,8 +378,9 @@ def _forward(p: ConvParams, input, offset, weight, mask, out, parts):
     chunks = _chunks(p, dtype.itemsize, planes=1, limit=_config.get_workspace_limit())
     nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
     xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
-    buf = workspace(nbytes(xt_shape, dtype) + nbytes((nc_max, np_max, p.c_in * p.k), dtype)
-                    + nbytes((p.c_out, np_max), dtype))
+    buf = workspace(
+        nbytes(xt_shape, dtype) + nbytes((nc_max, np_max, p.c_in * p.k), dtype) + nbytes((p.c_out, np_max), dtype)
+    )
     for n0, nc, ranges in chunks:
         buf.reset()
         xt = _channels_last(input, n0, nc, buf)
@@ -367,12 +391,12 @@ def _forward(p: ConvParams, input, offset, weight, mask, out, parts):
             _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
             colsT = _cols_by_group(p, cols).transpose(0, 1, 3, 2)  # (nc, groups, K*Cg, P)
             if np_ == hw:
-                res = out[n0:n0 + nc].reshape(nc, p.groups, cog, hw)
+                res = out[n0 : n0 + nc].reshape(nc, p.groups, cog, hw)
             else:  # part of one image: the product goes through a buffer
                 res = res_chunk[:, :np_].reshape(1, p.groups, cog, np_)
             split_matmul(wg, colsT, res, 0 if nc > 1 else -1, parts)
             if np_ != hw:
-                out[n0, :, p0:p0 + np_] = res.reshape(p.c_out, np_)
+                out[n0, :, p0 : p0 + np_] = res.reshape(p.c_out, np_)
 
 
 def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, deterministic=True):
@@ -412,8 +436,7 @@ def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad
     nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
     xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
     _, parts_max = _col2im_split(p, nc_max, nbytes(xt_shape, dtype))
-    buf = workspace((1 + parts_max) * nbytes(xt_shape, dtype)
-                    + nbytes((nc_max, np_max, p.c_in * p.k), dtype))
+    buf = workspace((1 + parts_max) * nbytes(xt_shape, dtype) + nbytes((nc_max, np_max, p.c_in * p.k), dtype))
     for n0, nc, ranges in chunks:
         buf.reset()
         xt = _channels_last(input, n0, nc, buf)
@@ -426,7 +449,7 @@ def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad
             cols = cols_chunk[:, :np_]  # contiguous: several ranges only when nc == 1
             _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
             cols_g = _cols_by_group(p, cols)  # (nc, groups, P, K*Cg)
-            go_chunk = go[n0:n0 + nc, :, :, p0:p0 + np_]  # (nc, groups, Cog, P)
+            go_chunk = go[n0 : n0 + nc, :, :, p0 : p0 + np_]  # (nc, groups, Cog, P)
             _accumulate_grad_weight(go_chunk, cols_g, grad_wg, parts)
             # the column buffer now receives grad cols = grad_out^T @ W
             split_matmul(go_chunk.transpose(0, 1, 3, 2), wg, cols_g, 0 if nc > 1 else -2, parts)
@@ -435,7 +458,7 @@ def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad
         for part in range(col_parts - 1):  # fixed order: deterministic
             grad_xt += spill[part]
         hw_in = p.h * p.w
-        grad_x[n0:n0 + nc] = grad_xt[:, :hw_in].reshape(nc, p.h, p.w, p.c_in).transpose(0, 3, 1, 2)
+        grad_x[n0 : n0 + nc] = grad_xt[:, :hw_in].reshape(nc, p.h, p.w, p.c_in).transpose(0, 3, 1, 2)
 
 
 def _accumulate_grad_weight(go_chunk, cols_g, grad_wg, parts):

@@ -48,8 +48,31 @@ _MARGIN = 0.5  # MXNet: a sample outside [-0.5, size - 0.5] is skipped
 
 
 @njit(cache=True, inline="always")
-def _bin_axes(box, r, i, j, cls, off, has_off, trans_std, pi, pj, height, width, spp,
-              y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs):
+def _bin_axes(
+    box,
+    r,
+    i,
+    j,
+    cls,
+    off,
+    has_off,
+    trans_std,
+    pi,
+    pj,
+    height,
+    width,
+    spp,
+    y_w,
+    y_s,
+    y_idx,
+    y_cw,
+    y_cs,
+    x_w,
+    x_s,
+    x_idx,
+    x_cw,
+    x_cs,
+):
     """Row and column weights (``axis_weights``) of bin (i, j) of RoI r for offset class
     cls: (used rows * used columns = valid samples, touched rows, touched columns)."""
     hs = i * box[r, 4] + box[r, 0]
@@ -57,10 +80,8 @@ def _bin_axes(box, r, i, j, cls, off, has_off, trans_std, pi, pj, height, width,
     if has_off:
         ws += off[r, 2 * cls, pi, pj] * trans_std * box[r, 3]
         hs += off[r, 2 * cls + 1, pi, pj] * trans_std * box[r, 2]
-    uy, my = axis_weights(hs, 0.0, box[r, 6], 1.0, spp, height, _MARGIN,
-                          y_w, y_s, y_idx, y_cw, y_cs)
-    ux, mx = axis_weights(ws, 0.0, box[r, 7], 1.0, spp, width, _MARGIN,
-                          x_w, x_s, x_idx, x_cw, x_cs)
+    uy, my = axis_weights(hs, 0.0, box[r, 6], 1.0, spp, height, _MARGIN, y_w, y_s, y_idx, y_cw, y_cs)
+    ux, mx = axis_weights(ws, 0.0, box[r, 7], 1.0, spp, width, _MARGIN, x_w, x_s, x_idx, x_cw, x_cs)
     return uy * ux, my, mx
 
 
@@ -87,9 +108,31 @@ def _forward_kernel(x, o0, rlist, rslot, box, off, has_off, trans_std, dims, out
             for k in range(nr):
                 r = rlist[k]
                 n = rslot[k]
-                cnt, my, mx = _bin_axes(box, r, i, j, cls, off, has_off, trans_std, pi, pj,
-                                        height, width, spp, y_w, y_s, y_idx, y_cw, y_cs,
-                                        x_w, x_s, x_idx, x_cw, x_cs)
+                cnt, my, mx = _bin_axes(
+                    box,
+                    r,
+                    i,
+                    j,
+                    cls,
+                    off,
+                    has_off,
+                    trans_std,
+                    pi,
+                    pj,
+                    height,
+                    width,
+                    spp,
+                    y_w,
+                    y_s,
+                    y_idx,
+                    y_cw,
+                    y_cs,
+                    x_w,
+                    x_s,
+                    x_idx,
+                    x_cw,
+                    x_cs,
+                )
                 total = 0.0
                 for a in range(my):
                     row = y_idx[a] * wd
@@ -130,9 +173,31 @@ def _grad_input_kernel(go, rimg, box, off, has_off, trans_std, dims, grad):
                     if j * gs // ps != gj:
                         continue
                     pj = j * part // ps
-                    cnt, my, mx = _bin_axes(box, r, i, j, cls, off, has_off, trans_std, pi,
-                                            pj, height, width, spp, y_w, y_s, y_idx, y_cw,
-                                            y_cs, x_w, x_s, x_idx, x_cw, x_cs)
+                    cnt, my, mx = _bin_axes(
+                        box,
+                        r,
+                        i,
+                        j,
+                        cls,
+                        off,
+                        has_off,
+                        trans_std,
+                        pi,
+                        pj,
+                        height,
+                        width,
+                        spp,
+                        y_w,
+                        y_s,
+                        y_idx,
+                        y_cw,
+                        y_cs,
+                        x_w,
+                        x_s,
+                        x_idx,
+                        x_cw,
+                        x_cs,
+                    )
                     if cnt == 0:
                         continue  # no sample: zero output, zero gradient
                     g = go[r, c, i, j] / cnt
@@ -180,9 +245,31 @@ def _grad_offset_kernel(x, o0, rlist, rslot, box, go, off, trans_std, dims, grad
                     for k in range(nr):
                         r = rlist[k]
                         n = rslot[k]
-                        cnt, my, mx = _bin_axes(box, r, i, j, cls, off, True, trans_std, pi,
-                                                pj, height, width, spp, y_w, y_s, y_idx, y_cw,
-                                                y_cs, x_w, x_s, x_idx, x_cw, x_cs)
+                        cnt, my, mx = _bin_axes(
+                            box,
+                            r,
+                            i,
+                            j,
+                            cls,
+                            off,
+                            True,
+                            trans_std,
+                            pi,
+                            pj,
+                            height,
+                            width,
+                            spp,
+                            y_w,
+                            y_s,
+                            y_idx,
+                            y_cw,
+                            y_cs,
+                            x_w,
+                            x_s,
+                            x_idx,
+                            x_cw,
+                            x_cs,
+                        )
                         if cnt == 0:
                             continue
                         s_x = 0.0
@@ -230,8 +317,9 @@ def _boxes(p: PSRoiPoolParams, rois):
     roi_h = np.maximum(end_h - start_h, 0.1)
     bin_h = roi_h / p.pooled_size
     bin_w = roi_w / p.pooled_size
-    box = np.stack([start_h, start_w, roi_h, roi_w, bin_h, bin_w,
-                    bin_h / p.sample_per_part, bin_w / p.sample_per_part], axis=1)
+    box = np.stack(
+        [start_h, start_w, roi_h, roi_w, bin_h, bin_w, bin_h / p.sample_per_part, bin_w / p.sample_per_part], axis=1
+    )
     return np.ascontiguousarray(box), v[:, 0].astype(np.int64)
 
 
@@ -254,8 +342,7 @@ def _input_chunks(p: PSRoiPoolParams, input, batch, planes_bytes_limit):
     """
     gg = p.group_size * p.group_size
     if input.flags.c_contiguous:
-        yield input.reshape(p.n, p.c, p.h * p.w), 0, np.arange(p.r, dtype=np.int64), \
-            batch.astype(np.uint64)
+        yield input.reshape(p.n, p.c, p.h * p.w), 0, np.arange(p.r, dtype=np.int64), batch.astype(np.uint64)
         return
     dtype = input.dtype
     order = np.argsort(batch, kind="stable")
@@ -267,7 +354,7 @@ def _input_chunks(p: PSRoiPoolParams, input, batch, planes_bytes_limit):
         buf.reset()
         x = buf.empty((len(images), oc * gg, p.h * p.w), dtype)
         for s, img in enumerate(images):
-            x[s].reshape(oc * gg, p.h, p.w)[...] = input[img, o0 * gg:(o0 + oc) * gg]
+            x[s].reshape(oc * gg, p.h, p.w)[...] = input[img, o0 * gg : (o0 + oc) * gg]
         rlist, slots = chunk_rois(batch, order, sorted_batch, images)
         yield x, o0, rlist, slots
 
@@ -297,8 +384,6 @@ def backward(p: PSRoiPoolParams, grad_output, input, rois, offset, deterministic
         go = np.ascontiguousarray(grad_output)
         _grad_input_kernel(go, batch, box, off, offset is not None, p.trans_std, dims, grad_x)
         if offset is not None:
-            for x, o0, rlist, slots in _input_chunks(p, input, batch,
-                                                     _config.get_workspace_limit()):
-                _grad_offset_kernel(x, o0, rlist, slots, box, go, off, p.trans_std, dims,
-                                    grad_off)
+            for x, o0, rlist, slots in _input_chunks(p, input, batch, _config.get_workspace_limit()):
+                _grad_offset_kernel(x, o0, rlist, slots, box, go, off, p.trans_std, dims, grad_off)
     return grad_x.reshape(p.n, p.c, p.h, p.w), grad_off

@@ -67,30 +67,30 @@ def _bin_origin(box, r, i, j, off, has_off, gamma):
 
 
 @njit(cache=True, inline="always")
-def _bin_axes(box, grid, r, i, j, off, has_off, gamma, height, width,
-              y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs):
+def _bin_axes(
+    box, grid, r, i, j, off, has_off, gamma, height, width, y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs
+):
     """Row and column weights of bin (i, j) of RoI r (``axis_weights``): (rows, cols)."""
     h0, w0 = _bin_origin(box, r, i, j, off, has_off, gamma)
-    _, my = axis_weights(h0, 0.5, box[r, 4], grid[r, 0], grid[r, 0], height, _MARGIN,
-                         y_w, y_s, y_idx, y_cw, y_cs)
-    _, mx = axis_weights(w0, 0.5, box[r, 5], grid[r, 1], grid[r, 1], width, _MARGIN,
-                         x_w, x_s, x_idx, x_cw, x_cs)
+    _, my = axis_weights(h0, 0.5, box[r, 4], grid[r, 0], grid[r, 0], height, _MARGIN, y_w, y_s, y_idx, y_cw, y_cs)
+    _, mx = axis_weights(w0, 0.5, box[r, 5], grid[r, 1], grid[r, 1], width, _MARGIN, x_w, x_s, x_idx, x_cw, x_cs)
     return my, mx
 
 
 @njit(cache=True)
-def _bin_axes_strict(box, grid, r, i, j, off, has_off, gamma, height, width,
-                     y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs):
+def _bin_axes_strict(
+    box, grid, r, i, j, off, has_off, gamma, height, width, y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs
+):
     """``_bin_axes`` compiled on its own, without fast-math: the coordinate-gradient kernel
     calls it so that its sample coordinates are bitwise the forward's (fast-math could fuse
     or reorder their additions)."""
-    return _bin_axes(box, grid, r, i, j, off, has_off, gamma, height, width,
-                     y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs)
+    return _bin_axes(
+        box, grid, r, i, j, off, has_off, gamma, height, width, y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs
+    )
 
 
 @njit(cache=True, parallel=True)
-def _forward_kernel(xt, c0, rlist, rslot, box, grid, off, mask, has_off, has_mask, gamma,
-                    height, width, out):
+def _forward_kernel(xt, c0, rlist, rslot, box, grid, off, mask, has_off, has_mask, gamma, height, width, out):
     """out[r, c0 + c, i, j] = mask * mean over the bin's samples of channel c."""
     cc = np.uint64(xt.shape[2])
     ph, pw = out.shape[2], out.shape[3]
@@ -109,8 +109,28 @@ def _forward_kernel(xt, c0, rlist, rslot, box, grid, off, mask, has_off, has_mas
         for j in range(pw):
             for c in range(cc):
                 acc[c] = 0.0
-            my, mx = _bin_axes(box, grid, r, i, j, off, has_off, gamma, height, width,
-                               y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs)
+            my, mx = _bin_axes(
+                box,
+                grid,
+                r,
+                i,
+                j,
+                off,
+                has_off,
+                gamma,
+                height,
+                width,
+                y_w,
+                y_s,
+                y_idx,
+                y_cw,
+                y_cs,
+                x_w,
+                x_s,
+                x_idx,
+                x_cw,
+                x_cs,
+            )
             for a in range(my):
                 row = y_idx[a] * wd
                 for b in range(mx):
@@ -131,8 +151,7 @@ def _forward_kernel(xt, c0, rlist, rslot, box, grid, off, mask, has_off, has_mas
 
 
 @njit(cache=True, parallel=True)
-def _grad_input_kernel(go, c0, rlist, rslot, box, grid, off, mask, has_off, has_mask, gamma,
-                       height, width, block, gxt):
+def _grad_input_kernel(go, c0, rlist, rslot, box, grid, off, mask, has_off, has_mask, gamma, height, width, block, gxt):
     """gxt[slot, pixel, c] += adjoint of the forward, parallel over channel blocks."""
     cc = np.uint64(gxt.shape[2])
     ph, pw = go.shape[2], go.shape[3]
@@ -159,8 +178,28 @@ def _grad_input_kernel(go, c0, rlist, rslot, box, grid, off, mask, has_off, has_
                     s = wv[0]
                     for c in range(nb):
                         g[c] = go[r, c0 + lo + c, i, j] * s
-                    my, mx = _bin_axes(box, grid, r, i, j, off, has_off, gamma, height, width,
-                                       y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs)
+                    my, mx = _bin_axes(
+                        box,
+                        grid,
+                        r,
+                        i,
+                        j,
+                        off,
+                        has_off,
+                        gamma,
+                        height,
+                        width,
+                        y_w,
+                        y_s,
+                        y_idx,
+                        y_cw,
+                        y_cs,
+                        x_w,
+                        x_s,
+                        x_idx,
+                        x_cw,
+                        x_cs,
+                    )
                     for a in range(my):
                         row = y_idx[a] * wd
                         for b in range(mx):
@@ -174,8 +213,9 @@ def _grad_input_kernel(go, c0, rlist, rslot, box, grid, off, mask, has_off, has_
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
-def _grad_coord_kernel(xt, go, c0, rlist, rslot, box, grid, off, mask, has_off, has_mask,
-                       gamma, height, width, grad_off, grad_mask):
+def _grad_coord_kernel(
+    xt, go, c0, rlist, rslot, box, grid, off, mask, has_off, has_mask, gamma, height, width, grad_off, grad_mask
+):
     """Offset and mask gradients of the chunk's channels, added into grad_off / grad_mask.
 
     With S_q = sum_c g_c x_c(q) for each pixel q the bin touches, the bin's sum of samples
@@ -201,9 +241,28 @@ def _grad_coord_kernel(xt, go, c0, rlist, rslot, box, grid, off, mask, has_off, 
         for j in range(pw):
             for c in range(cc):
                 gv[c] = go[r, c0 + c, i, j]
-            my, mx = _bin_axes_strict(box, grid, r, i, j, off, has_off, gamma, height, width,
-                                      y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw,
-                                      x_cs)
+            my, mx = _bin_axes_strict(
+                box,
+                grid,
+                r,
+                i,
+                j,
+                off,
+                has_off,
+                gamma,
+                height,
+                width,
+                y_w,
+                y_s,
+                y_idx,
+                y_cw,
+                y_cs,
+                x_w,
+                x_s,
+                x_idx,
+                x_cw,
+                x_cs,
+            )
             s_val = 0.0
             s_y = 0.0
             s_x = 0.0
@@ -247,12 +306,12 @@ def _boxes(p: RoiPoolParams, rois):
     roi_w = (v[:, 3] * s - 0.5) - start_w
     roi_h = (v[:, 4] * s - 0.5) - start_h
     box = np.ascontiguousarray(
-        np.stack([start_h, start_w, roi_h, roi_w, roi_h / p.pooled_h, roi_w / p.pooled_w], axis=1))
+        np.stack([start_h, start_w, roi_h, roi_w, roi_h / p.pooled_h, roi_w / p.pooled_w], axis=1)
+    )
     if p.sampling_ratio > 0:
         grid = np.full((p.r, 2), p.sampling_ratio, dtype=np.int64)
     else:
-        grid = np.stack([np.ceil(roi_h / p.pooled_h), np.ceil(roi_w / p.pooled_w)],
-                        axis=1).astype(np.int64)
+        grid = np.stack([np.ceil(roi_h / p.pooled_h), np.ceil(roi_w / p.pooled_w)], axis=1).astype(np.int64)
     return box, grid, v[:, 0].astype(np.int64)
 
 
@@ -264,10 +323,13 @@ def plan_chunks(batch, n_channels: int, plane_bytes: int, limit: int):
     per_image = plane_bytes * n_channels
     if per_image <= limit:
         step = max(1, limit // per_image)
-        return [(used[k:k + step], 0, n_channels) for k in range(0, len(used), step)]
+        return [(used[k : k + step], 0, n_channels) for k in range(0, len(used), step)]
     cstep = max(1, limit // plane_bytes)
-    return [(used[k:k + 1], c0, min(cstep, n_channels - c0))
-            for k in range(len(used)) for c0 in range(0, n_channels, cstep)]
+    return [
+        (used[k : k + 1], c0, min(cstep, n_channels - c0))
+        for k in range(len(used))
+        for c0 in range(0, n_channels, cstep)
+    ]
 
 
 def chunk_rois(batch, order, sorted_batch, images):
@@ -285,7 +347,7 @@ def _channels_last(input, images, c0, cc, buf):
     _, _, h, w = input.shape
     xt = buf.empty((len(images), h * w, cc), input.dtype)
     for s, img in enumerate(images):
-        xt[s].reshape(h, w, cc)[...] = input[img, c0:c0 + cc].transpose(1, 2, 0)
+        xt[s].reshape(h, w, cc)[...] = input[img, c0 : c0 + cc].transpose(1, 2, 0)
     return xt
 
 
@@ -312,8 +374,22 @@ def forward(p: RoiPoolParams, input, rois, offset, mask):
         buf.reset()
         xt = _channels_last(input, images, c0, cc, buf)
         rlist, slots = chunk_rois(batch, order, sorted_batch, images)
-        _forward_kernel(xt, np.uint64(c0), rlist, slots, box, grid, off, m,
-                        offset is not None, mask is not None, p.gamma, p.h, p.w, out)
+        _forward_kernel(
+            xt,
+            np.uint64(c0),
+            rlist,
+            slots,
+            box,
+            grid,
+            off,
+            m,
+            offset is not None,
+            mask is not None,
+            p.gamma,
+            p.h,
+            p.w,
+            out,
+        )
     return out
 
 
@@ -343,21 +419,50 @@ def backward(p: RoiPoolParams, grad_output, input, rois, offset, mask, determini
     order = np.argsort(batch, kind="stable")
     sorted_batch = batch[order]
     planes = 2 if coords else 1
-    chunks = plan_chunks(batch, p.c, planes * p.h * p.w * dtype.itemsize,
-                         _config.get_workspace_limit())
+    chunks = plan_chunks(batch, p.c, planes * p.h * p.w * dtype.itemsize, _config.get_workspace_limit())
     first = (len(chunks[0][0]), p.h * p.w, chunks[0][2])
     buf = workspace(planes * nbytes(first, dtype))
     for images, c0, cc in chunks:
         buf.reset()
         rlist, slots = chunk_rois(batch, order, sorted_batch, images)
         gxt = buf.zeros((len(images), p.h * p.w, cc), dtype)
-        _grad_input_kernel(go, np.uint64(c0), rlist, slots, box, grid, off, m,
-                           offset is not None, mask is not None, p.gamma, p.h, p.w,
-                           _block(cc), gxt)
+        _grad_input_kernel(
+            go,
+            np.uint64(c0),
+            rlist,
+            slots,
+            box,
+            grid,
+            off,
+            m,
+            offset is not None,
+            mask is not None,
+            p.gamma,
+            p.h,
+            p.w,
+            _block(cc),
+            gxt,
+        )
         for s, img in enumerate(images):
-            grad_x[img, c0:c0 + cc] = gxt[s].reshape(p.h, p.w, cc).transpose(2, 0, 1)
+            grad_x[img, c0 : c0 + cc] = gxt[s].reshape(p.h, p.w, cc).transpose(2, 0, 1)
         if coords:
             xt = _channels_last(input, images, c0, cc, buf)
-            _grad_coord_kernel(xt, go, np.uint64(c0), rlist, slots, box, grid, off, m,
-                               offset is not None, mask is not None, p.gamma, p.h, p.w, gof, gm)
+            _grad_coord_kernel(
+                xt,
+                go,
+                np.uint64(c0),
+                rlist,
+                slots,
+                box,
+                grid,
+                off,
+                m,
+                offset is not None,
+                mask is not None,
+                p.gamma,
+                p.h,
+                p.w,
+                gof,
+                gm,
+            )
     return grad_x, grad_off, grad_m

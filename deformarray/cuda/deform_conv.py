@@ -46,7 +46,8 @@ Nothing in this module or in deform_conv.cu has been run on a GPU yet: see docs/
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -170,13 +171,13 @@ def _forward(be, p, input, offset, weight, bias, mask):
     for ch in _plan(p.n, pixels, per_pixel, 0, _config.get_workspace_limit()):
         L = ch.length
         cols = xp.empty((ck, L), dtype=acc)
-        be.launch("deform_conv_im2col", dtype, ck * L,
-                  (input, offset, mask_arg, cols) + geom + _i64(ch.q0, L))
+        be.launch("deform_conv_im2col", dtype, ck * L, (input, offset, mask_arg, cols) + geom + _i64(ch.q0, L))
         res = xp.empty((p.c_out, L), dtype=acc)
         for g in range(p.groups):
-            xp.matmul(w[g], cols[g * ckg:(g + 1) * ckg], out=res[g * og:(g + 1) * og])
-        be.launch("deform_conv_store_output", dtype, p.c_out * L,
-                  (res, bias_arg, out) + _i64(p.c_out, pixels, ch.q0, L))
+            xp.matmul(w[g], cols[g * ckg : (g + 1) * ckg], out=res[g * og : (g + 1) * og])
+        be.launch(
+            "deform_conv_store_output", dtype, p.c_out * L, (res, bias_arg, out) + _i64(p.c_out, pixels, ch.q0, L)
+        )
     return out
 
 
@@ -192,8 +193,7 @@ def backward(p, grad_output, input, offset, weight, bias, mask, deterministic=Fa
     for the method and its cost). The other gradients are deterministic in both modes.
     """
     be = _backend()
-    _same_device(dict(grad_output=grad_output, input=input, offset=offset, weight=weight,
-                      bias=bias, mask=mask))
+    _same_device(dict(grad_output=grad_output, input=input, offset=offset, weight=weight, bias=bias, mask=mask))
     with be.device(input):
         return _backward(be, p, grad_output, input, offset, weight, bias, mask, bool(deterministic))
 
@@ -223,7 +223,8 @@ def _backward(be, p, grad_output, input, offset, weight, bias, mask, determinist
 
     if p.n > 0:
         grad_output, input, offset, weight, mask = (
-            _contiguous(be, a) for a in (grad_output, input, offset, weight, mask))
+            _contiguous(be, a) for a in (grad_output, input, offset, weight, mask)
+        )
         w = _weight_acc(be, weight, acc, p)
         geom = _geom_args(p)
         mask_arg = mask if mask is not None else be.null
@@ -242,39 +243,54 @@ def _backward(be, p, grad_output, input, offset, weight, bias, mask, determinist
             q_args = _i64(ch.q0, L)
             # grad_out as (C_out, L) in the accumulator type
             gout = xp.empty((p.c_out, L), dtype=acc)
-            be.launch("deform_conv_gather_grad_output", dtype, p.c_out * L,
-                      (grad_output, gout) + _i64(p.c_out, pixels, ch.q0, L))
+            be.launch(
+                "deform_conv_gather_grad_output",
+                dtype,
+                p.c_out * L,
+                (grad_output, gout) + _i64(p.c_out, pixels, ch.q0, L),
+            )
             if gb is not None:
                 gb += gout.sum(axis=1)
             # columns -> grad weight; then the same buffer holds the grad columns
             cols = xp.empty((ck, L), dtype=acc)
-            be.launch("deform_conv_im2col", dtype, ck * L,
-                      (input, offset, mask_arg, cols) + geom + q_args)
+            be.launch("deform_conv_im2col", dtype, ck * L, (input, offset, mask_arg, cols) + geom + q_args)
             for g in range(p.groups):
-                gw[g] += xp.matmul(gout[g * og:(g + 1) * og], cols[g * ckg:(g + 1) * ckg].T)
+                gw[g] += xp.matmul(gout[g * og : (g + 1) * og], cols[g * ckg : (g + 1) * ckg].T)
             gcols = cols
             for g in range(p.groups):
-                xp.matmul(w[g].T, gout[g * og:(g + 1) * og], out=gcols[g * ckg:(g + 1) * ckg])
+                xp.matmul(w[g].T, gout[g * og : (g + 1) * og], out=gcols[g * ckg : (g + 1) * ckg])
             del gout
             # offset / mask gradients: gather over channels, one writer per value
-            be.launch("deform_conv_coord_grad", dtype, p.offset_groups * p.k * L,
-                      (input, offset, mask_arg, gcols, grad_offset, grad_mask_arg) + geom + q_args)
+            be.launch(
+                "deform_conv_coord_grad",
+                dtype,
+                p.offset_groups * p.k * L,
+                (input, offset, mask_arg, gcols, grad_offset, grad_mask_arg) + geom + q_args,
+            )
             # input gradient, accumulated in the accumulator type over images n0 .. n0+nb-1
             if half:
                 if ch.starts_image:
                     gin_acc = _zeros(xp, (ch.nb, p.c_in, p.h, p.w), np.float32)
                 target = gin_acc
             else:
-                target = grad_input[ch.n0:ch.n0 + ch.nb]
+                target = grad_input[ch.n0 : ch.n0 + ch.nb]
             if deterministic:
                 _col2im_deterministic(be, p, dtype, acc, offset, mask_arg, gcols, target, geom, ch)
             else:
-                be.launch("deform_conv_col2im_atomic", dtype, ck * L,
-                          (offset, mask_arg, gcols, target) + geom + q_args + _i64(ch.n0))
+                be.launch(
+                    "deform_conv_col2im_atomic",
+                    dtype,
+                    ck * L,
+                    (offset, mask_arg, gcols, target) + geom + q_args + _i64(ch.n0),
+                )
             del cols, gcols
             if half and ch.ends_image:
-                be.launch("deform_conv_from_acc", dtype, gin_acc.size,
-                          (gin_acc, grad_input[ch.n0:ch.n0 + ch.nb], np.int64(gin_acc.size)))
+                be.launch(
+                    "deform_conv_from_acc",
+                    dtype,
+                    gin_acc.size,
+                    (gin_acc, grad_input[ch.n0 : ch.n0 + ch.nb], np.int64(gin_acc.size)),
+                )
                 gin_acc = None
 
     grad_weight = _from_acc(be, gw.reshape(weight.shape), dtype)
@@ -292,15 +308,23 @@ def _col2im_deterministic(be, p, dtype, acc, offset, mask_arg, gcols, target, ge
     keys = xp.empty((entries,), dtype=np.int64)
     vals = xp.empty((entries,), dtype=acc)
     counts = _zeros(xp, (rows,), np.int64)
-    be.launch("deform_conv_col2im_coo", dtype, p.offset_groups * p.k * L,
-              (offset, mask_arg, keys, vals, counts) + geom + _i64(ch.q0, L, ch.n0, ch.nb))
+    be.launch(
+        "deform_conv_col2im_coo",
+        dtype,
+        p.offset_groups * p.k * L,
+        (offset, mask_arg, keys, vals, counts) + geom + _i64(ch.q0, L, ch.n0, ch.nb),
+    )
     order = be.argsort_stable(keys)  # entries of each row stay in increasing entry order
     del keys
     row_start = _zeros(xp, (rows + 1,), np.int64)
     row_start[1:] = xp.cumsum(counts)  # exclusive prefix sum: row r is order[start[r]:start[r+1]]
     del counts
-    be.launch("deform_conv_col2im_gather", dtype, ch.nb * p.c_in * p.h * p.w,
-              (order, row_start, vals, gcols, target) + geom + _i64(L, ch.nb))
+    be.launch(
+        "deform_conv_col2im_gather",
+        dtype,
+        ch.nb * p.c_in * p.h * p.w,
+        (order, row_start, vals, gcols, target) + geom + _i64(L, ch.nb),
+    )
 
 
 __all__ = ["forward", "backward"]

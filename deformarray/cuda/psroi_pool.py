@@ -53,15 +53,18 @@ _FILE = "psroi_pool.cu"
 _DET_BYTES_PER_ENTRY = 48  # int64 key + cupy.argsort's buffers (as deform_conv)
 _DET_BYTES_PER_ROW = 24  # int64 counts, int64 row starts, the prefix sum's temporary
 
+
 def _backend() -> Any:
     return _launch_backend(_FILE)
 
 
 def _geom_args(p: Any) -> tuple:
     """The kernels' DFA_PSROI_PARAMS, in order."""
-    return _i64(p.n, p.c, p.h, p.w, p.r, p.output_dim, p.group_size, p.pooled_size, p.part_size,
-                p.sample_per_part) + (np.float64(p.trans_std), np.float64(p.spatial_scale),
-                                      np.int64(p.num_classes if p.has_offset else 1))
+    return _i64(p.n, p.c, p.h, p.w, p.r, p.output_dim, p.group_size, p.pooled_size, p.part_size, p.sample_per_part) + (
+        np.float64(p.trans_std),
+        np.float64(p.spatial_scale),
+        np.int64(p.num_classes if p.has_offset else 1),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,8 +84,7 @@ def _forward(be, p, input, rois, offset):
     if out.size == 0:
         return out
     input, rois, offset = (_contiguous(be, a) for a in (input, rois, offset))
-    be.launch("psroi_pool_forward", input.dtype, out.size,
-              _args(be, input, rois, offset, out) + _geom_args(p))
+    be.launch("psroi_pool_forward", input.dtype, out.size, _args(be, input, rois, offset, out) + _geom_args(p))
     return out
 
 
@@ -116,33 +118,44 @@ def _backward(be, p, grad_output, input, rois, offset, deterministic):
     grad_output, input, rois, offset = (_contiguous(be, a) for a in (grad_output, input, rois, offset))
     geom = _geom_args(p)
     if offset is not None:
-        be.launch("psroi_pool_coord_grad", dtype, offset.size // 2,
-                  (input, grad_output, rois, offset, grad_offset) + geom)
+        be.launch(
+            "psroi_pool_coord_grad", dtype, offset.size // 2, (input, grad_output, rois, offset, grad_offset) + geom
+        )
     limit = _config.get_workspace_limit()
     image = p.c * p.h * p.w
     if not deterministic:
         if not half:
-            be.launch("psroi_pool_backward_atomic", dtype, outputs,
-                      _args(be, grad_output, rois, offset, grad_input) + geom + _i64(0, p.n))
+            be.launch(
+                "psroi_pool_backward_atomic",
+                dtype,
+                outputs,
+                _args(be, grad_output, rois, offset, grad_input) + geom + _i64(0, p.n),
+            )
             return grad_input, grad_offset
         for n0, nb in _image_chunks(p.n, image * 4, limit):
             gin = xp.zeros((nb, p.c, p.h, p.w), dtype=np.float32)
-            be.launch("psroi_pool_backward_atomic", dtype, outputs,
-                      _args(be, grad_output, rois, offset, gin) + geom + _i64(n0, nb))
-            be.launch("psroi_pool_from_acc", dtype, gin.size, (gin, grad_input[n0:n0 + nb], np.int64(gin.size)))
+            be.launch(
+                "psroi_pool_backward_atomic",
+                dtype,
+                outputs,
+                _args(be, grad_output, rois, offset, gin) + geom + _i64(n0, nb),
+            )
+            be.launch("psroi_pool_from_acc", dtype, gin.size, (gin, grad_input[n0 : n0 + nb], np.int64(gin.size)))
         return grad_input, grad_offset
 
     per_image = image * (_DET_BYTES_PER_ROW + (4 if half else 0))
-    per_output = 4 * p.sample_per_part ** 2 * (acc.itemsize + _DET_BYTES_PER_ENTRY)
+    per_output = 4 * p.sample_per_part**2 * (acc.itemsize + _DET_BYTES_PER_ENTRY)
     for n0, nb in _image_chunks(p.n, 2 * per_image, limit):  # images: at most half the bound
-        target = xp.zeros((nb, p.c, p.h, p.w), dtype=np.float32) if half else grad_input[n0:n0 + nb]
+        target = xp.zeros((nb, p.c, p.h, p.w), dtype=np.float32) if half else grad_input[n0 : n0 + nb]
         step = max(1, (limit - nb * per_image) // per_output)
         for q0 in range(0, outputs, step):
-            _gather_chunk(be, p, dtype, acc, grad_output, rois, offset, target, geom, n0, nb,
-                          q0, min(step, outputs - q0))
+            _gather_chunk(
+                be, p, dtype, acc, grad_output, rois, offset, target, geom, n0, nb, q0, min(step, outputs - q0)
+            )
         if half:
-            be.launch("psroi_pool_from_acc", dtype, target.size,
-                      (target, grad_input[n0:n0 + nb], np.int64(target.size)))
+            be.launch(
+                "psroi_pool_from_acc", dtype, target.size, (target, grad_input[n0 : n0 + nb], np.int64(target.size))
+            )
     return grad_input, grad_offset
 
 
@@ -150,20 +163,18 @@ def _gather_chunk(be, p, dtype, acc, grad_output, rois, offset, target, geom, n0
     """Input gradient of output elements q0 .. q0+L-1 for images n0 .. n0+nb-1, summed in a
     fixed order (see psroi_pool_coo / psroi_pool_gather)."""
     xp = be.xp
-    entries = 4 * p.sample_per_part ** 2 * L
+    entries = 4 * p.sample_per_part**2 * L
     rows = nb * p.c * p.h * p.w
     keys = xp.empty((entries,), dtype=np.int64)
     vals = xp.empty((entries,), dtype=acc)
     counts = xp.zeros((rows,), dtype=np.int64)
-    be.launch("psroi_pool_coo", dtype, L,
-              _args(be, rois, offset, keys, vals, counts) + geom + _i64(n0, nb, q0, L))
+    be.launch("psroi_pool_coo", dtype, L, _args(be, rois, offset, keys, vals, counts) + geom + _i64(n0, nb, q0, L))
     order = be.argsort_stable(keys)  # entries of each row stay in increasing entry order
     del keys
     row_start = xp.zeros((rows + 1,), dtype=np.int64)
     row_start[1:] = xp.cumsum(counts)  # row r is order[row_start[r]:row_start[r + 1]]
     del counts
-    be.launch("psroi_pool_gather", dtype, rows,
-              (order, row_start, vals, grad_output, target) + geom + _i64(nb, q0))
+    be.launch("psroi_pool_gather", dtype, rows, (order, row_start, vals, grad_output, target) + geom + _i64(nb, q0))
 
 
 __all__ = ["forward", "backward"]

@@ -41,7 +41,8 @@ Nothing in this module or in roi_pool.cu has been run on a GPU yet: see docs/cud
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,10 @@ def _cut(cost: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
 def _geom_args(p: Any) -> tuple:
     """The kernels' DFA_ROI_PARAMS, in order."""
     return _i64(p.n, p.c, p.h, p.w, p.r, p.pooled_h, p.pooled_w) + (
-        np.float64(p.spatial_scale), np.int64(p.sampling_ratio), np.float64(p.gamma))
+        np.float64(p.spatial_scale),
+        np.int64(p.sampling_ratio),
+        np.float64(p.gamma),
+    )
 
 
 def _args(be: Any, *arrays: Any) -> tuple:
@@ -125,8 +129,7 @@ def _forward(be, p, input, rois, offset, mask):
     if out.size == 0:
         return out
     input, rois, offset, mask = (_contiguous(be, a) for a in (input, rois, offset, mask))
-    be.launch("roi_pool_forward", input.dtype, out.size,
-              _args(be, input, rois, offset, mask, out) + _geom_args(p))
+    be.launch("roi_pool_forward", input.dtype, out.size, _args(be, input, rois, offset, mask, out) + _geom_args(p))
     return out
 
 
@@ -157,25 +160,35 @@ def _backward(be, p, grad_output, input, rois, offset, mask, deterministic):
     grad_mask = xp.zeros(mask.shape, dtype=dtype) if mask is not None else None
     if p.r * p.c * p.pooled_h * p.pooled_w == 0 or p.h * p.w == 0:
         return grad_input, grad_offset, grad_mask
-    grad_output, input, rois, offset, mask = (
-        _contiguous(be, a) for a in (grad_output, input, rois, offset, mask))
+    grad_output, input, rois, offset, mask = (_contiguous(be, a) for a in (grad_output, input, rois, offset, mask))
     geom = _geom_args(p)
     if offset is not None or mask is not None:
-        be.launch("roi_pool_coord_grad", dtype, p.r * p.pooled_h * p.pooled_w,
-                  _args(be, input, grad_output, rois, offset, mask, grad_offset, grad_mask) + geom)
+        be.launch(
+            "roi_pool_coord_grad",
+            dtype,
+            p.r * p.pooled_h * p.pooled_w,
+            _args(be, input, grad_output, rois, offset, mask, grad_offset, grad_mask) + geom,
+        )
     if deterministic:
         _input_grad_deterministic(be, p, dtype, acc, grad_output, rois, offset, mask, grad_input, geom)
     elif acc == dtype:
-        be.launch("roi_pool_backward_atomic", dtype, grad_output.size,
-                  _args(be, grad_output, rois, offset, mask, grad_input) + geom + _i64(0, p.n))
+        be.launch(
+            "roi_pool_backward_atomic",
+            dtype,
+            grad_output.size,
+            _args(be, grad_output, rois, offset, mask, grad_input) + geom + _i64(0, p.n),
+        )
     else:
         plane = p.c * p.h * p.w
         for n0, nb in _image_chunks(p.n, plane * 4, _config.get_workspace_limit()):
             gin = xp.zeros((nb, p.c, p.h, p.w), dtype=np.float32)
-            be.launch("roi_pool_backward_atomic", dtype, grad_output.size,
-                      _args(be, grad_output, rois, offset, mask, gin) + geom + _i64(n0, nb))
-            be.launch("roi_pool_from_acc", dtype, gin.size,
-                      (gin, grad_input[n0:n0 + nb], np.int64(gin.size)))
+            be.launch(
+                "roi_pool_backward_atomic",
+                dtype,
+                grad_output.size,
+                _args(be, grad_output, rois, offset, mask, gin) + geom + _i64(n0, nb),
+            )
+            be.launch("roi_pool_from_acc", dtype, gin.size, (gin, grad_input[n0 : n0 + nb], np.int64(gin.size)))
     return grad_input, grad_offset, grad_mask
 
 
@@ -186,7 +199,7 @@ def _samples_per_bin(be, p, dtype, rois, geom):
     read back (the image index is left unknown: the kernels skip RoIs of other images).
     Otherwise one small device-to-host copy."""
     if p.sampling_ratio > 0:
-        return np.full(p.r, -1, np.int64), np.full(p.r, p.sampling_ratio ** 2, np.int64), False
+        return np.full(p.r, -1, np.int64), np.full(p.r, p.sampling_ratio**2, np.int64), False
     info = be.xp.empty((p.r, 2), dtype=np.int64)
     be.launch("roi_pool_roi_info", dtype, p.r, (rois, info) + geom)
     info = be.to_host(info)
@@ -215,7 +228,7 @@ def _input_grad_deterministic(be, p, dtype, acc, grad_output, rois, offset, mask
         if half:
             target = xp.zeros((nb, p.c, p.h, p.w), dtype=np.float32)
         else:
-            target = grad_input[n0:n0 + nb]
+            target = grad_input[n0 : n0 + nb]
         if len(roi_ids):
             # work items: every bin of the kept RoIs, in increasing bin id
             bins = (roi_ids[:, None] * pb + np.arange(pb, dtype=np.int64)[None, :]).reshape(-1)
@@ -223,15 +236,16 @@ def _input_grad_deterministic(be, p, dtype, acc, grad_output, rois, offset, mask
             cost = entries * entry_bytes + _DET_BYTES_PER_ITEM
             budget = max(limit - nb * per_image, 1)
             for a, b in _cut(cost, budget):
-                _gather_chunk(be, p, dtype, acc, grad_output, rois, offset, mask, target, geom,
-                              bins[a:b], entries[a:b], n0, nb)
+                _gather_chunk(
+                    be, p, dtype, acc, grad_output, rois, offset, mask, target, geom, bins[a:b], entries[a:b], n0, nb
+                )
         if half:
-            be.launch("roi_pool_from_acc", dtype, target.size,
-                      (target, grad_input[n0:n0 + nb], np.int64(target.size)))
+            be.launch(
+                "roi_pool_from_acc", dtype, target.size, (target, grad_input[n0 : n0 + nb], np.int64(target.size))
+            )
 
 
-def _gather_chunk(be, p, dtype, acc, grad_output, rois, offset, mask, target, geom, bins, entries,
-                  n0, nb):
+def _gather_chunk(be, p, dtype, acc, grad_output, rois, offset, mask, target, geom, bins, entries, n0, nb):
     xp = be.xp
     first = np.zeros(len(bins), dtype=np.int64)
     np.cumsum(entries[:-1], out=first[1:])
@@ -243,17 +257,24 @@ def _gather_chunk(be, p, dtype, acc, grad_output, rois, offset, mask, target, ge
     cols = xp.empty((total,), dtype=np.int64)
     vals = xp.empty((total,), dtype=acc)
     counts = xp.zeros((rows,), dtype=np.int64)
-    be.launch("roi_pool_coo", dtype, len(bins),
-              _args(be, rois, offset, mask, items, item_entry, keys, vals, cols, counts) + geom
-              + _i64(n0, nb, len(bins)))
+    be.launch(
+        "roi_pool_coo",
+        dtype,
+        len(bins),
+        _args(be, rois, offset, mask, items, item_entry, keys, vals, cols, counts) + geom + _i64(n0, nb, len(bins)),
+    )
     del items, item_entry
     order = be.argsort_stable(keys)  # entries of each row stay in increasing entry order
     del keys
     row_start = xp.zeros((rows + 1,), dtype=np.int64)
     row_start[1:] = xp.cumsum(counts)  # row r is order[row_start[r]:row_start[r + 1]]
     del counts
-    be.launch("roi_pool_gather", dtype, nb * p.c * p.h * p.w,
-              (order, row_start, vals, cols, grad_output, target) + geom + _i64(nb))
+    be.launch(
+        "roi_pool_gather",
+        dtype,
+        nb * p.c * p.h * p.w,
+        (order, row_start, vals, cols, grad_output, target) + geom + _i64(nb),
+    )
 
 
 __all__ = ["forward", "backward"]
