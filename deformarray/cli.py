@@ -13,7 +13,7 @@ import platform
 import sys
 from collections.abc import Sequence
 
-from . import _bench, _bench_roi
+from . import _bench, _bench_plot, _bench_roi
 
 # ---------------------------------------------------------------------------------------
 # info
@@ -181,7 +181,21 @@ def _check_bench_args(args: argparse.Namespace) -> str | None:
     for flag, value in (("--roi-shapes", args.roi_shapes), ("--psroi-shapes", args.psroi_shapes)):
         if value is not None and "roi" not in ops:
             return f"{flag} sets the RoI rows, which --op {args.op} does not run: use --op roi or all"
+    if args.plot is not None:  # before the benchmark: minutes of timing, then no chart, is worse
+        return _bench_plot.check_target(args.plot)
     return None
+
+
+def _save_plot(report: dict, path: str) -> bool:
+    """Write the chart; a failure now (disk full, directory removed during the run) is one
+    line on stderr, after the table or JSON, which are printed first either way."""
+    try:
+        _bench_plot.plot_report(report, path)
+    except Exception as exc:
+        print(f"deformarray bench: --plot {path} not written: {_bench.one_line(exc)}", file=sys.stderr)
+        return False
+    print(f"plot written to {path}", file=sys.stderr)
+    return True
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -201,10 +215,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(_bench.format_report(report))
     if not report["results"]:
-        print("nothing was run", file=sys.stderr)
+        print("nothing was run" + (": no plot written" if args.plot else ""), file=sys.stderr)
         return 1
+    # a requested chart that could not be written fails the command, as a missing output should
+    plotted = args.plot is None or _save_plot(report, args.plot)
     # a failing deformarray call is a bug worth a non-zero status; a failing reference is not
-    return 1 if any("error" in row["ours"] for row in report["results"]) else 0
+    return 1 if not plotted or any("error" in row["ours"] for row in report["results"]) else 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--threads", type=_positive_int, help="Numba (and torch, BLAS) thread count")
     bench.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    bench.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also save a bar chart of the times to FILE (PNG; .svg/.pdf by extension); needs matplotlib, "
+        "checked with FILE before the run",
+    )
     bench.set_defaults(func=cmd_bench, subparser=bench)
     return parser
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deformarray import _bench, _bench_roi, cli
+from deformarray import _bench, _bench_plot, _bench_roi, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--shapes", "1,2,5,5,3;2,3,6,4,2", "--repeat", "1"]
@@ -282,6 +283,7 @@ def test_bench_reports_a_failing_roi_call_and_runs_the_others(monkeypatch, capsy
         (["bench", "--op", "roi", "--shapes", "1,2,3,4,5"], "use --op conv or all"),
         (["bench", "--op", "conv", "--roi-shapes", "1,2,3,4,5"], "use --op roi or all"),
         (["bench", "--op", "conv", "--psroi-shapes", "1,2,3,4,5"], "use --op roi or all"),
+        (["bench", "--plot"], "--plot"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],
@@ -565,3 +567,212 @@ def test_roi_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
     assert len(rows) == 8 and sum("float64" in r for r in rows) == 4
     for row in rows:
         assert "error" not in row and len(RATIO.findall(row)) == 2, row
+
+
+# ---------------------------------------------------------------------------------------
+# bench --plot
+# ---------------------------------------------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY_PLOT = ["bench", *TINY, *TINY_ROI, "--backend", "numpy"]  # 2 conv + 4 RoI rows
+
+
+def _no_benchmark(monkeypatch):
+    """Make the benchmark itself fail the test: the checks below must come before it."""
+
+    def run(opts):
+        raise AssertionError("the benchmark ran although --plot could not work")
+
+    monkeypatch.setattr(_bench, "run", run)
+
+
+def _tiny_report(monkeypatch, capsys) -> dict:
+    """A real report of the tiny run, without torchvision (so its bars are known)."""
+    _hide(monkeypatch, "torchvision")
+    assert cli.main([*TINY_PLOT, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    png = tmp_path / "bench.png"
+    assert cli.main([*TINY_PLOT, "--plot", str(png)]) == 0
+    captured = capsys.readouterr()
+    assert "deform_conv2d (mask + bias" in captured.out and "RoI pooling" in captured.out  # the table as ever
+    assert f"plot written to {png}" in captured.err.splitlines()
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    image = imread(png)
+    height, width = image.shape[:2]
+    assert image.ndim == 3 and 400 <= height <= 800 and 1.5 * height < width < 5000  # 6 groups side by side
+    assert image[..., :3].std() > 0.05  # something drawn, not a blank canvas
+
+
+def test_bench_plot_with_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    assert cli.main(["bench", *TINY, "--op", "conv", "--backend", "numpy", "--json", "--plot", str(png)]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # stdout holds the JSON only
+    assert len(report["results"]) == 2
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert f"plot written to {png}" in captured.err
+
+
+def test_plot_report_draws_one_group_per_row(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    report = _tiny_report(monkeypatch, capsys)
+    rows = report["results"]
+    fig = _bench_plot.plot_report(report, str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").read_bytes()[:8] == PNG_SIGNATURE
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == [
+        "conv\n1,2,5,5,3\nCPU f32",
+        "conv\n2,3,6,4,2\nCPU f32",
+        "roi offset\n1,4,8,8,3\nCPU f32",
+        "roi off+mask\n1,4,8,8,3\nCPU f32",
+        "psroi cls offs\n2,1x49,6,5,2\nCPU f32",
+        "psroi no offset\n2,1x49,6,5,2\nCPU f32",
+    ]
+    assert ax.get_yscale() == "log"
+    # ours fwd and fwd+bwd in all 6 rows, the dense conv in the 2 conv rows, nothing else
+    assert len(ax.patches) == 6 * 2 + 2 * 2
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0] == "fwd: deformarray" and legend[2] == "fwd+bwd: deformarray"
+    assert legend[1].startswith("fwd: dense ") and legend[3].startswith("fwd+bwd: dense ")
+    # each bar inside its row's group, as tall as that row's time
+    centre = [p.get_x() + p.get_width() / 2 for p in ax.patches]
+    assert all(abs(c - round(c)) < 0.45 for c in centre)
+    heights = sorted(p.get_height() for p in ax.patches)
+    expected = [
+        r[name][f"{ph}_ms"] for r in rows for name in ("ours", "dense") if name in r for ph in ("fwd", "fwdbwd")
+    ]
+    np.testing.assert_allclose(heights, sorted(expected))
+    by_group = [sum(round(c) == i for c in centre) for i in range(6)]
+    assert by_group == [4, 4, 2, 2, 2, 2]
+    threads = report["environment"]["threads"]["numba"]
+    assert f"best of 1 runs\nCPU, {threads} threads" in ax.get_title()
+
+
+def test_plot_report_skips_errors_and_missing_references(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    report = _tiny_report(monkeypatch, capsys)
+    rows = report["results"]
+    rows[0]["ours"] = {"label": "deformarray.deform_conv2d", "error": "RuntimeError: boom"}  # both phases failed
+    rows[1]["dense"] = {"label": "dense", "fwd_ms": 1.0, "error": "RuntimeError: bwd"}  # fwd timed, fwd+bwd failed
+    gpu = json.loads(json.dumps(rows[2]))  # a GPU RoI row with a torchvision floor
+    gpu.update(backend="cupy", dtype="float16")
+    gpu["torchvision"] = {"label": "torchvision.ops.roi_align(aligned=True) (torchvision 0)", "fwd_ms": 0.5}
+    rows.append(gpu)
+    report["environment"]["gpu"] = "Stand-in GPU, 1 GiB"
+    path = tmp_path / "b.png"
+    fig = _bench_plot.plot_report(report, str(path))
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    ax = fig.axes[0]
+    assert len(ax.get_xticklabels()) == 7 and ax.get_xticklabels()[6].get_text() == "roi offset\n1,4,8,8,3\nGPU f16"
+    # row 0: dense 2; row 1: ours 2 + dense fwd; RoI rows: ours 2 each; GPU row: ours 2 + tv fwd
+    assert len(ax.patches) == 2 + 3 + 4 * 2 + 3
+    errors = [t for t in ax.texts if t.get_text() == "error"]
+    assert sorted(round(t.get_position()[0]) for t in errors) == [0, 0, 1]  # ours twice in row 0, dense f+b in row 1
+    assert "GPU: Stand-in GPU, 1 GiB" in ax.get_title()
+    assert any("torchvision roi_align(aligned=True)" in t.get_text() for t in ax.get_legend().get_texts())
+    # a report where nothing was timed still gives a (bar-less) chart, not a crash
+    report["results"] = [rows[0] | {"dense": {"label": "dense", "error": "x"}}]
+    fig = _bench_plot.plot_report(report, str(path))
+    assert len(fig.axes[0].patches) == 0 and len(fig.axes[0].texts) == 4
+
+
+def test_bench_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatch, capsys):
+    _hide(monkeypatch, "matplotlib")
+    _no_benchmark(monkeypatch)
+    png = tmp_path / "b.png"
+    for extra in ([], ["--json"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*TINY_PLOT, *extra, "--plot", str(png)])
+        assert exc.value.code == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "Traceback" not in captured.err
+        errors = [line for line in captured.err.splitlines() if "error" in line]
+        assert errors == [
+            "deformarray bench: error: --plot needs matplotlib, which is not installed: pip install matplotlib"
+        ]
+        assert not png.exists()
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("missing/b.png", "directory {tmp}/missing does not exist"),
+        (".", "{tmp}/.: is a directory"),
+        ("b.xyz", "unknown image format '.xyz' (use .png, .svg or .pdf)"),
+        (None, "--plot needs a file name"),
+    ],
+)
+def test_bench_plot_unusable_target_fails_before_the_run(target, message, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    _no_benchmark(monkeypatch)
+    path = "" if target is None else f"{tmp_path}/{target}"
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*TINY_PLOT, "--plot", path])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("deformarray bench: error: --plot ")
+    assert errors[0].endswith(message.format(tmp=tmp_path)), errors[0]
+
+
+def test_plot_target_check_leaves_files_alone(tmp_path):
+    pytest.importorskip("matplotlib")
+    old = tmp_path / "old.png"
+    old.write_bytes(b"previous chart")
+    assert _bench_plot.check_target(str(old)) is None
+    assert old.read_bytes() == b"previous chart"  # checked for writing, not truncated
+    new = tmp_path / "new.svg"
+    assert _bench_plot.check_target(str(new)) is None
+    assert not new.exists()  # the probe leaves nothing behind
+    assert [_bench_plot.plot_format(p) for p in ("a.PNG", "a", "d.x/a.svg")] == ["png", "png", "svg"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_plot_target_in_a_read_only_directory(tmp_path):
+    pytest.importorskip("matplotlib")
+    tmp_path.chmod(0o500)
+    try:
+        assert (
+            _bench_plot.check_target(str(tmp_path / "b.png"))
+            == f"--plot {tmp_path}/b.png: cannot write (Permission denied)"
+        )
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_bench_plot_failing_after_the_run_is_one_line(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+
+    def full_disk(report, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_bench_plot, "plot_report", full_disk)
+    png = tmp_path / "b.png"
+    assert cli.main(["bench", *TINY, "--op", "conv", "--backend", "numpy", "--plot", str(png)]) == 1
+    captured = capsys.readouterr()
+    assert "1,2,5,5,3" in captured.out  # the table is printed all the same
+    assert f"deformarray bench: --plot {png} not written: OSError: [Errno 28] No space left on device" in (
+        captured.err.splitlines()
+    )
+    assert "Traceback" not in captured.err and not png.exists()
+
+
+def test_cli_imports_matplotlib_for_plot_only():
+    code = (
+        "import sys\n"
+        "from deformarray import cli\n"
+        "args = cli.build_parser().parse_args(['bench', '--json'])\n"
+        "assert cli._check_bench_args(args) is None\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported without --plot'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr

@@ -228,6 +228,7 @@ def test_nan_in_input_zero_offsets(rng):
     assert np.isfinite(y[0, :, 5:, :]).all() and np.isfinite(y[0, :, :, 5:]).all()
 
 
+@pytest.mark.jit_only
 def test_backward_bitwise_deterministic(rng):
     """Large enough for several tasks per thread; two runs give the same bits."""
     case = make_case(rng, n=4, c_in=16, height=24, width=24, c_out=16, groups=2, offset_groups=2, offset_scale=3.0)
@@ -305,6 +306,7 @@ def _traced_peak(fn):
     return result, peak - start
 
 
+@pytest.mark.jit_only
 def test_workspace_bound_holds_for_large_batch(rng):
     """Temporary memory beyond outputs/gradients stays near the bound, not O(batch).
 
@@ -328,6 +330,7 @@ def test_workspace_bound_holds_for_large_batch(rng):
     assert peak_b <= grads_bytes + limit + slack, (peak_b, grads_bytes)
 
 
+@pytest.mark.jit_only
 def test_workspace_kept_between_calls_is_not_doubled(rng):
     """The CPU keeps its workspace arena between calls. Unchunked here, the backward needs
     a larger arena than the forward: the forward's must be freed before the backward's is
