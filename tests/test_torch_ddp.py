@@ -66,6 +66,9 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         loss.backward()  # DDP averages the gradients over the ranks
         if rank == 0:
             torch.save(_grads(net), out_file)
+        # both ranks done before either tears down: a rank leaving early once made gloo's
+        # threads in the other call std::terminate (SIGABRT) in CI
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
