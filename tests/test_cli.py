@@ -52,6 +52,12 @@ def _hide(monkeypatch, *names):
         monkeypatch.setitem(sys.modules, name, None)
 
 
+def _stand_in(monkeypatch, name, module):
+    """Make the bench's optional import of ``name`` return ``module`` (the others stay real)."""
+    real_import = _bench.optional_import
+    monkeypatch.setattr(_bench, "optional_import", lambda n: (module, "") if n == name else real_import(n))
+
+
 # ---------------------------------------------------------------------------------------
 # info
 # ---------------------------------------------------------------------------------------
@@ -441,10 +447,7 @@ def test_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
         return torch.nn.functional.conv2d(x, w, b, padding=padding) * mask.mean() + off.mean()
 
     fake_tv = types.SimpleNamespace(__version__="0.0-standin", ops=types.SimpleNamespace(deform_conv2d=deform_conv2d))
-    real_import = _bench.optional_import
-    monkeypatch.setattr(
-        _bench, "optional_import", lambda name: (fake_tv, "") if name == "torchvision" else real_import(name)
-    )
+    _stand_in(monkeypatch, "torchvision", fake_tv)
     monkeypatch.setattr(_bench, "gpu_status", lambda: (fake_cupy, ""))
     monkeypatch.setattr(_bench, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
     monkeypatch.setattr(_bench, "cupy_peak_extra", _bench.tracemalloc_peak_extra)
@@ -507,10 +510,7 @@ def test_roi_cpu_floor_with_stand_in_torchvision(monkeypatch, capsys):
     floor is measured once per shape (shared by that shape's variant rows)."""
     torch = pytest.importorskip("torch")
     fake_tv = _standin_torchvision(torch)
-    real_import = _bench.optional_import
-    monkeypatch.setattr(
-        _bench, "optional_import", lambda name: (fake_tv, "") if name == "torchvision" else real_import(name)
-    )
+    _stand_in(monkeypatch, "torchvision", fake_tv)
     argv = ["bench", "--op", "roi", *TINY_ROI, "--repeat", "1", "--backend", "numpy"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -539,10 +539,7 @@ def test_roi_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
         get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None),
     )
     fake_tv = _standin_torchvision(torch)
-    real_import = _bench.optional_import
-    monkeypatch.setattr(
-        _bench, "optional_import", lambda name: (fake_tv, "") if name == "torchvision" else real_import(name)
-    )
+    _stand_in(monkeypatch, "torchvision", fake_tv)
     monkeypatch.setattr(_bench, "gpu_status", lambda: (fake_cupy, ""))
     monkeypatch.setattr(_bench, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
     monkeypatch.setattr(_bench, "cupy_peak_extra", _bench.tracemalloc_peak_extra)
