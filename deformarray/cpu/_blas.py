@@ -1,95 +1,211 @@
-"""Matrix products split over our own threads, with the BLAS library single-threaded.
+"""Matrix products on Numba's own threads, each a single-threaded BLAS call.
 
-Why: OpenBLAS's worker threads spin for a while after each product. On a machine with
-few cores they then compete with the Numba kernel that follows, which ran up to 2x
-slower in our measurements (2 cores: the forward of a 16-channel 128x128 image took
-6-8 ms instead of 3.8 ms). Running each product's slices on a small thread pool with the
-BLAS library limited to one thread keeps the products as fast as BLAS's own threading
-(measured: same time within noise) and leaves no spinning threads behind.
+Why: the operators alternate Numba kernels with BLAS products. Any other set of threads
+for the products competes for the cores with Numba's OpenMP workers, which spin for a
+while after each parallel region (libgomp: 300,000 iterations, 10-20 ms on recent x86),
+and OpenBLAS's own workers spin the same way after a product. On the 2-core VM the
+product after the sampling kernel took 16 ms instead of 8.4 ms that way
+(``benchmarks/NOTES.md``). So each product is cut into tasks (blocks of rows or columns
+of the result) and a Numba ``prange`` loop calls the BLAS ``gemm`` on each, through a
+function pointer, with the BLAS library held to one thread.
 
-``threadpoolctl`` does the limiting; where it is missing, products run on BLAS's own
-threads as usual.
+The ``gemm`` is the ILP64 CBLAS one exported by the OpenBLAS that NumPy's wheels bundle
+(``scipy_cblas_sgemm64_``, ``cblas_sgemm64_``). The kernel gets its address as an integer
+and calls it through ``_call_gemm`` (a Numba intrinsic): a ctypes function passed as an
+argument instead cost 0.3-0.7 ms of typing per call and defeats the on-disk cache. Where
+there is no such library (NumPy built against MKL or Accelerate), no ``threadpoolctl``, or
+with ``NUMBA_DISABLE_JIT``, products fall back to ``np.matmul`` on BLAS's own threads.
+
+Every element of a result is computed by one BLAS call over the whole inner dimension,
+and reductions over images (``accumulate=True``) run in image order inside one task, so
+the bits depend on the shapes and the thread count only, never on scheduling.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_SYMBOLS = {  # ILP64 names only: their integer arguments are certainly 64-bit
+    np.dtype(np.float32): ("scipy_cblas_sgemm64_", "cblas_sgemm64_"),
+    np.dtype(np.float64): ("scipy_cblas_dgemm64_", "cblas_dgemm64_"),
+}
+_ROW = 11  # task-table columns: a, b, c (addresses), m, n, k, lda, ldb, ldc, trans_a, trans_b
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"controller": None, "pool": None, "checked": False}
+_state: dict[str, Any] = {"checked": False, "controller": None, "gemm": {}}
 
 
-def _controller() -> Any:
+def is_numpys(path: str) -> bool:
+    """Whether a library file is one of NumPy's own: inside ``numpy/`` (``.dylibs`` on
+    macOS) or ``numpy.libs/`` (Linux and Windows wheels)."""
+    numpy_dir = os.path.dirname(os.path.abspath(np.__file__))
+    path = os.path.abspath(path)
+    return any(path.startswith(d + os.sep) for d in (numpy_dir, numpy_dir + ".libs"))
+
+
+def _find_gemms(controller: Any) -> dict[np.dtype, int]:
+    """Addresses of the ``gemm`` functions of the OpenBLAS bundled with NumPy, by dtype."""
+    found: dict[np.dtype, int] = {}
+    for lib in controller.lib_controllers:
+        if lib.internal_api != "openblas" or not is_numpys(lib.filepath or ""):
+            continue
+        path = os.path.abspath(lib.filepath)
+        handle = ctypes.CDLL(path)
+        for dtype, names in _SYMBOLS.items():
+            for name in names:
+                fn = getattr(handle, name, None)
+                if fn is not None:
+                    found.setdefault(dtype, ctypes.cast(fn, ctypes.c_void_p).value)
+                    break
+    return found
+
+
+def _setup() -> None:
     with _lock:
-        if not _state["checked"]:
-            _state["checked"] = True
-            try:
-                from threadpoolctl import ThreadpoolController
+        if _state["checked"]:
+            return
+        _state["checked"] = True
+        if numba.config.DISABLE_JIT:
+            return  # the intrinsic below only exists in compiled code
+        try:
+            from threadpoolctl import ThreadpoolController
 
-                _state["controller"] = ThreadpoolController()
-            except Exception:
-                _state["controller"] = None
-        return _state["controller"]
+            controller = ThreadpoolController()
+            gemms = _find_gemms(controller)
+        except Exception:
+            return
+        if gemms:
+            _state["controller"], _state["gemm"] = controller, gemms
 
 
-def _pool() -> ThreadPoolExecutor:
-    with _lock:
-        if _state["pool"] is None:
-            _state["pool"] = ThreadPoolExecutor(
-                max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
-                thread_name_prefix="deformarray-blas",
-            )
-        return _state["pool"]
+def numba_gemm(dtype: np.dtype) -> int | None:
+    """Address of the ``gemm`` for ``dtype``, or None (products use ``np.matmul``)."""
+    _setup()
+    return _state["gemm"].get(np.dtype(dtype))
 
 
 @contextmanager
-def own_threads() -> Iterator[int]:
-    """Limit BLAS to one thread for the block; yields how many parts to split products
-    into (Numba's thread count, or 1 when BLAS could not be limited)."""
-    ctl = _controller()
+def own_threads() -> Iterator[None]:
+    """Hold the BLAS library to one thread for the block (when products run on Numba's
+    threads; otherwise BLAS keeps its own threads)."""
+    _setup()
+    ctl = _state["controller"]
     if ctl is None:
-        yield 1
+        yield
         return
     with ctl.limit(limits=1, user_api="blas"):
-        yield numba.get_num_threads()
+        yield
 
 
-def run_split(fn: Callable[[int, int], None], n: int, parts: int) -> None:
-    """Call ``fn(lo, hi)`` on ``parts`` consecutive ranges of [0, n), in parallel."""
-    parts = min(parts, n)
-    if parts <= 1:
-        fn(0, n)
-        return
-    bounds = [n * i // parts for i in range(parts + 1)]
-    futures = [_pool().submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    fn(bounds[0], bounds[1])  # the calling thread takes the first range
-    for f in futures:
-        f.result()
+@intrinsic
+def _call_gemm(typingctx, address, row, alpha, beta):
+    """cblas_?gemm64_(RowMajor, row[9], row[10], row[3:6], alpha, row[0], row[6], row[1],
+    row[7], beta, row[2], row[8]) through the function at ``address``. Matrix addresses are
+    passed as 64-bit integers: the same calling convention as pointers on the 64-bit ABIs
+    NumPy ships for, and it keeps the task table one integer array."""
+    sig = types.void(address, row, alpha, beta)
+
+    def codegen(context, builder, signature, args):
+        addr, row_arr, a_val, b_val = args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        real = context.get_value_type(signature.args[2])
+        fnty = ir.FunctionType(ir.VoidType(), [i32] * 3 + [i64] * 3 + [real] + [i64] * 4 + [real] + [i64] * 2)
+        fn = builder.inttoptr(addr, fnty.as_pointer())
+        ary = context.make_array(signature.args[1])(context, builder, row_arr)
+
+        def col(i):
+            return builder.load(builder.gep(ary.data, [ir.Constant(i64, i)]))
+
+        flags = [ir.Constant(i32, _ROW_MAJOR), builder.trunc(col(9), i32), builder.trunc(col(10), i32)]
+        builder.call(fn, flags + [col(3), col(4), col(5), a_val, col(0), col(6), col(1), col(7), b_val, col(2), col(8)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
-def split_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, axis: int, parts: int) -> None:
-    """``np.matmul(a, b, out=out)`` with the work split along one axis of ``out``:
-    0 (a batch axis, sliced in every operand that has it), -1 (columns: slices ``b``)
-    or -2 (rows: slices ``a``). Each output element is computed by one BLAS call."""
+@njit(cache=True, parallel=True)
+def _run_tasks(address, table, alpha, beta):
+    """table[t, s] is the s-th product of task t; a task runs its products in order."""
+    for t in prange(table.shape[0]):
+        for s in range(table.shape[1]):
+            r = table[t, s]  # contiguous (11,) int64 row
+            if r[3] > 0 and r[4] > 0:  # rows/columns left empty by an uneven split
+                _call_gemm(address, r, alpha, beta)
 
-    def part(lo: int, hi: int) -> None:
-        if axis == 0:
-            aa = a[lo:hi] if a.ndim == out.ndim else a
-            bb = b[lo:hi] if b.ndim == out.ndim else b
-            np.matmul(aa, bb, out=out[lo:hi])
-        elif axis == -1:
-            np.matmul(a, b[..., lo:hi], out=out[..., lo:hi])
+
+def _operand(x: np.ndarray, rows: int, cols: int) -> tuple[int, int, int, int]:
+    """(transpose flag, leading dimension, row stride, column stride) of a matrix view, the
+    strides in bytes. One of its two strides must be the element size."""
+    s_row, s_col, item = x.strides[-2], x.strides[-1], x.itemsize
+    if s_col == item or cols == 1:
+        return _NO_TRANS, max(s_row // item, cols, 1), s_row, s_col
+    if s_row == item or rows == 1:
+        return _TRANS, max(s_col // item, rows, 1), s_row, s_col
+    raise ValueError("matrix operand needs a unit stride in one of its last two axes")
+
+
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False) -> None:
+    """``out[...] = a @ b``, or with ``accumulate`` ``out += sum over axis 0 of a @ b``
+    (``a`` and ``b`` then carry a leading axis that ``out`` lacks; images are added in
+    order). Leading axes broadcast like ``np.matmul``; ``out`` is written in place."""
+    gemm = numba_gemm(out.dtype)
+    if gemm is None or a.dtype != out.dtype or b.dtype != out.dtype:
+        if accumulate:
+            for j in range(a.shape[0]):
+                out += np.matmul(a[j], b[j])
         else:
-            np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :])
+            np.matmul(a, b, out=out)
+        return
+    chain = a.shape[0] if accumulate else 1
+    lead = out.shape[:-2]
+    m, k, n = out.shape[-2], a.shape[-1], out.shape[-1]
+    aa = np.broadcast_to(a, ((chain,) if accumulate else ()) + lead + (m, k))
+    bb = np.broadcast_to(b, ((chain,) if accumulate else ()) + lead + (k, n))
+    if not accumulate:
+        aa, bb = aa[None], bb[None]
+    ta, lda, ra, _ = _operand(aa, m, k)
+    tb, ldb, _, cb = _operand(bb, k, n)
+    tc, ldc, rc, cc = _operand(out, m, n)
+    if tc != _NO_TRANS:
+        raise ValueError("matmul writes row-major results only")
+    if m == 0 or n == 0:
+        return
+    products = int(np.prod(lead, dtype=np.int64))
+    # Enough tasks for every thread: split rows, or columns where the images are chained
+    # (a task must own its part of ``out`` for the whole chain).
+    blocks = max(1, -(-numba.get_num_threads() // max(products, 1)))
+    by_rows = not accumulate and m >= n
+    span = m if by_rows else n
+    blocks = min(blocks, span)
+    table = np.zeros((products * blocks, chain, _ROW), dtype=np.int64)
+    t = 0
+    for idx in np.ndindex(*lead):
+        for blk in range(blocks):
+            lo, hi = span * blk // blocks, span * (blk + 1) // blocks
+            for s in range(chain):
+                pa = aa[(s, *idx)].ctypes.data
+                pb = bb[(s, *idx)].ctypes.data
+                pc = out[idx].ctypes.data
+                if by_rows:
+                    row = (pa + lo * ra, pb, pc + lo * rc, hi - lo, n)
+                else:
+                    row = (pa, pb + lo * cb, pc + lo * cc, m, hi - lo)
+                table[t, s] = (*row, k, lda, ldb, ldc, ta, tb)
+            t += 1
+    real = out.dtype.type
+    _run_tasks(gemm, table, real(1.0), real(1.0 if accumulate else 0.0))
 
-    run_split(part, out.shape[axis], parts)
 
-
-__all__ = ["own_threads", "run_split", "split_matmul"]
+__all__ = ["is_numpys", "matmul", "numba_gemm", "own_threads"]

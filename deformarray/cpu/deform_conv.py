@@ -10,7 +10,9 @@ kernel point k and channel c of the group, entry ``r*K*Cg + k*Cg + c`` (matching
 weight reordered to ``(groups, C_out/groups, K*Cg)``), so each conv group's product is one
 BLAS call per image.
 
-forward   ``_im2col`` -> ``np.matmul`` per conv group -> + bias
+forward   ``_im2col`` -> one product per image and conv group, channels-last result
+          (``cols @ W^T``: BLAS runs it faster than ``W @ cols^T`` on these shapes) ->
+          ``_store_output`` (to NCHW, + bias)
 backward  ``_im2col`` -> grad weight = grad_out @ cols -> grad cols = grad_out^T @ W
           (written over the column buffer) -> ``_col2im`` (parallel over blocks of input
           channels: a task owns its channels' values in every pixel, so it adds without
@@ -31,7 +33,7 @@ from numba import njit, prange
 from .. import _config
 from .._validate import ConvParams, check_plane_size
 from ._bilinear import tile_corners
-from ._blas import own_threads, run_split, split_matmul
+from ._blas import matmul, own_threads
 from ._scratch import nbytes, workspace
 
 _TILE = 64  # output pixels per parallel task
@@ -244,6 +246,23 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
                         grad_off[n0 + n, 2 * ch + 1, p] = gx
 
 
+@njit(cache=True, parallel=True)
+def _store_output(res, bias, n0, p0, out):
+    """out[n0 + n, r*Cog + o, p0 + p] = res[n, r, p, o] (+ bias): the channels-last products
+    to NCHW, in tiles of _TILE pixels so that the strided reads stay in cache."""
+    nc, groups, n_pix, cog = res.shape
+    n_tiles = (n_pix + _TILE - 1) // _TILE
+    for task in prange(nc * groups * n_tiles):
+        n = task // (groups * n_tiles)
+        r = (task // n_tiles) % groups
+        lo = (task % n_tiles) * _TILE
+        hi = min(lo + _TILE, n_pix)
+        for o in range(cog):
+            c = r * cog + o
+            for j in range(lo, hi):
+                out[n0 + n, c, p0 + j] = res[n, r, j, o] + bias[c]
+
+
 # ---------------------------------------------------------------------------------------
 # Drivers
 # ---------------------------------------------------------------------------------------
@@ -359,44 +378,39 @@ def forward(p: ConvParams, input, offset, weight, bias, mask):
     out = np.empty((p.n, p.c_out, hw), dtype=dtype)
     if p.n == 0:
         return out.reshape(p.out_shape)
-    with own_threads() as parts:
-        _forward(p, input, offset, weight, mask, out, parts)
-    if bias is not None:
-        out += np.asarray(bias)[None, :, None]
+    with own_threads():
+        _forward(p, input, offset, weight, bias, mask, out)
     return out.reshape(p.out_shape)
 
 
-def _forward(p: ConvParams, input, offset, weight, mask, out, parts):
+def _forward(p: ConvParams, input, offset, weight, bias, mask, out):
     dtype = input.dtype
-    hw = p.h_out * p.w_out
     off, m = _flat(p, offset, mask, dtype)
     geo = _geometry(p)
     cg = p.c_in // p.groups
     runs = _channel_runs(p, p.c_in // p.offset_groups)
-    wg = _grouped_weight(p, weight)
+    wg_t = _grouped_weight(p, weight).transpose(0, 2, 1)  # (groups, K*Cg, C_out/groups)
     cog = p.c_out // p.groups
+    b = np.zeros(p.c_out, dtype) if bias is None else np.ascontiguousarray(bias, dtype)
     chunks = _chunks(p, dtype.itemsize, planes=1, limit=_config.get_workspace_limit())
     nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
     xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
     buf = workspace(
-        nbytes(xt_shape, dtype) + nbytes((nc_max, np_max, p.c_in * p.k), dtype) + nbytes((p.c_out, np_max), dtype)
+        nbytes(xt_shape, dtype)
+        + nbytes((nc_max, np_max, p.c_in * p.k), dtype)
+        + nbytes((nc_max, np_max, p.c_out), dtype)
     )
     for n0, nc, ranges in chunks:
         buf.reset()
         xt = _channels_last(input, n0, nc, buf)
         cols_chunk = buf.empty((nc, np_max, p.c_in * p.k), dtype)
-        res_chunk = buf.empty((p.c_out, np_max), dtype)
+        res_chunk = buf.empty((nc, p.groups, np_max, cog), dtype)
         for p0, np_ in ranges:
             cols = cols_chunk[:, :np_]  # contiguous: several ranges only when nc == 1
             _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
-            colsT = _cols_by_group(p, cols).transpose(0, 1, 3, 2)  # (nc, groups, K*Cg, P)
-            if np_ == hw:
-                res = out[n0 : n0 + nc].reshape(nc, p.groups, cog, hw)
-            else:  # part of one image: the product goes through a buffer
-                res = res_chunk[:, :np_].reshape(1, p.groups, cog, np_)
-            split_matmul(wg, colsT, res, 0 if nc > 1 else -1, parts)
-            if np_ != hw:
-                out[n0, :, p0 : p0 + np_] = res.reshape(p.c_out, np_)
+            res = res_chunk[:, :, :np_]
+            matmul(_cols_by_group(p, cols), wg_t, res)
+            _store_output(res, b, n0, p0, out)
 
 
 def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, deterministic=True):
@@ -412,8 +426,8 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
     go = np.ascontiguousarray(grad_output).reshape(p.n, p.groups, p.c_out // p.groups, hw)
     grad_b = go.sum(axis=(0, 3)).reshape(p.c_out) if bias is not None else None
     if p.n > 0:
-        with own_threads() as parts:
-            _backward(p, go, input, offset, wg, mask, grad_x, grad_off, grad_m, grad_wg, parts)
+        with own_threads():
+            _backward(p, go, input, offset, wg, mask, grad_x, grad_off, grad_m, grad_wg)
     cg = p.c_in // p.groups
     grad_w = grad_wg.reshape(p.groups, p.c_out // p.groups, p.k, cg).transpose(0, 1, 3, 2)
     return (
@@ -425,7 +439,7 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
     )
 
 
-def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad_m, grad_wg, parts):
+def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad_m, grad_wg):
     dtype = input.dtype
     off, m = _flat(p, offset, mask, dtype)
     gm = grad_m if grad_m is not None else np.zeros((1, 1, 1), dtype=dtype)
@@ -450,23 +464,12 @@ def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad
             _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
             cols_g = _cols_by_group(p, cols)  # (nc, groups, P, K*Cg)
             go_chunk = go[n0 : n0 + nc, :, :, p0 : p0 + np_]  # (nc, groups, Cog, P)
-            _accumulate_grad_weight(go_chunk, cols_g, grad_wg, parts)
+            matmul(go_chunk, cols_g, grad_wg, accumulate=True)  # images added in order
             # the column buffer now receives grad cols = grad_out^T @ W
-            split_matmul(go_chunk.transpose(0, 1, 3, 2), wg, cols_g, 0 if nc > 1 else -2, parts)
+            matmul(go_chunk.transpose(0, 1, 3, 2), wg, cols_g)
             _col2im(cols, off, m, mask is not None, n0, p0, geo, cg, *block_runs, grad_xt, spill)
             _coord_grad(xt, cols, off, m, mask is not None, n0, p0, geo, cg, *runs, grad_off, gm)
         for part in range(col_parts - 1):  # fixed order: deterministic
             grad_xt += spill[part]
         hw_in = p.h * p.w
         grad_x[n0 : n0 + nc] = grad_xt[:, :hw_in].reshape(nc, p.h, p.w, p.c_in).transpose(0, 3, 1, 2)
-
-
-def _accumulate_grad_weight(go_chunk, cols_g, grad_wg, parts):
-    """grad_wg += sum_j go_chunk[j] @ cols_g[j], split over grad_wg's columns: each thread
-    owns its columns and adds the images in order (deterministic)."""
-
-    def part(lo: int, hi: int) -> None:
-        for j in range(go_chunk.shape[0]):
-            grad_wg[..., lo:hi] += np.matmul(go_chunk[j], cols_g[j][..., lo:hi])
-
-    run_split(part, grad_wg.shape[-1], parts)
