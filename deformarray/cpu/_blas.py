@@ -37,7 +37,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-_SYMBOLS = {  # ILP64 names only: their integer arguments are certainly 64-bit
+_SYMBOLS: dict[np.dtype, tuple[str, str]] = {  # ILP64 names only: their integer arguments are certainly 64-bit
     np.dtype(np.float32): ("scipy_cblas_sgemm64_", "cblas_sgemm64_"),
     np.dtype(np.float64): ("scipy_cblas_dgemm64_", "cblas_dgemm64_"),
 }
@@ -66,8 +66,9 @@ def _find_gemms(controller: Any) -> dict[np.dtype, int]:
         for dtype, names in _SYMBOLS.items():
             for name in names:
                 fn = getattr(handle, name, None)
-                if fn is not None:
-                    found.setdefault(dtype, ctypes.cast(fn, ctypes.c_void_p).value)
+                address = ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
+                if address:
+                    found.setdefault(dtype, address)
                     break
     return found
 
@@ -195,8 +196,8 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = Fal
         for blk in range(blocks):
             lo, hi = span * blk // blocks, span * (blk + 1) // blocks
             for s in range(chain):
-                pa = aa[(s, *idx)].ctypes.data
-                pb = bb[(s, *idx)].ctypes.data
+                pa = aa[(s,) + idx].ctypes.data
+                pb = bb[(s,) + idx].ctypes.data
                 pc = out[idx].ctypes.data
                 if by_rows:
                     row = (pa + lo * ra, pb, pc + lo * rc, hi - lo, n)
