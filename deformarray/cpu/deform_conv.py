@@ -12,12 +12,13 @@ BLAS call per image.
 
 forward   ``_im2col`` -> one product per image and conv group, channels-last result
           (``cols @ W^T``: BLAS runs it faster than ``W @ cols^T`` on these shapes) ->
-          ``_store_output`` (to NCHW, + bias)
+          ``_to_channels_first`` (to NCHW, + bias)
 backward  ``_im2col`` -> grad weight = grad_out @ cols -> grad cols = grad_out^T @ W
           (written over the column buffer) -> ``_col2im`` (parallel over blocks of input
           channels: a task owns its channels' values in every pixel, so it adds without
           races, and always in pixel order) -> ``_coord_grad`` (parallel over output-pixel
-          tiles; each offset/mask gradient value is written once).
+          tiles; each offset/mask gradient value is written once) -> ``_to_channels_first``
+          (input gradient to NCHW, col2im's spill buffers added in part order).
 
 Chunking. Images are processed in chunks whose buffers fit the workspace bound
 (``deformarray.set_workspace_limit``); an image too large for the bound is split over its
@@ -149,14 +150,16 @@ def _im2col(xt, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
-def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs, grad_xt, spill):
+def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs, grad_xt, spill, fresh):
     """grad_xt += adjoint of _im2col, without races and in a fixed order.
 
     Task (image, channel block, part): it owns those channels for its part of the output
     pixels and adds in pixel order. Part 0 adds into grad_xt, part s > 0 into its own
-    buffer spill[s - 1] (zeroed; the caller adds the spills in part order). Parts exist
-    only when images x blocks alone give too few tasks. grad_xt and spill are
-    (nc, H*W + 1, C): the last row absorbs corners outside the image.
+    buffer spill[s - 1] (the caller adds the spills in part order). Parts exist only when
+    images x blocks alone give too few tasks. grad_xt and spill are (nc, H*W + 1, C): the
+    last row absorbs corners outside the image. With ``fresh`` (the first pixel range of a
+    chunk) each task first zeroes what it owns: the buffers come uninitialised, and zeroing
+    here runs in parallel.
     """
     n_k = geo[10]
     nc, n_pix = gcols.shape[0], gcols.shape[1]
@@ -168,6 +171,12 @@ def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, ru
         part = task % n_parts
         g = block_group[b]
         dst = grad_xt if part == 0 else spill[part - 1]
+        if fresh:
+            for i in range(dst.shape[1]):
+                for r in range(n_runs[b]):
+                    c0 = runs[b, r, 0]
+                    for cc in range(runs[b, r, 1]):
+                        dst[n, i, c0 + cc] = 0
         h0, w0, fh, fw, idx, valid, wts = _tile_buffers(grad_xt)
         for lo in range(part * n_pix // n_parts, (part + 1) * n_pix // n_parts, _TILE):
             cnt = min(_TILE, (part + 1) * n_pix // n_parts - lo)
@@ -246,21 +255,45 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
                         grad_off[n0 + n, 2 * ch + 1, p] = gx
 
 
+# Layout changes, parallel over tiles of _TILE pixels so that the strided side stays in cache.
+
+
 @njit(cache=True, parallel=True)
-def _store_output(res, bias, n0, p0, out):
-    """out[n0 + n, r*Cog + o, p0 + p] = res[n, r, p, o] (+ bias): the channels-last products
-    to NCHW, in tiles of _TILE pixels so that the strided reads stay in cache."""
-    nc, groups, n_pix, cog = res.shape
+def _to_channels_first(src, spill, bias, n0, p0, dst):
+    """dst[n0 + n, c, p0 + p] = src[n, p, c] + spill[0, n, p, c] + ... + bias[c], added in
+    that order: products to NCHW with the bias, or the input gradient with its spills."""
+    nc, n_pix, n_ch = src.shape
     n_tiles = (n_pix + _TILE - 1) // _TILE
-    for task in prange(nc * groups * n_tiles):
-        n = task // (groups * n_tiles)
-        r = (task // n_tiles) % groups
+    for task in prange(nc * n_tiles):
+        n = task // n_tiles
         lo = (task % n_tiles) * _TILE
         hi = min(lo + _TILE, n_pix)
-        for o in range(cog):
-            c = r * cog + o
+        for c in range(n_ch):
             for j in range(lo, hi):
-                out[n0 + n, c, p0 + j] = res[n, r, j, o] + bias[c]
+                v = src[n, j, c]
+                for s in range(spill.shape[0]):
+                    v += spill[s, n, j, c]
+                dst[n0 + n, c, p0 + j] = v + bias[c]
+
+
+@njit(cache=True, parallel=True)
+def _to_channels_last(x, n0, xt):
+    """xt[n, h*W + w, c] = x[n0 + n, c, h, w], and a zero last row (read for corners
+    outside the image)."""
+    nc, n_rows, n_ch = xt.shape
+    width = x.shape[3]
+    n_pix = n_rows - 1
+    n_tiles = (n_pix + _TILE - 1) // _TILE
+    for task in prange(nc * n_tiles):
+        n = task // n_tiles
+        lo = (task % n_tiles) * _TILE
+        hi = min(lo + _TILE, n_pix)
+        for j in range(lo, hi):
+            for c in range(n_ch):
+                xt[n, j, c] = x[n0 + n, c, j // width, j % width]
+        if hi == n_pix:
+            for c in range(n_ch):
+                xt[n, n_pix, c] = 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,11 +361,9 @@ def _flat(p: ConvParams, offset, mask, dtype):
 def _channels_last(input, n0, nc, buf):
     """(nc, H*W + 1, C) channels-last copy of images n0..n0+nc, plus a zero row that the
     kernels read for corners outside the image."""
-    chunk = input[n0 : n0 + nc]
-    _, c, h, w = chunk.shape
-    xt = buf.empty((nc, h * w + 1, c), chunk.dtype)
-    xt[:, : h * w].reshape(nc, h, w, c)[...] = chunk.transpose(0, 2, 3, 1)
-    xt[:, h * w] = 0
+    _, c, h, w = input.shape
+    xt = buf.empty((nc, h * w + 1, c), input.dtype)
+    _to_channels_last(input, n0, xt)
     return xt
 
 
@@ -390,7 +421,7 @@ def _forward(p: ConvParams, input, offset, weight, bias, mask, out):
     cg = p.c_in // p.groups
     runs = _channel_runs(p, p.c_in // p.offset_groups)
     wg_t = _grouped_weight(p, weight).transpose(0, 2, 1)  # (groups, K*Cg, C_out/groups)
-    cog = p.c_out // p.groups
+    no_spill = np.empty((0, 1, 1, 1), dtype)
     b = np.zeros(p.c_out, dtype) if bias is None else np.ascontiguousarray(bias, dtype)
     chunks = _chunks(p, dtype.itemsize, planes=1, limit=_config.get_workspace_limit())
     nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
@@ -404,13 +435,13 @@ def _forward(p: ConvParams, input, offset, weight, bias, mask, out):
         buf.reset()
         xt = _channels_last(input, n0, nc, buf)
         cols_chunk = buf.empty((nc, np_max, p.c_in * p.k), dtype)
-        res_chunk = buf.empty((nc, p.groups, np_max, cog), dtype)
+        res_chunk = buf.empty((nc, np_max, p.c_out), dtype)
         for p0, np_ in ranges:
             cols = cols_chunk[:, :np_]  # contiguous: several ranges only when nc == 1
             _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
-            res = res_chunk[:, :, :np_]
-            matmul(_cols_by_group(p, cols), wg_t, res)
-            _store_output(res, b, n0, p0, out)
+            res = res_chunk[:, :np_]
+            matmul(_cols_by_group(p, cols), wg_t, _cols_by_group(p, res))
+            _to_channels_first(res, no_spill, b, n0, p0, out)
 
 
 def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, deterministic=True):
@@ -446,6 +477,7 @@ def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad
     geo = _geometry(p)
     cg = p.c_in // p.groups
     runs = _channel_runs(p, p.c_in // p.offset_groups)
+    zero_bias = np.zeros(p.c_in, dtype)
     chunks = _chunks(p, dtype.itemsize, planes=2, limit=3 * _config.get_workspace_limit() // 4)
     nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
     xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
@@ -454,10 +486,10 @@ def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad
     for n0, nc, ranges in chunks:
         buf.reset()
         xt = _channels_last(input, n0, nc, buf)
-        grad_xt = buf.zeros(xt.shape, dtype)
+        grad_xt = buf.empty(xt.shape, dtype)  # zeroed by _col2im
         cb, col_parts = _col2im_split(p, nc, xt.nbytes)
         block_runs = _channel_runs(p, cb)
-        spill = buf.zeros((col_parts - 1,) + xt.shape, dtype)
+        spill = buf.empty((col_parts - 1,) + xt.shape, dtype)
         cols_chunk = buf.empty((nc, np_max, p.c_in * p.k), dtype)
         for p0, np_ in ranges:
             cols = cols_chunk[:, :np_]  # contiguous: several ranges only when nc == 1
@@ -467,9 +499,8 @@ def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad
             matmul(go_chunk, cols_g, grad_wg, accumulate=True)  # images added in order
             # the column buffer now receives grad cols = grad_out^T @ W
             matmul(go_chunk.transpose(0, 1, 3, 2), wg, cols_g)
-            _col2im(cols, off, m, mask is not None, n0, p0, geo, cg, *block_runs, grad_xt, spill)
+            _col2im(cols, off, m, mask is not None, n0, p0, geo, cg, *block_runs, grad_xt, spill, p0 == 0)
             _coord_grad(xt, cols, off, m, mask is not None, n0, p0, geo, cg, *runs, grad_off, gm)
-        for part in range(col_parts - 1):  # fixed order: deterministic
-            grad_xt += spill[part]
+        # input gradient to NCHW, the spills added in part order (deterministic)
         hw_in = p.h * p.w
-        grad_x[n0 : n0 + nc] = grad_xt[:, :hw_in].reshape(nc, p.h, p.w, p.c_in).transpose(0, 3, 1, 2)
+        _to_channels_first(grad_xt[:, :hw_in], spill, zero_bias, n0, 0, grad_x.reshape(p.n, p.c_in, hw_in))
