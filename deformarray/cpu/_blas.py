@@ -11,8 +11,10 @@ function pointer, with the BLAS library held to one thread.
 
 The ``gemm`` is the ILP64 CBLAS one exported by the OpenBLAS that NumPy's wheels bundle
 (``scipy_cblas_sgemm64_``, ``cblas_sgemm64_``). The kernel gets its address as an integer
-and calls it through ``_call_gemm`` (a Numba intrinsic): a ctypes function passed as an
-argument instead cost 0.3-0.7 ms of typing per call and defeats the on-disk cache. Where
+and calls it through ``_call_gemm`` (a Numba intrinsic): with a ctypes function passed as
+an argument instead, once a second dtype had been compiled every call went through Numba's
+Python-level type matching and allocated about 150 KB on the way (the workspace-bound test
+caught it). Where
 there is no such library (NumPy built against MKL or Accelerate), no ``threadpoolctl``, or
 with ``NUMBA_DISABLE_JIT``, products fall back to ``np.matmul`` on BLAS's own threads.
 
@@ -148,13 +150,20 @@ def _run_tasks(address, table, alpha, beta):
 
 def _operand(x: np.ndarray, rows: int, cols: int) -> tuple[int, int, int, int]:
     """(transpose flag, leading dimension, row stride, column stride) of a matrix view, the
-    strides in bytes. One of its two strides must be the element size."""
+    strides in bytes: one stride must be the element size, the other a whole number of
+    elements at least the matrix's width (a stride of an axis of length 1 does not matter)."""
     s_row, s_col, item = x.strides[-2], x.strides[-1], x.itemsize
-    if s_col == item or cols == 1:
-        return _NO_TRANS, max(s_row // item, cols, 1), s_row, s_col
-    if s_row == item or rows == 1:
-        return _TRANS, max(s_col // item, rows, 1), s_row, s_col
-    raise ValueError("matrix operand needs a unit stride in one of its last two axes")
+    for trans, unit, outer, outer_len, width in (
+        (_NO_TRANS, s_col, s_row, rows, cols),
+        (_TRANS, s_row, s_col, cols, rows),
+    ):
+        if unit != item and width > 1:
+            continue
+        if outer_len == 1:
+            return trans, max(width, 1), s_row, s_col
+        if outer > 0 and outer % item == 0 and outer // item >= width:
+            return trans, outer // item, s_row, s_col
+    raise ValueError("matrix operand needs a unit stride in one of its last two axes and a row stride of whole rows")
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False) -> None:

@@ -278,8 +278,7 @@ def _to_channels_first(src, spill, bias, n0, p0, dst):
 
 @njit(cache=True, parallel=True)
 def _to_channels_last(x, n0, xt):
-    """xt[n, h*W + w, c] = x[n0 + n, c, h, w], and a zero last row (read for corners
-    outside the image)."""
+    """xt[n, h*W + w, c] = x[n0 + n, c, h, w] for the H*W rows of xt (not its last row)."""
     nc, n_rows, n_ch = xt.shape
     width = x.shape[3]
     n_pix = n_rows - 1
@@ -291,9 +290,6 @@ def _to_channels_last(x, n0, xt):
         for j in range(lo, hi):
             for c in range(n_ch):
                 xt[n, j, c] = x[n0 + n, c, j // width, j % width]
-        if hi == n_pix:
-            for c in range(n_ch):
-                xt[n, n_pix, c] = 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,6 +360,7 @@ def _channels_last(input, n0, nc, buf):
     _, c, h, w = input.shape
     xt = buf.empty((nc, h * w + 1, c), input.dtype)
     _to_channels_last(input, n0, xt)
+    xt[:, h * w] = 0
     return xt
 
 
