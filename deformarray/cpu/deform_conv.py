@@ -301,8 +301,8 @@ def _chunks(p: ConvParams, itemsize: int, planes: int, limit: int):
     """List of ``(n0, nc, [(p0, np_), ...])``: image chunks and their output-pixel ranges.
 
     Workspace of a chunk: ``planes`` channels-last copies of its images (input, and in the
-    backward the input gradient) plus, per output pixel, a column (C_in*K values) and one
-    output value per C_out (products that cannot write in place). The backward plans with
+    backward the input gradient) plus, per output pixel, a column (C_in*K values) and one output
+    value per C_out (the forward's channels-last product, before it goes to NCHW). The backward plans with
     3/4 of the bound: the last quarter is for col2im's spill buffers.
     """
     hw = p.h_out * p.w_out
