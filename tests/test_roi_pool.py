@@ -423,6 +423,26 @@ def test_backward_bitwise_deterministic(rng):
     assert all(np.abs(getattr(first, n)).max() > 0 for n in GRAD_NAMES)
 
 
+def test_input_gradient_does_not_depend_on_row_bands(monkeypatch, rng):
+    """The input-gradient kernel splits each image into bands of pixel rows (one task
+    each): from one band to one row per band the gradient has the same bits, also with
+    bins that straddle bands, leave the image or have NaN offsets."""
+    from deformarray.cpu import roi_pool
+
+    a, kw = make_case(
+        rng, n=2, c=5, height=11, width=9, r=30, pooled=(3, 4), offset_scale=8.0, kinds=("inside", "large", "partial")
+    )  # offsets that large move bins across band edges and out of the image
+    a["offset"][3, :, 1, 2] = np.nan
+    go = rng.standard_normal(run_forward(a, kw).shape)
+    seen = []
+    for bands in (1, 2, 3, 5, 11):
+        monkeypatch.setattr(roi_pool, "_bands", lambda n_images, height, b=bands: b)
+        seen.append(run_backward(go, a, kw).input)
+    assert np.abs(seen[0]).max() > 0
+    for bands, grad in zip((2, 3, 5, 11), seen[1:]):
+        assert grad.tobytes() == seen[0].tobytes(), bands
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 def test_workspace_chunking(dtype, rng):
     """Chunks of images, one image per chunk, and channel ranges of one image: the output

@@ -12,12 +12,12 @@ BLAS call per image.
 
 forward   ``_im2col`` -> one product per image and conv group, channels-last result
           (``cols @ W^T``: BLAS runs it faster than ``W @ cols^T`` on these shapes) ->
-          ``_to_channels_first`` (to NCHW, + bias)
+          ``to_channels_first`` (to NCHW, + bias)
 backward  ``_im2col`` -> grad weight = grad_out @ cols -> grad cols = grad_out^T @ W
           (written over the column buffer) -> ``_col2im`` (parallel over blocks of input
           channels: a task owns its channels' values in every pixel, so it adds without
           races, and always in pixel order) -> ``_coord_grad`` (parallel over output-pixel
-          tiles; each offset/mask gradient value is written once) -> ``_to_channels_first``
+          tiles; each offset/mask gradient value is written once) -> ``to_channels_first``
           (input gradient to NCHW, col2im's spill buffers added in part order).
 
 Chunking. Images are processed in chunks whose buffers fit the workspace bound
@@ -35,6 +35,7 @@ from .. import _config
 from .._validate import ConvParams, check_plane_size
 from ._bilinear import tile_corners
 from ._blas import matmul, own_threads
+from ._layout import to_channels_first, to_channels_last
 from ._scratch import nbytes, workspace
 
 _TILE = 64  # output pixels per parallel task
@@ -255,43 +256,6 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
                         grad_off[n0 + n, 2 * ch + 1, p] = gx
 
 
-# Layout changes, parallel over tiles of _TILE pixels so that the strided side stays in cache.
-
-
-@njit(cache=True, parallel=True)
-def _to_channels_first(src, spill, bias, n0, p0, dst):
-    """dst[n0 + n, c, p0 + p] = src[n, p, c] + spill[0, n, p, c] + ... + bias[c], added in
-    that order: products to NCHW with the bias, or the input gradient with its spills."""
-    nc, n_pix, n_ch = src.shape
-    n_tiles = (n_pix + _TILE - 1) // _TILE
-    for task in prange(nc * n_tiles):
-        n = task // n_tiles
-        lo = (task % n_tiles) * _TILE
-        hi = min(lo + _TILE, n_pix)
-        for c in range(n_ch):
-            for j in range(lo, hi):
-                v = src[n, j, c]
-                for s in range(spill.shape[0]):
-                    v += spill[s, n, j, c]
-                dst[n0 + n, c, p0 + j] = v + bias[c]
-
-
-@njit(cache=True, parallel=True)
-def _to_channels_last(x, n0, xt):
-    """xt[n, h*W + w, c] = x[n0 + n, c, h, w] for the H*W rows of xt (not its last row)."""
-    nc, n_rows, n_ch = xt.shape
-    width = x.shape[3]
-    n_pix = n_rows - 1
-    n_tiles = (n_pix + _TILE - 1) // _TILE
-    for task in prange(nc * n_tiles):
-        n = task // n_tiles
-        lo = (task % n_tiles) * _TILE
-        hi = min(lo + _TILE, n_pix)
-        for j in range(lo, hi):
-            for c in range(n_ch):
-                xt[n, j, c] = x[n0 + n, c, j // width, j % width]
-
-
 # ---------------------------------------------------------------------------------------
 # Drivers
 # ---------------------------------------------------------------------------------------
@@ -354,12 +318,12 @@ def _flat(p: ConvParams, offset, mask, dtype):
     return off, np.ascontiguousarray(mask).reshape(p.n, -1, p.h_out * p.w_out)
 
 
-def _channels_last(input, n0, nc, buf):
-    """(nc, H*W + 1, C) channels-last copy of images n0..n0+nc, plus a zero row that the
-    kernels read for corners outside the image."""
+def _channels_last(input, images, buf):
+    """(len(images), H*W + 1, C) channels-last copy of those images, plus a zero row that
+    the kernels read for corners outside the image."""
     _, c, h, w = input.shape
-    xt = buf.empty((nc, h * w + 1, c), input.dtype)
-    _to_channels_last(input, n0, xt)
+    xt = buf.empty((len(images), h * w + 1, c), input.dtype)
+    to_channels_last(input, images, 0, xt)
     xt[:, h * w] = 0
     return xt
 
@@ -430,7 +394,8 @@ def _forward(p: ConvParams, input, offset, weight, bias, mask, out):
     )
     for n0, nc, ranges in chunks:
         buf.reset()
-        xt = _channels_last(input, n0, nc, buf)
+        images = np.arange(n0, n0 + nc)
+        xt = _channels_last(input, images, buf)
         cols_chunk = buf.empty((nc, np_max, p.c_in * p.k), dtype)
         res_chunk = buf.empty((nc, np_max, p.c_out), dtype)
         for p0, np_ in ranges:
@@ -438,7 +403,7 @@ def _forward(p: ConvParams, input, offset, weight, bias, mask, out):
             _im2col(xt, off, m, mask is not None, n0, p0, geo, cg, *runs, cols)
             res = res_chunk[:, :np_]
             matmul(_cols_by_group(p, cols), wg_t, _cols_by_group(p, res))
-            _to_channels_first(res, no_spill, b, n0, p0, out)
+            to_channels_first(res, no_spill, b, images, 0, p0, out)
 
 
 def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, deterministic=True):
@@ -482,7 +447,8 @@ def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad
     buf = workspace((1 + parts_max) * nbytes(xt_shape, dtype) + nbytes((nc_max, np_max, p.c_in * p.k), dtype))
     for n0, nc, ranges in chunks:
         buf.reset()
-        xt = _channels_last(input, n0, nc, buf)
+        images = np.arange(n0, n0 + nc)
+        xt = _channels_last(input, images, buf)
         grad_xt = buf.empty(xt.shape, dtype)  # zeroed by _col2im
         cb, col_parts = _col2im_split(p, nc, xt.nbytes)
         block_runs = _channel_runs(p, cb)
@@ -500,4 +466,4 @@ def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad
             _coord_grad(xt, cols, off, m, mask is not None, n0, p0, geo, cg, *runs, grad_off, gm)
         # input gradient to NCHW, the spills added in part order (deterministic)
         hw_in = p.h * p.w
-        _to_channels_first(grad_xt[:, :hw_in], spill, zero_bias, n0, 0, grad_x.reshape(p.n, p.c_in, hw_in))
+        to_channels_first(grad_xt[:, :hw_in], spill, zero_bias, images, 0, 0, grad_x.reshape(p.n, p.c_in, hw_in))
