@@ -412,9 +412,10 @@ def forward(p: RoiPoolParams, input, rois, offset, mask):
 
 def _bands(n_images: int, height: int) -> int:
     """Bands of rows per image for the input-gradient kernel: two tasks per thread in all
-    (load balance), each band at least one row. Whole pixel rows per task: splitting the
-    channels between threads instead made the scatter no faster on 2 threads than on 1
-    (15 ms either way on the bench's first RoI row; 7.6 ms split by image, measured)."""
+    (load balance), each band at least one row. Whole pixel rows per task: with the
+    channels split between threads instead, the scatter ran no faster on 2 threads than on
+    1 (15.3-16.4 ms either way on the bench's first RoI row; bands: 7.7-7.9 ms on 2
+    threads, 2-core VM)."""
     return max(1, min(height, -(-2 * numba.get_num_threads() // n_images)))
 
 
