@@ -17,6 +17,14 @@ from numba import njit, prange
 TILE = 64  # pixels per parallel task
 
 
+@njit(cache=True, inline="always")
+def _tile(task, n_tiles, n_pix):
+    """(slot, first pixel, end pixel) of parallel task ``task``: slot-major tiles of TILE."""
+    s = task // n_tiles
+    lo = (task % n_tiles) * TILE
+    return s, lo, min(lo + TILE, n_pix)
+
+
 @njit(cache=True, parallel=True)
 def to_channels_last(x, images, c0, xt):
     """xt[s, h*W + w, c] = x[images[s], c0 + c, h, w] for the first H*W rows of xt (rows
@@ -26,10 +34,8 @@ def to_channels_last(x, images, c0, xt):
     n_pix = x.shape[2] * width
     n_tiles = (n_pix + TILE - 1) // TILE
     for task in prange(nc * n_tiles):
-        s = task // n_tiles
+        s, lo, hi = _tile(task, n_tiles, n_pix)
         n = images[s]
-        lo = (task % n_tiles) * TILE
-        hi = min(lo + TILE, n_pix)
         for j in range(lo, hi):
             for c in range(n_ch):
                 xt[s, j, c] = x[n, c0 + c, j // width, j % width]
@@ -42,10 +48,8 @@ def to_channels_first(src, spill, bias, images, c0, p0, dst):
     nc, n_pix, n_ch = src.shape
     n_tiles = (n_pix + TILE - 1) // TILE
     for task in prange(nc * n_tiles):
-        s = task // n_tiles
+        s, lo, hi = _tile(task, n_tiles, n_pix)
         n = images[s]
-        lo = (task % n_tiles) * TILE
-        hi = min(lo + TILE, n_pix)
         for c in range(n_ch):
             for j in range(lo, hi):
                 v = src[s, j, c]
