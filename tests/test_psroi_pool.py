@@ -425,33 +425,37 @@ def test_backward_bitwise_deterministic(rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 def test_workspace_chunking(dtype, rng):
     """A non-contiguous input is copied in chunks: of images, or of one image's channel
-    groups. Output and input gradient are bitwise the same; the offset gradient adds the
-    channel chunks' partial sums, so it agrees to rounding."""
+    groups; the backward's offset-gradient terms (16 bytes per output channel, bin and RoI)
+    are made in passes of channel and RoI ranges, for a contiguous input too. Output and
+    gradients are bitwise the same whatever the chunks: every value is added in one order."""
     a, kw = make_case(rng, n=4, r=10, dtype=dtype)
     go = rng.standard_normal(run_forward(a, kw).shape).astype(dtype)
     y = run_forward(a, kw)
     grads = run_backward(go, a, kw)
     a_nc = dict(a, input=strided_view(a["input"]))
     group = 9 * 7 * 8 * np.dtype(dtype).itemsize  # group_size**2 planes
-    for limit in (2 * 4 * group, 4 * group, 2 * group, 1):
-        with da.workspace_limit(limit):
-            y_c = run_forward(a_nc, kw)
-            grads_c = run_backward(go, a_nc, kw)
-        assert y_c.tobytes() == y.tobytes(), limit
-        assert grads_c.input.tobytes() == grads.input.tobytes(), limit
-        tight = 1e-12 if dtype == np.float64 else 2e-6
-        assert_close(grads_c.offset, grads.offset.astype(np.float64), dtype, f"grad offset, limit {limit}", rel=tight)
+    terms = 9 * 16  # one output channel and one RoI (whole: 4 * 10 of these)
+    for arrays in (a_nc, a):
+        for limit in (2 * 4 * group, 4 * group, 2 * group, 2 * 4 * 3 * terms, 2 * 3 * terms, 2 * terms, 1):
+            with da.workspace_limit(limit):
+                y_c = run_forward(arrays, kw)
+                grads_c = run_backward(go, arrays, kw)
+            assert y_c.tobytes() == y.tobytes(), limit
+            assert grads_c.input.tobytes() == grads.input.tobytes(), limit
+            assert grads_c.offset.tobytes() == grads.offset.tobytes(), limit
 
 
 def test_workspace_bound_holds(rng):
-    """Contiguous input: no workspace. Non-contiguous: chunks within the bound."""
+    """Contiguous input: only the backward's offset-gradient terms (8 output channels * 16
+    bins * 120 RoIs * 16 bytes: 240 KiB as a whole), made in passes within the bound.
+    Non-contiguous: chunks of the input too (60 images: 1.9 MiB as a whole)."""
     a, kw = make_case(
-        rng, n=60, output_dim=2, group_size=2, pooled_size=2, height=8, width=16, r=120, kinds=("inside",)
+        rng, n=60, output_dim=8, group_size=2, pooled_size=4, height=8, width=16, r=120, kinds=("inside",)
     )
     go = rng.standard_normal(run_forward(a, kw).shape)
     limit = 16 * 1024
     slack = 48 * 1024
-    a_nc = dict(a, input=strided_view(a["input"]))  # 60 images: 240 KiB as a whole
+    a_nc = dict(a, input=strided_view(a["input"]))
     for arrays in (a, a_nc):
         with da.workspace_limit(limit):
             da.release_workspace()

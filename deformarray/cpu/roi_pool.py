@@ -336,18 +336,24 @@ def _boxes(p: RoiPoolParams, rois):
 def plan_chunks(batch, n_channels: int, plane_bytes: int, limit: int):
     """Chunks ``(images, c0, cc)`` over the images that some RoI uses: as many images
     (all channels) as fit ``limit`` bytes at ``plane_bytes`` per channel plane, or one
-    image and a range of channels when one image does not fit."""
+    image and a range of channels when one image does not fit.
+
+    Returns ``((images, channels), chunks)``: the size of the first chunk, the largest,
+    and an iterator that makes the chunks one at a time (there can be images x channel
+    ranges of them: a list of their index views took tens of KiB at small bounds)."""
     used = np.unique(batch)
     per_image = plane_bytes * n_channels
     if per_image <= limit:
         step = max(1, limit // per_image)
-        return [(used[k : k + step], 0, n_channels) for k in range(0, len(used), step)]
+        chunks = ((used[k : k + step], 0, n_channels) for k in range(0, len(used), step))
+        return (min(step, len(used)), n_channels), chunks
     cstep = max(1, limit // plane_bytes)
-    return [
+    chunks = (
         (used[k : k + 1], c0, min(cstep, n_channels - c0))
         for k in range(len(used))
         for c0 in range(0, n_channels, cstep)
-    ]
+    )
+    return (1, min(cstep, n_channels)), chunks
 
 
 def chunk_rois(batch, order, sorted_batch, images):
@@ -385,8 +391,8 @@ def forward(p: RoiPoolParams, input, rois, offset, mask):
     off, m = _dummies(p, offset, mask, dtype)
     order = np.argsort(batch, kind="stable")
     sorted_batch = batch[order]
-    chunks = plan_chunks(batch, p.c, p.h * p.w * dtype.itemsize, _config.get_workspace_limit())
-    buf = workspace(nbytes((len(chunks[0][0]), p.h * p.w, chunks[0][2]), dtype))
+    (ni, nch), chunks = plan_chunks(batch, p.c, p.h * p.w * dtype.itemsize, _config.get_workspace_limit())
+    buf = workspace(nbytes((ni, p.h * p.w, nch), dtype))
     for images, c0, cc in chunks:
         buf.reset()
         xt = _channels_last(input, images, c0, cc, buf)
@@ -438,9 +444,8 @@ def backward(p: RoiPoolParams, grad_output, input, rois, offset, mask, determini
     planes = 2 if coords else 1
     no_spill = np.empty((0, 1, 1, 1), dtype)
     zero_bias = np.zeros(p.c, dtype)
-    chunks = plan_chunks(batch, p.c, planes * p.h * p.w * dtype.itemsize, _config.get_workspace_limit())
-    first = (len(chunks[0][0]), p.h * p.w, chunks[0][2])
-    buf = workspace(planes * nbytes(first, dtype))
+    (ni, nch), chunks = plan_chunks(batch, p.c, planes * p.h * p.w * dtype.itemsize, _config.get_workspace_limit())
+    buf = workspace(planes * nbytes((ni, p.h * p.w, nch), dtype))
     for images, c0, cc in chunks:
         buf.reset()
         rlist, slots = chunk_rois(batch, order, sorted_batch, images)
