@@ -90,10 +90,13 @@ __device__ __forceinline__ float floor_acc(float v) { return floorf(v); }
 __device__ __forceinline__ double floor_acc(double v) { return floor(v); }
 
 // ---------------------------------------------------------------------------------------
-// Grid-stride loop over [0, n) with a 64-bit counter.
+// Grid-stride loop over [0, n) with a 64-bit counter. The host emulation of the tests
+// (tests/cuda_emulation.py) defines its own, which can visit the indices in reverse.
+#ifndef DFA_GRID_STRIDE_LOOP
 #define DFA_GRID_STRIDE_LOOP(i, n)                                                         \
     for (::dfa::i64 i = static_cast<::dfa::i64>(blockIdx.x) * blockDim.x + threadIdx.x;  \
          i < (n); i += static_cast<::dfa::i64>(blockDim.x) * gridDim.x)
+#endif
 
 // ---------------------------------------------------------------------------------------
 // Bilinear sampling of one (H, W) plane at a fractional point (h, w), with the rules of

@@ -3,8 +3,9 @@
 The kernels of ``kernels_cu/*.cu`` are plain C++ apart from a few CUDA built-ins, so this
 helper compiles them with the host C++ compiler (``g++``) after a small prelude that
 defines those built-ins for one host "thread": ``blockIdx = threadIdx = 0``,
-``blockDim = gridDim = 1``, so every grid-stride loop walks its whole range serially, and
-``atomicAdd`` is a plain add. :class:`EmulatedBackend` then plays the part of the
+``blockDim = gridDim = 1``, every grid-stride loop walks its whole range serially (forwards,
+or backwards inside :meth:`EmulatedBackend.reversed_threads`), and ``atomicAdd`` is a plain
+add. :class:`EmulatedBackend` then plays the part of the
 ``CupyBackend`` of ``deformarray/cuda/_launch.py`` for ``deform_conv.py``, ``roi_pool.py`` and
 ``psroi_pool.py`` with NumPy arrays (one instance per ``.cu`` file), so the real chunking,
 GEMM, sort and kernel-argument code of those modules runs unchanged.
@@ -41,6 +42,15 @@ static const dfa_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 inline float __uint_as_float(unsigned int u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; __builtin_memcpy(&u, &f, 4); return u; }
 template <typename V> inline V atomicAdd(V* address, V value) { V old = *address; *address = old + value; return old; }
+// Every kernel loops with DFA_GRID_STRIDE_LOOP, whose iterations run in different GPU
+// threads in no fixed order. Here they run one after another, forwards or (when the
+// backend sets dfa_emulation_reverse) backwards, so a kernel whose result depends on
+// the order of its threads (one iteration reading what another wrote, a sum whose order
+// is left to the scheduler) shows up as a difference between the two orders.
+extern "C" { int dfa_emulation_reverse = 0; }
+#define DFA_GRID_STRIDE_LOOP(i, n)                                                         \
+    for (long long dfa_step_ = 0, i = dfa_emulation_reverse ? (n) - 1 : 0; dfa_step_ < (n); \
+         ++dfa_step_, i += dfa_emulation_reverse ? -1 : 1)
 """
 
 
@@ -96,6 +106,16 @@ class EmulatedBackend:
         self.xp = np
         self.null = np.uint64(0)
         self.launched: list[str] = []
+        self._reverse = ctypes.c_int.in_dll(lib, "dfa_emulation_reverse")
+
+    @contextlib.contextmanager
+    def reversed_threads(self):
+        """Within this block every kernel visits its grid-stride indices last to first."""
+        self._reverse.value = 1
+        try:
+            yield
+        finally:
+            self._reverse.value = 0
 
     def device(self, arr):
         return contextlib.nullcontext()
@@ -134,3 +154,28 @@ class EmulatedBackend:
             else:
                 raise TypeError(f"{expr}: unexpected kernel argument {a!r}")
         fn(*values)
+
+
+def assert_thread_order_free(be, run, names, atomic=(), rtol=1e-5):
+    """Run ``run() -> (out, grads)`` with the kernels' threads forwards and backwards.
+
+    The output and every gradient named in ``names`` but not in ``atomic`` must be the same
+    bits in both orders: on a GPU the threads of a launch run in any order, so a result that
+    depends on it is a race. Gradients in ``atomic`` are sums left to the scheduler (float
+    ``atomicAdd``): they may differ only by rounding, and at least one must differ in its
+    bits, which shows the reversal took effect.
+    """
+    out, grads = run()
+    with be.reversed_threads():
+        out_r, grads_r = run()
+    assert out.tobytes() == out_r.tobytes(), "output depends on the thread order"
+    reordered = False
+    for name, a, b in zip(names, grads, grads_r):
+        if a is None:
+            assert b is None, name
+        elif name in atomic:
+            np.testing.assert_allclose(b.astype(np.float64), a.astype(np.float64), rtol=rtol, atol=rtol, err_msg=name)
+            reordered |= a.tobytes() != b.tobytes()
+        else:
+            assert a.tobytes() == b.tobytes(), f"grad {name} depends on the thread order"
+    assert reordered or not atomic, "the reversed order changed no atomic sum: was it applied?"

@@ -435,3 +435,19 @@ def test_empty_batch(backend):
     assert out.shape == p.out_shape
     assert grads[0].shape == arrays["input"].shape and grads[1].shape == arrays["offset"].shape
     assert np.all(grads[2] == 0) and np.all(grads[3] == 0) and grads[4].shape == arrays["mask"].shape
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_results_do_not_depend_on_thread_order(backend, deterministic):
+    """Forward and every gradient, with the kernels' threads run forwards and backwards:
+    the same bits, except the float-atomic input gradient (rounding only)."""
+    rng = np.random.default_rng(21)
+    arrays, geometry = _case(rng, n=2, c=4, h=6, w=6, kh=3, kw=3, padding=(1, 1), dilation=(1, 1), spread=1.5)
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape)
+    cuda_emulation.assert_thread_order_free(
+        backend,
+        lambda: _run_emulated(backend, arrays, geometry, grad_out, np.float32, deterministic),
+        NAMES,
+        atomic=() if deterministic else ("input",),
+    )

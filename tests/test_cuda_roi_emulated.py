@@ -547,3 +547,33 @@ def test_psroi_non_contiguous(ps_be):
     np.testing.assert_array_equal(out, want_out)
     for g, w in zip(grads, want):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_roi_results_do_not_depend_on_thread_order(roi_be, deterministic):
+    """Forward and gradients with the kernels' threads run forwards and backwards: the same
+    bits, except the float-atomic input gradient (rounding only)."""
+    rng = np.random.default_rng(22)
+    p, arrays = roi_case(rng, n=1, r=8, ratio=2)  # overlapping RoIs on one image
+    grad_out = rng.standard_normal(p.out_shape)
+    cuda_emulation.assert_thread_order_free(
+        roi_be,
+        lambda: _roi_emulated(roi_be, p, arrays, grad_out, np.float32, deterministic),
+        GRAD_NAMES,
+        atomic=() if deterministic else ("input",),
+    )
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_psroi_results_do_not_depend_on_thread_order(ps_be, deterministic):
+    """As for deform_roi_pool; psroi's offset gradient is gathered per (RoI, class, part),
+    without atomics, so it too must keep its bits."""
+    rng = np.random.default_rng(23)
+    p, arrays = ps_case(rng, n=1, r=8, integer=False)
+    grad_out = rng.standard_normal(p.out_shape)
+    cuda_emulation.assert_thread_order_free(
+        ps_be,
+        lambda: _ps_emulated(ps_be, p, arrays, grad_out, np.float32, deterministic),
+        ("input", "offset"),
+        atomic=() if deterministic else ("input",),
+    )
