@@ -156,14 +156,15 @@ class EmulatedBackend:
         fn(*values)
 
 
-def assert_thread_order_free(be, run, names, atomic=(), rtol=1e-5):
+def assert_thread_order_free(be, run, names, atomic=(), rtol=1e-5, check_applied=True):
     """Run ``run() -> (out, grads)`` with the kernels' threads forwards and backwards.
 
     The output and every gradient named in ``names`` but not in ``atomic`` must be the same
     bits in both orders: on a GPU the threads of a launch run in any order, so a result that
     depends on it is a race. Gradients in ``atomic`` are sums left to the scheduler (float
     ``atomicAdd``): they may differ only by rounding, and at least one must differ in its
-    bits, which shows the reversal took effect.
+    bits, which shows the reversal took effect (``check_applied=False`` skips that check,
+    for 16-bit results whose rounding may hide the order).
     """
     out, grads = run()
     with be.reversed_threads():
@@ -178,4 +179,4 @@ def assert_thread_order_free(be, run, names, atomic=(), rtol=1e-5):
             reordered |= a.tobytes() != b.tobytes()
         else:
             assert a.tobytes() == b.tobytes(), f"grad {name} depends on the thread order"
-    assert reordered or not atomic, "the reversed order changed no atomic sum: was it applied?"
+    assert reordered or not atomic or not check_applied, "the reversed order changed no atomic sum: was it applied?"

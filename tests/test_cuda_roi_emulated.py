@@ -549,8 +549,17 @@ def test_psroi_non_contiguous(ps_be):
         np.testing.assert_array_equal(g, w)
 
 
+def _with_limit(limit, run):
+    """run() under a workspace bound of ``limit`` bytes (None: the default)."""
+    if limit is None:
+        return run()
+    with deformarray.workspace_limit(limit):
+        return run()
+
+
+@pytest.mark.parametrize("limit", [None, 5000], ids=["whole", "chunked"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_roi_results_do_not_depend_on_thread_order(roi_be, deterministic):
+def test_roi_results_do_not_depend_on_thread_order(roi_be, deterministic, limit):
     """Forward and gradients with the kernels' threads run forwards and backwards: the same
     bits, except the float-atomic input gradient (rounding only)."""
     rng = np.random.default_rng(22)
@@ -558,14 +567,15 @@ def test_roi_results_do_not_depend_on_thread_order(roi_be, deterministic):
     grad_out = rng.standard_normal(p.out_shape)
     cuda_emulation.assert_thread_order_free(
         roi_be,
-        lambda: _roi_emulated(roi_be, p, arrays, grad_out, np.float32, deterministic),
+        lambda: _with_limit(limit, lambda: _roi_emulated(roi_be, p, arrays, grad_out, np.float32, deterministic)),
         GRAD_NAMES,
         atomic=() if deterministic else ("input",),
     )
 
 
+@pytest.mark.parametrize("limit", [None, 5000], ids=["whole", "chunked"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_psroi_results_do_not_depend_on_thread_order(ps_be, deterministic):
+def test_psroi_results_do_not_depend_on_thread_order(ps_be, deterministic, limit):
     """As for deform_roi_pool; psroi's offset gradient is gathered per (RoI, class, part),
     without atomics, so it too must keep its bits."""
     rng = np.random.default_rng(23)
@@ -573,7 +583,7 @@ def test_psroi_results_do_not_depend_on_thread_order(ps_be, deterministic):
     grad_out = rng.standard_normal(p.out_shape)
     cuda_emulation.assert_thread_order_free(
         ps_be,
-        lambda: _ps_emulated(ps_be, p, arrays, grad_out, np.float32, deterministic),
+        lambda: _with_limit(limit, lambda: _ps_emulated(ps_be, p, arrays, grad_out, np.float32, deterministic)),
         ("input", "offset"),
         atomic=() if deterministic else ("input",),
     )
