@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,6 @@ class EmulatedBackend:
         self._fns: dict[tuple[str, int], object] = {}
         self.xp = np
         self.null = np.uint64(0)
-        self.launched: list[str] = []
         self._reverse = ctypes.c_int.in_dll(lib, "dfa_emulation_reverse")
 
     @contextlib.contextmanager
@@ -121,7 +121,18 @@ class EmulatedBackend:
         return contextlib.nullcontext()
 
     def argsort_stable(self, a):
-        return np.argsort(a, kind="stable")
+        return self.xp.argsort_stable(a) if isinstance(self.xp, MeteredNumpy) else np.argsort(a, kind="stable")
+
+    @contextlib.contextmanager
+    def metered(self):
+        """Within this block the launch code allocates through a :class:`MeteredNumpy`,
+        which it yields: the arrays the code creates, and their peak."""
+        meter = MeteredNumpy()
+        self.xp = meter
+        try:
+            yield meter
+        finally:
+            self.xp = np
 
     def to_host(self, a):
         return np.asarray(a)
@@ -130,7 +141,6 @@ class EmulatedBackend:
         if total <= 0:
             return
         expr = _loader.name_expression(kernel, _loader.dtype_name(dtype))
-        self.launched.append(expr)
         # Every kernel argument is a pointer, a 64-bit integer or a double. Pointers and
         # integers both travel in a 64-bit integer register / stack slot in the x86-64 and
         # AArch64 calling conventions, so uint64 describes them; doubles go in floating-point
@@ -180,3 +190,51 @@ def assert_thread_order_free(be, run, names, atomic=(), rtol=1e-5, check_applied
         else:
             assert a.tobytes() == b.tobytes(), f"grad {name} depends on the thread order"
     assert reordered or not atomic or not check_applied, "the reversed order changed no atomic sum: was it applied?"
+
+
+class MeteredNumpy:
+    """NumPy for the launch code, counting the bytes of the arrays it creates while they live.
+
+    ``empty`` / ``zeros`` / ``ascontiguousarray`` / ``asarray`` (the launch code's
+    allocations, as on a GPU through CuPy's pool) and the scan's and the sort's results are
+    counted from creation until the array (or the last view of it) is freed; ``peak`` is the
+    most alive at once. Temporaries of
+    operators (``a += b @ c``, ``a.sum()``) are not counted: the launch code makes only
+    weight- and channel-sized ones.
+    """
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def _count(self, arr):
+        self.live += arr.nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(arr, self._release, arr.nbytes)
+        return arr
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def empty(self, *args, **kwargs):
+        return self._count(np.empty(*args, **kwargs))
+
+    def zeros(self, *args, **kwargs):
+        return self._count(np.zeros(*args, **kwargs))
+
+    def ascontiguousarray(self, a, *args, **kwargs):
+        out = np.ascontiguousarray(a, *args, **kwargs)
+        return out if out is a or out.base is a else self._count(out)
+
+    def asarray(self, a, *args, **kwargs):
+        # the launch code passes host arrays here: on a GPU, a copy to the device
+        return self._count(np.array(a, *args, copy=True, **kwargs))
+
+    def cumsum(self, *args, **kwargs):
+        return self._count(np.cumsum(*args, **kwargs))
+
+    def argsort_stable(self, a):
+        return self._count(np.argsort(a, kind="stable"))

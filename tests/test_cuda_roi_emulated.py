@@ -14,6 +14,8 @@ What stays unchecked without a GPU: NVRTC code generation beyond compiling
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -587,3 +589,69 @@ def test_psroi_results_do_not_depend_on_thread_order(ps_be, deterministic, limit
         ("input", "offset"),
         atomic=() if deterministic else ("input",),
     )
+
+
+def _metered_peaks(be, limits, forward, backward):
+    """{limit: (forward bytes, backward bytes)} the launch code allocates beyond its results."""
+    peaks = {}
+    for limit in limits:
+        with contextlib.nullcontext() if limit is None else deformarray.workspace_limit(limit):
+            with be.metered() as fwd:
+                out = forward()
+            with be.metered() as bwd:
+                grads = backward()
+        peaks[limit] = (fwd.peak - out.nbytes, bwd.peak - sum(g.nbytes for g in grads if g is not None))
+    return peaks
+
+
+@pytest.mark.parametrize(
+    "dtype, deterministic", [("float32", True), ("float16", False), ("float16", True)], ids=lambda v: str(v)
+)
+def test_roi_launch_code_allocates_within_the_workspace_bound(roi_be, dtype, deterministic):
+    """Forward: nothing beyond the output. Backward: within the bound of docs/cuda.md, at
+    bounds of several images, one image and a few bins per chunk (the 16-bit accumulators
+    and the entry lists); unbounded, the deterministic lists take several times more."""
+    rng = np.random.default_rng(32)
+    p, arrays = roi_case(rng, n=6, c=8, h=12, w=12, r=20, pooled=(3, 3), ratio=2, scale=1.0)
+    a = _cast(arrays, dtype)
+    go = rng.standard_normal(p.out_shape).astype(dtype)
+    limits = (None, 200_000, 40_000, 20_000, 6000)
+    if deterministic:
+        limits = limits[:-1]  # 6000 is below two images' rows and accumulators (the minimum)
+    peaks = _metered_peaks(
+        roi_be,
+        limits,
+        lambda: cuda_roi._forward(roi_be, p, a["input"], a["rois"], a["offset"], a["mask"]),
+        lambda: cuda_roi._backward(roi_be, p, go, a["input"], a["rois"], a["offset"], a["mask"], deterministic),
+    )
+    for limit, (fwd, bwd) in peaks.items():
+        assert fwd == 0, (limit, fwd)
+        if limit is not None:
+            assert bwd <= limit, (limit, bwd)
+    if deterministic:  # the bound is what kept the entry lists small
+        assert peaks[None][1] > 3 * peaks[limits[-1]][1], peaks
+
+
+@pytest.mark.parametrize(
+    "dtype, deterministic", [("float32", True), ("float16", False), ("float16", True)], ids=lambda v: str(v)
+)
+def test_psroi_launch_code_allocates_within_the_workspace_bound(ps_be, dtype, deterministic):
+    """As for deform_roi_pool."""
+    rng = np.random.default_rng(33)
+    p, arrays = ps_case(rng, n=4, output_dim=4, group_size=2, pooled=3, spp=2, h=10, w=10, r=12)
+    a = _cast(arrays, dtype)
+    go = rng.standard_normal(p.out_shape).astype(dtype)
+    # deterministic: one image's rows take 38 KB (45 KB in float16), and must fit half the bound
+    limits = (None, 400_000, 120_000) if deterministic else (None, 20_000, 7000)
+    peaks = _metered_peaks(
+        ps_be,
+        limits,
+        lambda: cuda_psroi._forward(ps_be, p, a["input"], a["rois"], a["offset"]),
+        lambda: cuda_psroi._backward(ps_be, p, go, a["input"], a["rois"], a["offset"], deterministic),
+    )
+    for limit, (fwd, bwd) in peaks.items():
+        assert fwd == 0, (limit, fwd)
+        if limit is not None:
+            assert bwd <= limit, (limit, bwd)
+    if deterministic:
+        assert peaks[None][1] > 3 * peaks[limits[-1]][1], peaks

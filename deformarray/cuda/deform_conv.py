@@ -178,6 +178,8 @@ def _forward(be, p, input, offset, weight, bias, mask):
         be.launch(
             "deform_conv_store_output", dtype, p.c_out * L, (res, bias_arg, out) + _i64(p.c_out, pixels, ch.q0, L)
         )
+        # free before the next chunk allocates its own (a rebinding frees only after it)
+        del cols, res
     return out
 
 
@@ -283,7 +285,8 @@ def _backward(be, p, grad_output, input, offset, weight, bias, mask, determinist
                     ck * L,
                     (offset, mask_arg, gcols, target) + geom + q_args + _i64(ch.n0),
                 )
-            del cols, gcols
+            # target may hold the last image's accumulator: let it go before the next one
+            del cols, gcols, target
             if half and ch.ends_image:
                 be.launch(
                     "deform_conv_from_acc",

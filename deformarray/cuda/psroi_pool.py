@@ -141,6 +141,7 @@ def _backward(be, p, grad_output, input, rois, offset, deterministic):
                 _args(be, grad_output, rois, offset, gin) + geom + _i64(n0, nb),
             )
             be.launch("psroi_pool_from_acc", dtype, gin.size, (gin, grad_input[n0 : n0 + nb], np.int64(gin.size)))
+            del gin  # before the next chunk allocates its own (a rebinding frees only after it)
         return grad_input, grad_offset
 
     per_image = image * (_DET_BYTES_PER_ROW + (4 if half else 0))
@@ -156,6 +157,7 @@ def _backward(be, p, grad_output, input, rois, offset, deterministic):
             be.launch(
                 "psroi_pool_from_acc", dtype, target.size, (target, grad_input[n0 : n0 + nb], np.int64(target.size))
             )
+        del target  # before the next chunk allocates its own
     return grad_input, grad_offset
 
 

@@ -189,6 +189,7 @@ def _backward(be, p, grad_output, input, rois, offset, mask, deterministic):
                 _args(be, grad_output, rois, offset, mask, gin) + geom + _i64(n0, nb),
             )
             be.launch("roi_pool_from_acc", dtype, gin.size, (gin, grad_input[n0 : n0 + nb], np.int64(gin.size)))
+            del gin  # before the next chunk allocates its own (a rebinding frees only after it)
     return grad_input, grad_offset, grad_mask
 
 
@@ -243,6 +244,7 @@ def _input_grad_deterministic(be, p, dtype, acc, grad_output, rois, offset, mask
             be.launch(
                 "roi_pool_from_acc", dtype, target.size, (target, grad_input[n0 : n0 + nb], np.int64(target.size))
             )
+        del target  # before the next chunk allocates its own
 
 
 def _gather_chunk(be, p, dtype, acc, grad_output, rois, offset, mask, target, geom, bins, entries, n0, nb):
