@@ -8,11 +8,14 @@ or backwards inside :meth:`EmulatedBackend.reversed_threads`), and ``atomicAdd``
 add. :class:`EmulatedBackend` then plays the part of the
 ``CupyBackend`` of ``deformarray/cuda/_launch.py`` for ``deform_conv.py``, ``roi_pool.py`` and
 ``psroi_pool.py`` with NumPy arrays (one instance per ``.cu`` file), so the real chunking,
-GEMM, sort and kernel-argument code of those modules runs unchanged.
+GEMM, sort and kernel-argument code of those modules runs unchanged. Inside
+:meth:`EmulatedBackend.metered` the launch code's allocations are counted (the workspace
+tests); with ``DFA_EMULATION_SANITIZE=1`` the kernels are built with AddressSanitizer and UBSan.
 
 What this does not check: anything specific to the GPU (NVRTC itself is covered by
-tests/test_nvrtc_compile.py; races, memory coalescing, CuPy's own functions and cuBLAS are
-not covered at all).
+tests/test_nvrtc_compile.py; true concurrency, memory coalescing, CuPy's own functions and
+cuBLAS are not covered at all; a dependence on the order of the threads is, see
+:func:`assert_thread_order_free`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,17 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+# DFA_EMULATION_SANITIZE=1 builds the kernels with AddressSanitizer and UBSan, so that an
+# out-of-bounds access (silent corruption on a GPU) or undefined behaviour stops the test;
+# the process must then preload the ASan runtime (.ci/run shows how).
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+def _flags() -> list[str]:
+    extra = _SANITIZE if os.environ.get("DFA_EMULATION_SANITIZE") == "1" else []
+    return ["-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas", *extra]
+
+
 def _build(filename: str) -> tuple[ctypes.CDLL, list[str]]:
     exprs = [e for per_dtype in _loader.all_name_expressions()[filename].values() for e in per_dtype]
     table = ",\n".join(f"  reinterpret_cast<void*>(&{e})" for e in exprs)
@@ -67,7 +81,8 @@ def _build(filename: str) -> tuple[ctypes.CDLL, list[str]]:
         + _loader.read_source(filename)
         + f'\n#line 1 "emulation_table"\nextern "C" void* dfa_kernels[] = {{\n{table}\n}};\n'
     )
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    flags = _flags()
+    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
     build_dir = Path(tempfile.gettempdir()) / "deformarray-emulation"
     build_dir.mkdir(exist_ok=True)
     lib_path = build_dir / f"{Path(filename).stem}-{digest}.so"
@@ -76,17 +91,7 @@ def _build(filename: str) -> tuple[ctypes.CDLL, list[str]]:
         src_path.write_text(source)
         tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
-            [
-                compiler(),
-                "-std=c++17",
-                "-O2",
-                "-shared",
-                "-fPIC",
-                "-Wno-unknown-pragmas",
-                "-o",
-                str(tmp),
-                str(src_path),
-            ],
+            [compiler(), *flags, "-o", str(tmp), str(src_path)],
             check=True,
             capture_output=True,
             text=True,
