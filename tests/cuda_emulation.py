@@ -203,9 +203,8 @@ class MeteredNumpy:
     ``empty`` / ``zeros`` / ``ascontiguousarray`` / ``asarray`` (the launch code's
     allocations, as on a GPU through CuPy's pool) and the scan's and the sort's results are
     counted from creation until the array (or the last view of it) is freed; ``peak`` is the
-    most alive at once. Temporaries of
-    operators (``a += b @ c``, ``a.sum()``) are not counted: the launch code makes only
-    weight- and channel-sized ones.
+    most alive at once. Temporaries of operators (``a += b @ c``, ``a.sum()``) are not
+    counted: the launch code makes only weight- and channel-sized ones.
     """
 
     def __init__(self) -> None:
@@ -243,3 +242,10 @@ class MeteredNumpy:
 
     def argsort_stable(self, a):
         return self._count(np.argsort(a, kind="stable"))
+
+
+def workspace_bound(limit):
+    """``deformarray.workspace_limit(limit)``, or no change when ``limit`` is None."""
+    import deformarray
+
+    return contextlib.nullcontext() if limit is None else deformarray.workspace_limit(limit)

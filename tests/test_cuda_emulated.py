@@ -10,8 +10,6 @@ types. What stays unchecked without a GPU: NVRTC code generation beyond compilin
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import reference
@@ -451,20 +449,17 @@ def test_results_do_not_depend_on_thread_order(backend, deterministic, dtype, li
     p = _params(arrays, geometry)
     grad_out = rng.standard_normal(p.out_shape)
 
-    def run():
-        with contextlib.nullcontext() if limit is None else deformarray.workspace_limit(limit):
-            return _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dtype), deterministic)
-
     half = dtype == "float16"
-    cuda_emulation.assert_thread_order_free(
-        backend,
-        run,
-        NAMES,
-        atomic=() if deterministic else ("input",),
-        rtol=2e-3 if half else 1e-5,
-        # float16 rounds the float32 atomic sums to 11 bits, which may hide their order
-        check_applied=not half,
-    )
+    with cuda_emulation.workspace_bound(limit):
+        cuda_emulation.assert_thread_order_free(
+            backend,
+            lambda: _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dtype), deterministic),
+            NAMES,
+            atomic=() if deterministic else ("input",),
+            rtol=2e-3 if half else 1e-5,
+            # float16 rounds the float32 atomic sums to 11 bits, which may hide their order
+            check_applied=not half,
+        )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -489,7 +484,7 @@ def test_launch_code_allocates_within_the_workspace_bound(backend, deterministic
     peaks = {}
     # per image: 82 KB of forward columns; the deterministic backward adds 4.3 KB per pixel
     for limit in (None, 400_000, 100_000, 30_000):
-        with contextlib.nullcontext() if limit is None else deformarray.workspace_limit(limit):
+        with cuda_emulation.workspace_bound(limit):
             with backend.metered() as fwd:
                 out = cuda_deform_conv._forward(backend, p, *args)
             with backend.metered() as bwd:

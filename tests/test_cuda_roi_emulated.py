@@ -14,8 +14,6 @@ What stays unchecked without a GPU: NVRTC code generation beyond compiling
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
@@ -551,14 +549,6 @@ def test_psroi_non_contiguous(ps_be):
         np.testing.assert_array_equal(g, w)
 
 
-def _with_limit(limit, run):
-    """run() under a workspace bound of ``limit`` bytes (None: the default)."""
-    if limit is None:
-        return run()
-    with deformarray.workspace_limit(limit):
-        return run()
-
-
 @pytest.mark.parametrize("limit", [None, 5000], ids=["whole", "chunked"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_roi_results_do_not_depend_on_thread_order(roi_be, deterministic, limit):
@@ -567,12 +557,13 @@ def test_roi_results_do_not_depend_on_thread_order(roi_be, deterministic, limit)
     rng = np.random.default_rng(22)
     p, arrays = roi_case(rng, n=1, r=8, ratio=2)  # overlapping RoIs on one image
     grad_out = rng.standard_normal(p.out_shape)
-    cuda_emulation.assert_thread_order_free(
-        roi_be,
-        lambda: _with_limit(limit, lambda: _roi_emulated(roi_be, p, arrays, grad_out, np.float32, deterministic)),
-        GRAD_NAMES,
-        atomic=() if deterministic else ("input",),
-    )
+    with cuda_emulation.workspace_bound(limit):
+        cuda_emulation.assert_thread_order_free(
+            roi_be,
+            lambda: _roi_emulated(roi_be, p, arrays, grad_out, np.float32, deterministic),
+            GRAD_NAMES,
+            atomic=() if deterministic else ("input",),
+        )
 
 
 @pytest.mark.parametrize("limit", [None, 5000], ids=["whole", "chunked"])
@@ -583,19 +574,20 @@ def test_psroi_results_do_not_depend_on_thread_order(ps_be, deterministic, limit
     rng = np.random.default_rng(23)
     p, arrays = ps_case(rng, n=1, r=8, integer=False)
     grad_out = rng.standard_normal(p.out_shape)
-    cuda_emulation.assert_thread_order_free(
-        ps_be,
-        lambda: _with_limit(limit, lambda: _ps_emulated(ps_be, p, arrays, grad_out, np.float32, deterministic)),
-        ("input", "offset"),
-        atomic=() if deterministic else ("input",),
-    )
+    with cuda_emulation.workspace_bound(limit):
+        cuda_emulation.assert_thread_order_free(
+            ps_be,
+            lambda: _ps_emulated(ps_be, p, arrays, grad_out, np.float32, deterministic),
+            ("input", "offset"),
+            atomic=() if deterministic else ("input",),
+        )
 
 
 def _metered_peaks(be, limits, forward, backward):
     """{limit: (forward bytes, backward bytes)} the launch code allocates beyond its results."""
     peaks = {}
     for limit in limits:
-        with contextlib.nullcontext() if limit is None else deformarray.workspace_limit(limit):
+        with cuda_emulation.workspace_bound(limit):
             with be.metered() as fwd:
                 out = forward()
             with be.metered() as bwd:
