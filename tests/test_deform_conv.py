@@ -7,6 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
+from edges import TINY, around, edge_targets, targeted_offsets
 from reference import (
     geometry,
     make_case,
@@ -75,27 +76,6 @@ def test_matches_reference(geom, dtype, rng):
     check_against_reference(case, rng, dtype)
 
 
-def _targeted_offsets(rng, case, targets_h, targets_w):
-    """Offsets that put every sample point exactly on a value drawn from the targets."""
-    g = geometry(case.input, case.offset, case.weight, case.stride, case.padding, case.dilation)
-    off = np.zeros(case.offset.shape)
-    hit_h, hit_w = set(), set()
-    for n in range(g.n):
-        for og in range(g.offset_groups):
-            for i in range(g.kh):
-                for j in range(g.kw):
-                    ch = 2 * (og * g.kh * g.kw + i * g.kw + j)
-                    for ho in range(g.h_out):
-                        for wo in range(g.w_out):
-                            th = targets_h[rng.integers(len(targets_h))]
-                            tw = targets_w[rng.integers(len(targets_w))]
-                            off[n, ch, ho, wo] = th - (ho * g.sh - g.ph + i * g.dh)
-                            off[n, ch + 1, ho, wo] = tw - (wo * g.sw - g.pw + j * g.dw)
-                            hit_h.add(th)
-                            hit_w.add(tw)
-    return off, hit_h, hit_w
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("with_mask", [True, False], ids=["v2", "v1"])
 def test_integer_and_border_sample_points(dtype, with_mask, rng):
@@ -117,12 +97,70 @@ def test_integer_and_border_sample_points(dtype, with_mask, rng):
     )
     targets_h = [-2.0, -1.5, -1.0, -0.5, 0.0, 1.0, 2.0, 2.5, H - 1.5, H - 1.0, H - 0.5, float(H), H + 1.0]
     targets_w = [-2.0, -1.5, -1.0, -0.5, 0.0, 1.0, 3.0, 3.5, W - 1.5, W - 1.0, W - 0.5, float(W), W + 1.0]
-    off, hit_h, hit_w = _targeted_offsets(rng, case, targets_h, targets_w)
+    off, hit_h, hit_w = targeted_offsets(rng, case, targets_h, targets_w)
     for must in (-1.0, 0.0, H - 1.0, float(H)):
         assert must in hit_h
     for must in (-1.0, 0.0, W - 1.0, float(W)):
         assert must in hit_w
     case = case._replace(offset=off.astype(dtype))
+    check_against_reference(case, rng, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("kernel", [1, 3], ids=["1x1", "3x3"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["v2", "v1"])
+def test_one_ulp_around_integers_and_borders(dtype, kernel, with_mask, rng):
+    """Sample points on and one ulp either side of -1, 0, H-1, H (H, W powers of two, where
+    ``h + 1.0`` rounds up one ulp below H), and at -1e-17, -1e-40: forward and every
+    gradient equal the float64 reference. The second image holds large values, so a
+    corner read from outside the first image's plane shows."""
+    H, W = 4, 8
+    case = make_case(
+        rng,
+        n=2,
+        c_in=4,
+        height=H,
+        width=W,
+        c_out=4,
+        kernel=kernel,
+        padding=kernel // 2,
+        offset_groups=2,
+        mask=with_mask,
+        dtype=dtype,
+    )
+    x = case.input.astype(np.float64)
+    x[1] *= 1000.0
+    off, hit_h, hit_w = targeted_offsets(rng, case, edge_targets(H, dtype), edge_targets(W, dtype))
+    if dtype == np.float64:
+        for must in (np.nextafter(H, 0), np.nextafter(0, -1), *TINY, *around(-1.0), *around(H - 1.0)):
+            assert must in hit_h, must
+        for must in (np.nextafter(W, 0), np.nextafter(0, -1), *TINY):
+            assert must in hit_w, must
+    case = case._replace(input=x.astype(dtype), offset=off.astype(dtype))
+    check_against_reference(case, rng, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("where", ["below_H", "below_W", "below_0", "minus_1e-17", "minus_1e-40"])
+def test_named_edge_points_one_sample(dtype, where, rng):
+    """The points of the bug report, one sample each (1x1 kernel at output (0, 0)): the
+    forward must not read the next image (1000.0 there), and no gradient may land outside
+    the sampled cell."""
+    H, W = 4, 4
+    h, w = {
+        "below_H": (np.nextafter(dtype(H), dtype(0)), 1.0),
+        "below_W": (1.0, np.nextafter(dtype(W), dtype(0))),
+        "below_0": (np.nextafter(dtype(0), dtype(-1)), 2.0),
+        "minus_1e-17": (dtype(-1e-17), 2.0),
+        "minus_1e-40": (1.0, dtype(-1e-40)),
+    }[where]
+    x = np.zeros((2, 1, H, W))
+    x[0, 0] = rng.standard_normal((H, W))
+    x[1] = 1000.0
+    off = np.zeros((2, 2, H, W))
+    off[0, 0, 0, 0], off[0, 1, 0, 0] = h, w
+    case = make_case(rng, n=2, c_in=1, height=H, width=W, c_out=1, kernel=1, padding=0, dtype=dtype)
+    case = case._replace(input=x.astype(dtype), offset=off.astype(dtype))
     check_against_reference(case, rng, dtype)
 
 

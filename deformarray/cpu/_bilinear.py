@@ -31,11 +31,15 @@ def tile_corners(h0, w0, h_add, w_add, dy, dx, height, width, idx, valid, frac_h
         inside = (h > -1.0) & (w > -1.0) & (h < height) & (w < width)
         hc = h if inside else 0.0
         wc = w if inside else 0.0
-        # hc, wc > -1 here, so truncating hc + 1 is floor(hc) + 1 (no floor call)
-        hl = int(hc + 1.0) - 1
-        wl = int(wc + 1.0) - 1
-        frac_h[j] = hc - hl
-        frac_w[j] = wc - wl
+        # A real floor: truncating hc + 1 (the old trick) rounds up for hc one ulp below an
+        # integer >= 1/2 ulp of hc + 1 (h = nextafter(4, 0) gave hl = 4, a corner outside
+        # the image marked valid) and for hc in (-2**-54, 0) (hl = 0 instead of -1).
+        hf = np.floor(hc)
+        wf = np.floor(wc)
+        hl = int(hf)
+        wl = int(wf)
+        frac_h[j] = hc - hf
+        frac_w[j] = wc - wf
         top = inside & (hl >= 0)
         bottom = inside & (hl + 1 <= height - 1)
         left = wl >= 0
