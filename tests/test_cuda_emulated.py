@@ -10,6 +10,7 @@ types. What stays unchecked without a GPU: NVRTC code generation beyond compilin
 
 from __future__ import annotations
 
+import edges
 import numpy as np
 import pytest
 import reference
@@ -241,6 +242,8 @@ REF_CASES = {
     "large_offsets_leave_image": dict(offset_scale=7.0, offset_groups=2, height=5, width=5),
     "zero_offsets_pad1": dict(offset_scale=0.0),  # samples at exactly h = -1 / w = -1
     "integer_offsets": dict(offset_scale=0.0, padding=2),
+    # sample points on and one ulp either side of -1, 0, H-1, H (H, W powers of two)
+    "one_ulp_edges": dict(height=4, width=8, offset_groups=2),
 }
 
 
@@ -251,6 +254,9 @@ def test_matches_project_reference(backend, name, deterministic):
     case = reference.make_case(rng, **REF_CASES[name])
     if name == "integer_offsets":
         case.offset[:] = rng.integers(-2, 3, case.offset.shape)
+    if name == "one_ulp_edges":
+        off, _, _ = edges.targeted_offsets(rng, case, edges.edge_targets(4), edges.edge_targets(8))
+        case = case._replace(offset=off)
     arrays = dict(input=case.input, offset=case.offset, weight=case.weight, bias=case.bias, mask=case.mask)
     geometry = dict(stride=case.stride, padding=case.padding, dilation=case.dilation)
     p = _params(arrays, geometry)
