@@ -31,20 +31,20 @@ import numpy as np
 
 def _hat_terms(t: float, size: int):
     """[(q, k(q - tc), d k(q - tc) / dt)] for the pixels q with a non-zero weight or
-    slope, tc = clip(t, 0, size - 1). The slope is zero where t is clamped."""
+    slope, tc = clip(t, 0, size - 1). The slope is zero where t is clamped.
+
+    The two pixels around tc are found with a real floor, lo = floor(tc), and the hat's
+    values there are 1 - (tc - lo) and tc - lo: testing the rounded differences q - tc
+    instead misplaces the kink one ulp below an integer (2 - (1 - 2**-53) rounds to 1).
+    """
     tc = min(max(t, 0.0), size - 1.0)
     moving = 0.0 <= t < size - 1.0
+    lo = math.floor(tc)
+    fr = tc - lo
     out = []
-    for q in range(max(0, math.floor(tc) - 1), min(size, math.floor(tc) + 3)):
-        d = q - tc
-        k = max(0.0, 1.0 - abs(d))
-        if moving and -1.0 <= -d < 0.0:  # q - 1 < tc <= q ... from the right: tc in [q-1, q)
-            dk = 1.0
-        elif moving and 0.0 <= -d < 1.0:  # tc in [q, q+1)
-            dk = -1.0
-        else:
-            dk = 0.0
-        if k != 0.0 or dk != 0.0:
+    for q, k, dk in ((lo, 1.0 - fr, -1.0), (lo + 1, fr, 1.0)):
+        dk = dk if moving else 0.0
+        if 0 <= q < size and (k != 0.0 or dk != 0.0):
             out.append((q, k, dk))
     return out
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edges import edge_targets, targeted_offsets
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from reference import Case, ref_deform_conv2d, ref_deform_conv2d_backward
 
 import deformarray as da
 
@@ -321,3 +323,37 @@ def test_properties_hold_in_float32_too(dtype):
         ),
         rel=rel,
     )
+
+
+@SETTINGS
+@given(
+    g=geometries(),
+    seed=st.integers(0, 2**32 - 1),
+    with_mask=st.booleans(),
+    pow2=st.sampled_from([(4, 4), (4, 8), (8, 4)]),
+)
+def test_edge_sample_points_match_reference(g, seed, with_mask, pow2):
+    """Every sample point on, or one ulp either side of, -1, 0, H-1, H, an interior
+    integer, or at -1e-17 / -1e-40 (H and W powers of two, where ``h + 1.0`` rounds up one
+    ulp below H): forward and every gradient equal the float64 reference."""
+    height, width = pow2
+    h_out = (height + 2 * g["padding"][0] - (g["dilation"][0] * (g["kh"] - 1) + 1)) // g["stride"][0] + 1
+    w_out = (width + 2 * g["padding"][1] - (g["dilation"][1] * (g["kw"] - 1) + 1)) // g["stride"][1] + 1
+    assume(h_out >= 1 and w_out >= 1)
+    g = dict(g, height=height, width=width, h_out=h_out, w_out=w_out)
+    rng = np.random.default_rng(seed)
+    x, off, w, b, m = _arrays(g, rng)
+    x[-1] *= 1000.0  # a corner read from the next image's plane shows
+    m = m if with_mask else None
+    case = Case(x, off, w, b, g["stride"], g["padding"], g["dilation"], m)
+    off, _, _ = targeted_offsets(rng, case, edge_targets(height, interior=(1, 2)), edge_targets(width, interior=(1, 2)))
+    y = _dc(g, x, off, w, b, m)
+    _close(y, ref_deform_conv2d(x, off, w, b, g["stride"], g["padding"], g["dilation"], m))
+    go = rng.standard_normal(y.shape)
+    got = _dc_back(g, go, x, off, w, b, m)
+    want = ref_deform_conv2d_backward(go, x, off, w, b, g["stride"], g["padding"], g["dilation"], m)
+    for name in ("input", "offset", "weight", "bias", "mask"):
+        if getattr(want, name) is None:
+            assert getattr(got, name) is None, name
+        else:
+            _close(getattr(got, name), getattr(want, name))

@@ -18,6 +18,7 @@ import numba
 import numpy as np
 import pytest
 from checks import DTYPES, assert_close, reversed_view, strided_view
+from edges import edge_coordinate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference_roi import (
@@ -365,6 +366,28 @@ def test_roi_sizes_property(box, scale, spp, sizes, seed):
         spatial_scale=scale,
     )
     check_against_reference(a, kw, rng, np.float64)
+
+
+@SETTINGS
+@given(
+    points=st.lists(st.tuples(edge_coordinate(4), edge_coordinate(8)), min_size=1, max_size=6),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_edge_sample_points_property(points, dtype, seed):
+    """One sample per RoI on or one ulp either side of -1, 0, H-1, H, an integer, or at a
+    tiny negative (H = 4, W = 8: powers of two): forward and gradients match the
+    reference. Each RoI is a point at (3, 3) (size 1 after MXNet's rounding) and its
+    offset (trans_std 1) moves the one sample to the target, up to the rounding of
+    ``2.5 + (target - 2.5)``; the reference computes the same coordinate."""
+    rng = np.random.default_rng(seed)
+    H, W = 4, 8
+    rois = np.array([[0.0, 3.0, 3.0, 3.0, 3.0]] * len(points))
+    off = np.array([[[[tx - 2.5]], [[ty - 2.5]]] for ty, tx in points])
+    a = dict(input=rng.standard_normal((2, 1, H, W)).astype(dtype), rois=rois.astype(dtype), offset=off.astype(dtype))
+    a["input"][1] = 1000.0  # a read past the first image's plane shows
+    kw = dict(output_dim=1, group_size=1, pooled_size=1, sample_per_part=1, trans_std=1.0)
+    check_against_reference(a, kw, rng, dtype)
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numba
 import numpy as np
 import pytest
 from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
+from edges import edge_coordinate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference_roi import (
@@ -358,6 +359,34 @@ def test_roi_sizes_property(box, scale, ratio, pooled, seed):
     )
     kw = dict(output_size=pooled, spatial_scale=scale, sampling_ratio=ratio, gamma=0.1)
     check_against_reference(a, kw, rng, np.float64)
+
+
+@SETTINGS
+@given(
+    points=st.lists(st.tuples(edge_coordinate(4), edge_coordinate(8)), min_size=1, max_size=6),
+    dtype=st.sampled_from(DTYPES),
+    with_mask=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_edge_sample_points_property(points, dtype, with_mask, seed):
+    """One sample per RoI, on or one ulp either side of -1, 0, H-1, H, an integer, or at a
+    tiny negative (H = 4, W = 8: powers of two), where a floor by truncation or by adding
+    and subtracting goes wrong: forward and gradients match the reference. The RoI is the
+    size-2 box centred on the target, so the sample sits on it up to the rounding of
+    ``target - 0.5``; the reference computes the same coordinate."""
+    rng = np.random.default_rng(seed)
+    H, W = 4, 8
+    rois = np.array([[0.0, tx - 0.5, ty - 0.5, tx + 1.5, ty + 1.5] for ty, tx in points])
+    r = len(rois)
+    a = dict(
+        input=rng.standard_normal((2, 3, H, W)).astype(dtype),
+        rois=rois.astype(dtype),
+        offset=np.zeros((r, 2, 1, 1), dtype),
+        mask=rng.uniform(0.5, 1.0, (r, 1, 1, 1)).astype(dtype) if with_mask else None,
+    )
+    a["input"][1] = 1000.0  # a read past the first image's plane shows
+    kw = dict(output_size=1, spatial_scale=1.0, sampling_ratio=1, gamma=0.1)
+    check_against_reference(a, kw, rng, dtype)
 
 
 # ---------------------------------------------------------------------------------------
