@@ -18,6 +18,8 @@ from reference import (
 )
 
 import deformarray as da
+from deformarray._validate import conv_params
+from deformarray.cpu import deform_conv as cpu_conv
 
 GRAD_NAMES = ("input", "offset", "weight", "bias", "mask")
 
@@ -291,8 +293,10 @@ def _column_bytes_per_image(case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_workspace_limit_chunking_gives_same_results(dtype, rng):
+def test_workspace_limit_chunking_gives_same_results(dtype, rng, monkeypatch):
     """Chunking over the batch and over output pixels of one image changes nothing."""
+    # chunks of a few pixels, so that a 6x7 image splits (the real floor is 512 pixels)
+    monkeypatch.setattr(cpu_conv, "MIN_CHUNK_PIXELS", 2)
     case = make_case(
         rng, n=5, c_in=4, height=6, width=7, c_out=6, groups=2, offset_groups=2, offset_scale=2.5, dtype=dtype
     )
@@ -302,14 +306,15 @@ def test_workspace_limit_chunking_gives_same_results(dtype, rng):
     # also right, not just consistent
     assert_close(y, ref_deform_conv2d(case.input, case.offset, case.weight, **case.kwargs()), dtype, "output")
 
-    per_image = _column_bytes_per_image(case)
-    per_pixel = case.input.shape[1] * 9 * case.input.dtype.itemsize
+    itemsize = np.dtype(dtype).itemsize
+    copies = 2 * itemsize * 4 * (6 * 7 + 1)  # the backward's two channels-last planes of one image
+    per_pixel = itemsize * (4 * 9 + 6)
+    per_image = copies + per_pixel * 6 * 7
     limits = [
-        3 * per_image,  # a few images per chunk: batch chunking
-        per_image + 1,  # about one image per chunk
-        per_image // 3,  # part of one image per chunk: pixel chunking
-        5 * per_pixel,  # a handful of pixels per chunk
-        1,  # the smallest chunk the backend allows
+        4 * 3 * per_image // 3,  # a few images per chunk: batch chunking
+        4 * per_image // 3 + 8,  # about one image per chunk
+        4 * (copies + per_pixel * 14) // 3,  # part of one image per chunk: pixel chunking
+        4 * (copies + per_pixel * 2) // 3,  # the smallest chunk the plan allows
     ]
     tight = 1e-12 if dtype == np.float64 else 2e-6
     old = da.get_workspace_limit()
@@ -328,6 +333,58 @@ def test_workspace_limit_chunking_gives_same_results(dtype, rng):
                 f"grad {name}, limit {limit}",
                 rel=tight,
             )
+
+
+def _params(shape, kernel=3, c_out=None, padding=1, dtype=np.float32):
+    """ConvParams of a call on zero-strided dummies (no memory): shapes only."""
+    n, c, h, w = shape
+    c_out = c if c_out is None else c_out
+    x = np.broadcast_to(np.zeros((), dtype), shape)
+    h_out, w_out = h + 2 * padding - kernel + 1, w + 2 * padding - kernel + 1
+    off = np.broadcast_to(np.zeros((), dtype), (n, 2 * kernel * kernel, h_out, w_out))
+    wt = np.broadcast_to(np.zeros((), dtype), (c_out, c, kernel, kernel))
+    return conv_params(x, off, wt, None, 1, padding, 1, None)
+
+
+def test_plan_within_an_image_has_a_chunk_floor():
+    """An image whose channels-last copy fills the bound is cut into chunks of at least
+    MIN_CHUNK_PIXELS output pixels (it was cut into single pixels: 65,536 chunks and
+    59 s for this forward at a 4 MiB bound, and 67 million ranges, a MemoryError, for a
+    1x1x8192x8192 image at the default bound); the plan is lazy."""
+    p = _params((1, 16, 256, 256))
+    chunks = cpu_conv._chunks(p, 4, planes=1, limit=4 << 20)
+    ranges = chunks[0][2]
+    assert len(ranges) <= 256 * 256 // cpu_conv.MIN_CHUNK_PIXELS + 1
+    assert sum(n for _, n in ranges) == 256 * 256
+    assert [r for r in ranges][:2] == [ranges[0], ranges[1]]
+    big = _params((1, 1, 8192, 8192), kernel=1, padding=0)
+    limit = da.get_workspace_limit()
+    for planes, share in ((1, 1.0), (2, 0.75)):
+        try:
+            chunks = cpu_conv._chunks(big, 4, planes=planes, limit=limit, share=share)
+        except ValueError:
+            assert planes == 2  # two copies of a 256 MiB image do not fit 256 MiB: a clear error
+            continue
+        ranges = chunks[0][2]
+        assert len(ranges) < 1000 and sum(n for _, n in ranges) == 8192 * 8192
+        _, n0 = ranges[0]
+        worst = planes * 4 * (8192 * 8192 + 1) + n0 * 4 * 2
+        assert worst <= limit * share * (1 + cpu_conv.OVERSHOOT)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_bound_too_small_for_one_image_names_the_smallest_that_works(direction, rng):
+    case = make_case(rng, n=1, c_in=4, height=40, width=40, c_out=4, dtype=np.float32)
+    go = np.ones(case.out_shape(), np.float32)
+    call = (lambda: run_forward(case)) if direction == "forward" else (lambda: run_backward(go, case))
+    with da.workspace_limit(1000), pytest.raises(ValueError, match="workspace bound of .* too small") as info:
+        call()
+    smallest = int(str(info.value).split("at least ")[1].split("(")[1].split(" bytes")[0])
+    assert "set_workspace_limit" in str(info.value)
+    with da.workspace_limit(smallest):
+        call()  # the bound it names works
+    with da.workspace_limit(smallest - 64), pytest.raises(ValueError):
+        call()
 
 
 def _traced_peak(fn):

@@ -28,6 +28,8 @@ bound, never on thread scheduling: the backward gives the same bits on every run
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -261,24 +263,77 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
 # ---------------------------------------------------------------------------------------
 
 
-def _chunks(p: ConvParams, itemsize: int, planes: int, limit: int):
-    """List of ``(n0, nc, [(p0, np_), ...])``: image chunks and their output-pixel ranges.
+# Output pixels a within-image chunk has at least: each chunk costs a few kernel launches
+# and BLAS calls in Python (about 0.1 ms), so smaller chunks let that overhead dominate
+# (one-pixel chunks made a 1x16x256x256 forward take 59 s instead of 0.07 s; measured on
+# that shape's backward with 11 MiB bound: 64 pixels 0.136 s, 256 0.096 s, 1024 0.075 s).
+MIN_CHUNK_PIXELS = 512
+# How far a call may exceed the workspace bound when one image's minimal chunk (its
+# channels-last copy plus MIN_CHUNK_PIXELS columns) does not fit it; beyond, it raises.
+OVERSHOOT = 1 / 8
+
+
+def _chunks(p: ConvParams, itemsize: int, planes: int, limit: int, share: float = 1.0):
+    """``(n0, nc, ranges)`` chunks: images n0 .. n0+nc-1 and their output-pixel ranges
+    ``(p0, np_)`` (a lazy sequence), the largest chunk first.
 
     Workspace of a chunk: ``planes`` channels-last copies of its images (input, and in the
-    backward the input gradient) plus, per output pixel, a column (C_in*K values) and one output
-    value per C_out (the forward's channels-last product, before it goes to NCHW). The backward plans with
-    3/4 of the bound: the last quarter is for col2im's spill buffers.
+    backward the input gradient) plus, per output pixel, a column (C_in*K values) and one
+    output value per C_out (the forward's channels-last product, before it goes to NCHW).
+    Chunks use ``share`` of the bound ``limit`` (the backward keeps a quarter for col2im's
+    spill buffers). A chunk within an image has at least MIN_CHUNK_PIXELS output pixels
+    (or the whole image); when that does not fit, the call may exceed its share by
+    OVERSHOOT, and beyond that raises a ValueError naming the smallest bound that works.
     """
     hw = p.h_out * p.w_out
-    fixed = planes * itemsize * p.c_in * p.h * p.w
+    budget = int(limit * share)
+    fixed = planes * itemsize * (p.c_in * p.h * p.w + p.c_in)  # + the zero row
     per_pixel = itemsize * (p.c_in * p.k + p.c_out)
     per_image = fixed + per_pixel * hw
-    if per_image <= limit:
-        step = max(1, limit // per_image)
-        return [(n0, min(step, p.n - n0), [(0, hw)]) for n0 in range(0, p.n, step)]
-    step = max(1, (limit - fixed) // per_pixel)
-    ranges = [(p0, min(step, hw - p0)) for p0 in range(0, hw, step)]
+    if per_image <= budget:
+        step = max(1, budget // per_image)
+        return [(n0, min(step, p.n - n0), _Ranges(hw, hw)) for n0 in range(0, p.n, step)]
+    floor = min(hw, MIN_CHUNK_PIXELS)
+    need = fixed + floor * per_pixel
+    if need > limit * share * (1 + OVERSHOOT):
+        smallest = math.ceil(need / (share * (1 + OVERSHOOT)))
+        raise ValueError(
+            f"workspace bound of {_mib(limit)} is too small for one image of this call: the smallest chunk "
+            f"({planes} channels-last cop{'ies' if planes > 1 else 'y'} of the image and {floor} output pixels' columns) "
+            f"needs {_mib(need)}, so the bound must be at least {_mib(smallest)}; "
+            f"raise it with deformarray.set_workspace_limit() or DEFORMARRAY_WORKSPACE_MB"
+        )
+    # over the share only when an image's copy leaves too little of it: then use the
+    # overshoot fully rather than make many small chunks
+    room = budget - fixed if need <= budget else int(limit * share * (1 + OVERSHOOT)) - fixed
+    step = max(floor, room // per_pixel)
+    ranges = _Ranges(hw, step)
     return [(n0, 1, ranges) for n0 in range(p.n)]
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.3g} MiB ({nbytes} bytes)"
+
+
+class _Ranges:
+    """The pixel ranges ``(p0, min(step, total - p0))`` of an image, made lazily (a list
+    of tens of millions of pairs for a large image used to exhaust memory)."""
+
+    def __init__(self, total: int, step: int) -> None:
+        self.total, self.step = total, max(1, step)
+
+    def __len__(self) -> int:
+        return -(-self.total // self.step)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        p0 = i * self.step
+        return p0, min(self.step, self.total - p0)
+
+    def __iter__(self):
+        for p0 in range(0, self.total, self.step):
+            yield p0, min(self.step, self.total - p0)
 
 
 def _geometry(p: ConvParams):
@@ -344,7 +399,7 @@ def _cols_by_group(p: ConvParams, cols):
 _MIN_TASKS = 8  # parallel tasks wanted per kernel call (a fixed figure, not the thread count)
 
 
-def _col2im_split(p: ConvParams, nc: int, xt_bytes: int):
+def _col2im_split(p: ConvParams, nc: int, xt_bytes: int, limit: int):
     """(channels per col2im block, pixel parts) for a chunk of nc images.
 
     Blocks are at least 16 channels wide (one AVX-512 vector of float32) so the scatter
@@ -359,7 +414,7 @@ def _col2im_split(p: ConvParams, nc: int, xt_bytes: int):
         cb //= 2
     tasks = nc * p.offset_groups * -(-cgo // cb)
     parts = -(-_MIN_TASKS // tasks)
-    parts = max(1, min(parts, 1 + _config.get_workspace_limit() // (4 * xt_bytes)))
+    parts = max(1, min(parts, 1 + limit // (4 * xt_bytes)))
     return cb, parts
 
 
@@ -371,11 +426,11 @@ def forward(p: ConvParams, input, offset, weight, bias, mask):
     if p.n == 0:
         return out.reshape(p.out_shape)
     with own_threads():
-        _forward(p, input, offset, weight, bias, mask, out)
+        _forward(p, input, offset, weight, bias, mask, out, _config.get_workspace_limit())
     return out.reshape(p.out_shape)
 
 
-def _forward(p: ConvParams, input, offset, weight, bias, mask, out):
+def _forward(p: ConvParams, input, offset, weight, bias, mask, out, limit: int):
     dtype = input.dtype
     off, m = _flat(p, offset, mask, dtype)
     geo = _geometry(p)
@@ -384,7 +439,7 @@ def _forward(p: ConvParams, input, offset, weight, bias, mask, out):
     wg_t = _grouped_weight(p, weight).transpose(0, 2, 1)  # (groups, K*Cg, C_out/groups)
     no_spill = np.empty((0, 1, 1, 1), dtype)
     b = np.zeros(p.c_out, dtype) if bias is None else np.ascontiguousarray(bias, dtype)
-    chunks = _chunks(p, dtype.itemsize, planes=1, limit=_config.get_workspace_limit())
+    chunks = _chunks(p, dtype.itemsize, planes=1, limit=limit)
     nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
     xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
     buf = workspace(
@@ -420,7 +475,7 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
     grad_b = go.sum(axis=(0, 3)).reshape(p.c_out) if bias is not None else None
     if p.n > 0:
         with own_threads():
-            _backward(p, go, input, offset, wg, mask, grad_x, grad_off, grad_m, grad_wg)
+            _backward(p, go, input, offset, wg, mask, grad_x, grad_off, grad_m, grad_wg, _config.get_workspace_limit())
     cg = p.c_in // p.groups
     grad_w = grad_wg.reshape(p.groups, p.c_out // p.groups, p.k, cg).transpose(0, 1, 3, 2)
     return (
@@ -432,7 +487,9 @@ def backward(p: ConvParams, grad_output, input, offset, weight, bias, mask, dete
     )
 
 
-def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad_m, grad_wg):
+def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad_m, grad_wg, limit: int):
+    """``limit``: the workspace bound, read once when the call started (a bound set by
+    another thread meanwhile must not change the plan halfway)."""
     dtype = input.dtype
     off, m = _flat(p, offset, mask, dtype)
     gm = grad_m if grad_m is not None else np.zeros((1, 1, 1), dtype=dtype)
@@ -440,17 +497,18 @@ def _backward(p: ConvParams, go, input, offset, wg, mask, grad_x, grad_off, grad
     cg = p.c_in // p.groups
     runs = _channel_runs(p, p.c_in // p.offset_groups)
     zero_bias = np.zeros(p.c_in, dtype)
-    chunks = _chunks(p, dtype.itemsize, planes=2, limit=3 * _config.get_workspace_limit() // 4)
+    # 3/4 of the bound for the chunks, the last quarter for col2im's spill buffers
+    chunks = _chunks(p, dtype.itemsize, planes=2, limit=limit, share=0.75)
     nc_max, np_max = chunks[0][1], chunks[0][2][0][1]  # the first chunk is the largest
     xt_shape = (nc_max, p.h * p.w + 1, p.c_in)
-    _, parts_max = _col2im_split(p, nc_max, nbytes(xt_shape, dtype))
+    _, parts_max = _col2im_split(p, nc_max, nbytes(xt_shape, dtype), limit)
     buf = workspace((1 + parts_max) * nbytes(xt_shape, dtype) + nbytes((nc_max, np_max, p.c_in * p.k), dtype))
     for n0, nc, ranges in chunks:
         buf.reset()
         images = np.arange(n0, n0 + nc)
         xt = _channels_last(input, images, buf)
         grad_xt = buf.empty(xt.shape, dtype)  # zeroed by _col2im
-        cb, col_parts = _col2im_split(p, nc, xt.nbytes)
+        cb, col_parts = _col2im_split(p, nc, xt.nbytes, limit)
         block_runs = _channel_runs(p, cb)
         spill = buf.empty((col_parts - 1,) + xt.shape, dtype)
         cols_chunk = buf.empty((nc, np_max, p.c_in * p.k), dtype)
