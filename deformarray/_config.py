@@ -6,9 +6,12 @@ Both can be set from the environment before import (``DEFORMARRAY_WORKSPACE_MB``
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 _MIB = 1 << 20
 DEFAULT_WORKSPACE_BYTES = 256 * _MIB
@@ -22,8 +25,10 @@ def _env_workspace() -> int:
         mib = float(raw)
     except ValueError:
         raise ValueError(f"DEFORMARRAY_WORKSPACE_MB must be a number of MiB, got {raw!r}") from None
-    if mib <= 0:
-        raise ValueError(f"DEFORMARRAY_WORKSPACE_MB must be positive, got {raw!r}")
+    if not math.isfinite(mib) or mib <= 0:
+        raise ValueError(f"DEFORMARRAY_WORKSPACE_MB must be a finite positive number of MiB, got {raw!r}")
+    if int(mib * _MIB) < 1:
+        raise ValueError(f"DEFORMARRAY_WORKSPACE_MB is below one byte: {raw!r}")
     return int(mib * _MIB)
 
 
@@ -31,36 +36,56 @@ _state = {
     "workspace_bytes": _env_workspace(),
     "deterministic": os.environ.get("DEFORMARRAY_DETERMINISTIC", "0").lower() in ("1", "true", "yes"),
 }
+# workspace_limit() blocks: an override per thread (and asyncio task), so that two threads
+# each in their own block neither lose nor leak each other's value
+_scoped_workspace: ContextVar[int | None] = ContextVar("deformarray_workspace_bytes", default=None)
+
+
+def _checked_bytes(nbytes: object) -> int:
+    """A workspace size in bytes: a positive integer (not a bool, a float or a string)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise TypeError(
+            f"workspace limit must be a positive int number of bytes (e.g. 64 << 20 for 64 MiB), "
+            f"got {type(nbytes).__name__} {nbytes!r}"
+        )
+    value = int(nbytes)
+    if value <= 0:
+        raise ValueError(f"workspace limit must be a positive number of bytes, got {value}")
+    return value
 
 
 def get_workspace_limit() -> int:
-    """Return the bound, in bytes, on the temporary workspace one operator call may allocate."""
-    return _state["workspace_bytes"]
+    """Return the bound, in bytes, on the temporary workspace one operator call may allocate:
+    the innermost ``workspace_limit`` block of the calling thread, else the process-wide value.
+
+    Each operator call reads it once, when it starts."""
+    scoped = _scoped_workspace.get()
+    return _state["workspace_bytes"] if scoped is None else scoped
 
 
 def set_workspace_limit(nbytes: int) -> None:
-    """Set the workspace bound in bytes (default 256 MiB).
+    """Set the process-wide workspace bound in bytes (default 256 MiB).
 
     Operators split the batch (and, for very large images, the output pixels) into chunks
     whose temporary buffers fit this bound. Outputs and gradients themselves are not
-    workspace. A single output pixel's column (``C_in * kh * kw`` values) is the smallest
-    chunk, so the bound cannot go below that.
+    workspace. ``nbytes`` must be a positive int (TypeError for a bool, float or string,
+    ValueError for 0 or less). A call already running keeps the bound it started with.
+    See docs/backends.md for what a chunk needs at least.
     """
-    nbytes = int(nbytes)
-    if nbytes <= 0:
-        raise ValueError(f"workspace limit must be positive, got {nbytes}")
-    _state["workspace_bytes"] = nbytes
+    _state["workspace_bytes"] = _checked_bytes(nbytes)
 
 
 @contextmanager
 def workspace_limit(nbytes: int) -> Iterator[None]:
-    """Context manager that sets the workspace bound for the duration of a block."""
-    old = get_workspace_limit()
-    set_workspace_limit(nbytes)
+    """Set the workspace bound for the duration of a block, in the calling thread only.
+
+    Blocks nest, and blocks in different threads are independent: each sees its own
+    value and restores what it found, whatever the others do."""
+    token = _scoped_workspace.set(_checked_bytes(nbytes))
     try:
         yield
     finally:
-        set_workspace_limit(old)
+        _scoped_workspace.reset(token)
 
 
 def get_deterministic() -> bool:
