@@ -136,3 +136,93 @@ def test_only_numpys_own_libraries_are_used():
     assert _blas.is_numpys(os.path.join(numpy_dir, ".dylibs", "libscipy_openblas64_.dylib"))
     assert not _blas.is_numpys(os.path.join(site, "scipy.libs", "libscipy_openblas-x.so"))
     assert not _blas.is_numpys(os.path.join(site, "numpy_other", "libopenblas.so"))
+
+
+def _blas_threads():
+    """Get and set NumPy's OpenBLAS thread count through the library itself (a process-wide
+    value, the same from every thread), or skip."""
+    import ctypes
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if _blas.numba_gemm(np.float32) is None:
+        pytest.skip("products do not run through NumPy's OpenBLAS here")
+    for lib in threadpoolctl.threadpool_info():
+        if lib["internal_api"] == "openblas" and _blas.is_numpys(lib["filepath"]):
+            handle = ctypes.CDLL(lib["filepath"])
+            names = [p + "openblas_{}_num_threads" + s for p in ("scipy_", "") for s in ("64_", "_64", "")]
+            get = next(getattr(handle, n.format("get")) for n in names if hasattr(handle, n.format("get")))
+            set_ = next(getattr(handle, n.format("set")) for n in names if hasattr(handle, n.format("set")))
+            get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+            return get, set_
+    pytest.skip("NumPy's OpenBLAS not found")
+
+
+def _conv_case():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 64, 32, 32), dtype=np.float32)
+    w = rng.standard_normal((64, 64, 3, 3), dtype=np.float32)
+    off = rng.standard_normal((2, 18, 32, 32), dtype=np.float32)
+    return x, off, w
+
+
+def test_results_do_not_depend_on_the_calling_thread():
+    """A forward from another Python thread, and four at once, give the bits of the same
+    call made alone in the main thread. threadpoolctl limits OpenBLAS from one thread
+    only, so from another thread the products ran multi-threaded: off by 1.7e-5."""
+    import threading
+
+    import deformarray as da
+
+    get, set_ = _blas_threads()
+    before = get()
+    set_(2)  # OpenBLAS multi-threaded, as on any machine with cores to spare
+    user = get()  # 2, or fewer where OpenBLAS has fewer cores
+    try:
+        x, off, w = _conv_case()
+        want = da.deform_conv2d(x, off, w, padding=1).tobytes()
+        got: dict[int, bytes] = {}
+
+        def call(i):
+            got[i] = da.deform_conv2d(x, off, w, padding=1).tobytes()
+
+        for n_threads in (1, 4):
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(n_threads)]
+            [t.start() for t in threads]
+            [t.join(60) for t in threads]
+            assert len(got) == n_threads and all(v == want for v in got.values())
+            got.clear()
+        assert get() == user
+    finally:
+        set_(before)
+
+
+def test_concurrent_calls_leave_the_users_blas_setting():
+    """After calls from several threads at once, NumPy's BLAS has the thread count it had
+    (the last call used to restore the 1 another call had set); a count the user sets
+    while calls run is kept."""
+    import threading
+
+    import deformarray as da
+
+    get, set_ = _blas_threads()
+    before = get()
+    try:
+        set_(2)
+        user = get()  # 2, or fewer where OpenBLAS has fewer cores
+        x, off, w = _conv_case()
+        start = threading.Barrier(4)
+
+        def call():
+            start.wait(30)
+            for _ in range(3):
+                da.deform_conv2d(x, off, w, padding=1)
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert get() == user
+        with _blas.own_threads():
+            set_(user)  # the user's own change while a call runs
+        assert get() == user
+    finally:
+        set_(before)

@@ -46,7 +46,7 @@ _SYMBOLS: dict[np.dtype, tuple[str, str]] = {  # ILP64 names only: their integer
 _ROW = 11  # task-table columns: a, b, c (addresses), m, n, k, lda, ldb, ldc, trans_a, trans_b
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"checked": False, "controller": None, "gemm": {}}
+_state: dict[str, Any] = {"checked": False, "gemm": {}, "get_threads": None, "set_threads": None}
 
 
 def is_numpys(path: str) -> bool:
@@ -57,14 +57,14 @@ def is_numpys(path: str) -> bool:
     return any(path.startswith(d + os.sep) for d in (numpy_dir, numpy_dir + ".libs"))
 
 
-def _find_gemms(controller: Any) -> dict[np.dtype, int]:
-    """Addresses of the ``gemm`` functions of the OpenBLAS bundled with NumPy, by dtype."""
-    found: dict[np.dtype, int] = {}
+def _find_library(controller: Any) -> tuple[dict[np.dtype, int], Any, Any]:
+    """The OpenBLAS bundled with NumPy: its ``gemm`` addresses by dtype, and its functions
+    that get and set the (process-wide) thread count, or ``({}, None, None)``."""
     for lib in controller.lib_controllers:
-        if lib.internal_api != "openblas" or not is_numpys(lib.filepath or ""):
+        if not _is_ours(lib):
             continue
-        path = os.path.abspath(lib.filepath)
-        handle = ctypes.CDLL(path)
+        handle = ctypes.CDLL(os.path.abspath(lib.filepath))
+        found: dict[np.dtype, int] = {}
         for dtype, names in _SYMBOLS.items():
             for name in names:
                 fn = getattr(handle, name, None)
@@ -72,7 +72,27 @@ def _find_gemms(controller: Any) -> dict[np.dtype, int]:
                 if address:
                     found.setdefault(dtype, address)
                     break
-    return found
+        get, set_ = (_symbol(handle, f"openblas_{verb}_num_threads") for verb in ("get", "set"))
+        if found and get is not None and set_ is not None:
+            get.restype, get.argtypes = ctypes.c_int, []
+            set_.restype, set_.argtypes = None, [ctypes.c_int]
+            return found, get, set_
+    return {}, None, None
+
+
+def _symbol(handle: Any, base: str) -> Any:
+    """``base`` as NumPy's OpenBLAS builds name it (``scipy_`` prefix, ``64_`` suffix for
+    the ILP64 builds), or None."""
+    for prefix in ("scipy_", ""):
+        for suffix in ("64_", "_64", ""):
+            fn = getattr(handle, prefix + base + suffix, None)
+            if fn is not None:
+                return fn
+    return None
+
+
+def _is_ours(lib: Any) -> bool:
+    return lib.internal_api == "openblas" and is_numpys(lib.filepath or "")
 
 
 def _setup() -> None:
@@ -85,12 +105,11 @@ def _setup() -> None:
         try:
             from threadpoolctl import ThreadpoolController
 
-            controller = ThreadpoolController()
-            gemms = _find_gemms(controller)
+            gemms, get, set_ = _find_library(ThreadpoolController())
         except Exception:
             return
         if gemms:
-            _state["controller"], _state["gemm"] = controller, gemms
+            _state["gemm"], _state["get_threads"], _state["set_threads"] = gemms, get, set_
 
 
 def numba_gemm(dtype: np.dtype) -> int | None:
@@ -99,17 +118,37 @@ def numba_gemm(dtype: np.dtype) -> int | None:
     return _state["gemm"].get(np.dtype(dtype))
 
 
+# NumPy's OpenBLAS (pthreads build) has one thread count for the whole process, and
+# threadpoolctl lets only the first Python thread that limits it do so (from any other
+# thread its limit silently does nothing, and the products ran multi-threaded, with other
+# bits). So the count is set here directly, once for all concurrent calls: the first call
+# in sets it to 1, the last call out restores the count it found, unless someone else
+# changed it meanwhile (then theirs stays).
+_guard: dict[str, Any] = {"calls": 0, "saved": None}
+
+
 @contextmanager
 def own_threads() -> Iterator[None]:
-    """Hold the BLAS library to one thread for the block (when products run on Numba's
-    threads; otherwise BLAS keeps its own threads)."""
+    """Hold NumPy's BLAS to one thread while any call is inside such a block (when products
+    run on Numba's threads; otherwise BLAS keeps its own threads)."""
     _setup()
-    ctl = _state["controller"]
-    if ctl is None:
+    get, set_ = _state.get("get_threads"), _state.get("set_threads")
+    if get is None or set_ is None:
         yield
         return
-    with ctl.limit(limits=1, user_api="blas"):
+    with _lock:
+        if _guard["calls"] == 0:
+            _guard["saved"] = get()
+            if _guard["saved"] != 1:
+                set_(1)
+        _guard["calls"] += 1
+    try:
         yield
+    finally:
+        with _lock:
+            _guard["calls"] -= 1
+            if _guard["calls"] == 0 and _guard["saved"] != 1 and get() == 1:
+                set_(_guard["saved"])
 
 
 @intrinsic
