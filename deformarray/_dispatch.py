@@ -53,5 +53,12 @@ def backend_of(required: dict[str, Any], optional: dict[str, Any] | None = None)
 
 
 def operator_module(backend: str, operator: str) -> ModuleType:
-    """Import ``deformarray.<cpu|cuda>.<operator>`` lazily (CUDA code loads on first GPU call)."""
+    """Import ``deformarray.<cpu|cuda>.<operator>`` lazily (CUDA code loads on first GPU call).
+
+    For the CPU, first checks that this process can run Numba's threads (not a child
+    forked after GNU OpenMP ran: ``cpu._threading``)."""
+    if backend == "numpy":
+        from .cpu import _threading
+
+        _threading.check_fork_safe()
     return importlib.import_module(f"{_BACKEND_PACKAGES[backend]}.{operator}")

@@ -299,7 +299,8 @@ def _chunks(p: ConvParams, itemsize: int, planes: int, limit: int, share: float 
         smallest = math.ceil(need / (share * (1 + OVERSHOOT)))
         raise ValueError(
             f"workspace bound of {_mib(limit)} is too small for one image of this call: the smallest chunk "
-            f"({planes} channels-last cop{'ies' if planes > 1 else 'y'} of the image and {floor} output pixels' columns) "
+            f"({planes} channels-last cop{'ies' if planes > 1 else 'y'} of the image and {floor} output "
+            f"pixels' columns) "
             f"needs {_mib(need)}, so the bound must be at least {_mib(smallest)}; "
             f"raise it with deformarray.set_workspace_limit() or DEFORMARRAY_WORKSPACE_MB"
         )
