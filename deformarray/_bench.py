@@ -247,13 +247,10 @@ def _nbytes(result: Any) -> int:
     return int(result.nbytes)
 
 
-def _time_calls(fn: Callable[[], Any], repeat: int, sync: Callable[[], None]) -> tuple[float, list[float]]:
-    """(seconds of the first call, seconds of each of ``repeat`` later calls).
-
-    The first call pays Numba compilation / cuDNN autotuning / NVRTC, so it is reported
-    apart as the warm-up. Synchronising around each call makes wall-clock time valid for
-    asynchronous GPU work too, and includes the launch overhead a user also pays.
-    """
+def _timer(fn: Callable[[], Any], sync: Callable[[], None]) -> Callable[[], float]:
+    """A function that runs ``fn`` once and returns its wall-clock seconds. Synchronising
+    around each call makes wall-clock time valid for asynchronous GPU work too, and
+    includes the launch overhead a user also pays."""
 
     def once() -> float:
         sync()
@@ -262,36 +259,86 @@ def _time_calls(fn: Callable[[], Any], repeat: int, sync: Callable[[], None]) ->
         sync()
         return time.perf_counter() - t0
 
-    first = once()
-    return first, [once() for _ in range(repeat)]
+    return once
 
 
-def measure(impl: Impl, repeat: int, progress: Progress) -> dict:
-    """Warm-up, best time and peak extra memory of both phases of one contender.
+def measure_all(impls: list[Impl], repeat: int, progress: Progress) -> dict[str, dict]:
+    """Warm-up, median time with its range, and peak extra memory of both phases of
+    several contenders, timed interleaved.
 
-    The best of the repeats is reported (as ``timeit`` does): on a shared machine the
-    noise only ever adds time, so the minimum is the most repeatable estimate, and the
-    ratio of two minima from one run is what the table shows. The median is kept in
-    the JSON to show how noisy the run was.
+    The first call of each pays Numba compilation / cuDNN autotuning / NVRTC and is
+    reported apart as the warm-up. Then ``repeat`` rounds each time every contender once,
+    the starting contender rotating from round to round: on a shared machine a slow spell
+    then hits all contenders alike, and the ratio of two contenders is taken within each
+    round (``ratios_of``). Reported: the median over the rounds (``{phase}_ms``) and the
+    range (``{phase}_min_ms``, ``{phase}_max_ms``), never the best run alone.
 
     A failure becomes an ``error`` entry: one broken contender must not hide the others.
     """
-    res: dict = {"label": impl.label}
-    try:
-        for phase, fn in (("fwd", impl.fwd), ("fwdbwd", impl.fwdbwd)):
-            progress.detail(f"{impl.name} {'fwd' if phase == 'fwd' else 'fwd+bwd'}")
-            first, times = _time_calls(fn, repeat, impl.sync)
-            res[f"warmup_{phase}_s"] = first
-            res[f"{phase}_ms"] = min(times) * 1e3
-            res[f"{phase}_median_ms"] = statistics.median(times) * 1e3
-            if impl.meter is not None:
+    results: dict[str, dict] = {impl.name: {"label": impl.label} for impl in impls}
+    for phase in ("fwd", "fwdbwd"):
+        timers: dict[str, Callable[[], float]] = {}
+        for impl in impls:
+            res = results[impl.name]
+            if "error" in res:
+                continue
+            progress.detail(f"{impl.name} {'fwd' if phase == 'fwd' else 'fwd+bwd'} warm-up")
+            timer = _timer(impl.fwd if phase == "fwd" else impl.fwdbwd, impl.sync)
+            try:
+                res[f"warmup_{phase}_s"] = timer()
+            except Exception as exc:
+                res["error"] = one_line(exc)
+                continue
+            timers[impl.name] = timer
+            res[f"{phase}_times_ms"] = []
+        names = list(timers)
+        for r in range(repeat):
+            progress.detail(f"{'fwd' if phase == 'fwd' else 'fwd+bwd'} round {r + 1}/{repeat}")
+            for name in names[r % max(len(names), 1) :] + names[: r % max(len(names), 1)]:
+                if "error" in results[name]:
+                    continue
+                try:
+                    results[name][f"{phase}_times_ms"].append(timers[name]() * 1e3)
+                except Exception as exc:
+                    results[name]["error"] = one_line(exc)
+        for name in names:
+            times = results[name][f"{phase}_times_ms"]
+            if times and "error" not in results[name]:
+                results[name][f"{phase}_ms"] = statistics.median(times)
+                results[name][f"{phase}_min_ms"] = min(times)
+                results[name][f"{phase}_max_ms"] = max(times)
+    for impl in impls:
+        res = results[impl.name]
+        if impl.meter is None or "error" in res:
+            continue
+        try:
+            for phase, fn in (("fwd", impl.fwd), ("fwdbwd", impl.fwdbwd)):
                 # a separate call: tracing must not slow the timed ones
                 res[f"peak_extra_{phase}_mib"] = max(0, impl.meter(fn)) / MIB
-    except Exception as exc:
-        res["error"] = one_line(exc)
-    if "peak_extra_fwdbwd_mib" in res:
-        res["peak_extra_mib"] = max(res["peak_extra_fwd_mib"], res["peak_extra_fwdbwd_mib"])
-    return res
+            res["peak_extra_mib"] = max(res["peak_extra_fwd_mib"], res["peak_extra_fwdbwd_mib"])
+        except Exception as exc:
+            res["error"] = one_line(exc)
+    return results
+
+
+def measure(impl: Impl, repeat: int, progress: Progress) -> dict:
+    """``measure_all`` of one contender."""
+    return measure_all([impl], repeat, progress)[impl.name]
+
+
+def ratios_of(ours: dict, ref: dict) -> dict:
+    """Per phase, ours / ref: the median of the per-round ratios and their range, when both
+    were timed in the same rounds (``measure_all``); else the ratio of the medians."""
+    out: dict = {}
+    for ph in ("fwd", "fwdbwd"):
+        a, b = ours.get(f"{ph}_times_ms"), ref.get(f"{ph}_times_ms")
+        if a and b and len(a) == len(b) and "error" not in ours and "error" not in ref:
+            per_round = [x / y for x, y in zip(a, b) if y > 0]
+            out[ph] = statistics.median(per_round)
+            out[f"{ph}_range"] = [min(per_round), max(per_round)]
+        else:
+            out[ph] = _ratio(ours.get(f"{ph}_ms"), ref.get(f"{ph}_ms"))
+    return out
 
 
 def tracemalloc_peak_extra(fn: Callable[[], Any]) -> int:
@@ -482,15 +529,10 @@ def run_case(case: Case, build: Callable[[Inputs], list], repeat: int, progress:
     progress.start(f"{case.backend} {case.shape} {case.dtype}")
     impls = build(make_inputs(case.shape, case.dtype))
     row: dict = {"op": "deform_conv2d", "backend": case.backend, "shape": case.shape.as_dict(), "dtype": case.dtype}
-    for impl in impls:
-        row[impl.name] = measure(impl, repeat, progress)
+    row.update(measure_all(impls, repeat, progress))
     del impls  # drop this case's arrays before the next one is built
     ours = row["ours"]
-    row["ratios"] = {
-        name: {ph: _ratio(ours.get(f"{ph}_ms"), row[name].get(f"{ph}_ms")) for ph in ("fwd", "fwdbwd")}
-        for name in ("dense", "torchvision")
-        if name in row
-    }
+    row["ratios"] = {name: ratios_of(ours, row[name]) for name in ("dense", "torchvision") if name in row}
     if "peak_extra_mib" in ours:
         ours["within_workspace"] = ours["peak_extra_mib"] * MIB <= deformarray.get_workspace_limit()
     progress.finish_step()
@@ -744,15 +786,23 @@ def _ms(name: str, phase: str) -> Callable[[dict], str]:
         value = res.get(f"{phase}_ms")
         if value is None:
             return "error" if "error" in res else "-"
-        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+        return _fmt_ms(value)
 
     return cell
 
 
+def _fmt_ms(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
 def _ratio_cell(name: str, phase: str) -> Callable[[dict], str]:
     def cell(row: dict) -> str:
-        r = row["ratios"].get(name, {}).get(phase)
-        return "-" if r is None else f"{r:.2f}x"
+        ratios = row["ratios"].get(name, {})
+        r = ratios.get(phase)
+        if r is None:
+            return "-"
+        lo_hi = ratios.get(f"{phase}_range")
+        return f"{r:.2f}x" if lo_hi is None else f"{r:.2f}x ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})"
 
     return cell
 
@@ -832,7 +882,7 @@ def format_report(report: dict) -> str:
     torch_threads = f"torch {th['torch']}, " if th["torch"] else ""
     out.append(
         f"deformarray {env['deformarray']} bench ({', '.join(report['settings']['ops'])}), "
-        f"best of {report['settings']['repeat']} runs"
+        f"median of {report['settings']['repeat']} interleaved runs (range in brackets)"
     )
     layer = env["numba_threading_layer"] or "layer unknown"
     out.append(
@@ -848,7 +898,8 @@ def format_report(report: dict) -> str:
             "",
             f"{title}, CPU, numpy arrays, {cpu[0]['dtype']}; dense = {_reference_label(cpu, 'dense')}",
             format_table(CPU_COLUMNS, cpu),
-            "ratio = ours / dense; warm-up = first fwd + first fwd+bwd call (Numba compile)",
+            "ms = median over the runs; ratio = ours / dense within each run, median (range); "
+            "warm-up = first fwd + first fwd+bwd call (Numba compile)",
             "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients; "
             "in bound = within the workspace bound",
         ]
