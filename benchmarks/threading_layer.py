@@ -23,8 +23,11 @@ import sys
 def one_run(layer: str, op: str, repeat: int) -> dict:
     env = dict(os.environ, NUMBA_THREADING_LAYER=layer, DEFORMARRAY_QUIET="1")
     cmd = [sys.executable, "-m", "deformarray", "bench", "--op", op, "--repeat", str(repeat), "--json"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    report = json.loads(out)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        report = json.loads(run.stdout)  # exit status 1 when a row has an error: still a report
+    except json.JSONDecodeError:
+        raise SystemExit(f"{layer}: bench failed: {run.stderr[-2000:]}") from None
     got = report["environment"]["numba_threading_layer"]
     if got != layer:
         raise SystemExit(f"asked for {layer}, ran on {got}")

@@ -65,7 +65,9 @@ def configure() -> str | None:
         os.register_at_fork(after_in_child=_after_fork_in_child)
         _state["chosen"] = ""
         user_choice = os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default"
-        if not user_choice and _launched_layer() is None and _load_tbb():
+        # loaded whatever the choice: a user's NUMBA_THREADING_LAYER=tbb needs it too
+        tbb = _launched_layer() is None and _load_tbb()
+        if tbb and not user_choice:
             numba.config.THREADING_LAYER = "tbb"
             _state["chosen"] = "tbb"
     return _state["chosen"] or None
