@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from . import _config
+from . import _config, _warmup
 from ._dispatch import backend_of, operator_module
 from ._validate import (
     check_dtypes,
@@ -42,6 +42,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     backend = backend_of(required, optional)
     check_dtypes(backend, **required, **optional)
     p = conv_params(input, offset, weight, bias, stride, padding, dilation, mask)
+    _warmup.notice_if_cold(backend, "deform_conv2d", input.dtype)
     return operator_module(backend, "deform_conv").forward(p, input, offset, weight, bias, mask)
 
 
@@ -72,6 +73,7 @@ def deform_conv2d_backward(
     check_grad_output(grad_output, p.out_shape, "(N, C_out, H_out, W_out)")
     if deterministic is None:
         deterministic = _config.get_deterministic()
+    _warmup.notice_if_cold(backend, "deform_conv2d_backward", input.dtype)
     grads = operator_module(backend, "deform_conv").backward(
         p, grad_output, input, offset, weight, bias, mask, deterministic=bool(deterministic)
     )
@@ -113,6 +115,7 @@ def deform_roi_pool(
     backend = backend_of(required, optional)
     check_dtypes(backend, **required, **optional)
     p = roi_pool_params(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma)
+    _warmup.notice_if_cold(backend, "deform_roi_pool", input.dtype)
     return operator_module(backend, "roi_pool").forward(p, input, rois, offset, mask)
 
 
@@ -141,6 +144,7 @@ def deform_roi_pool_backward(
     check_dtypes(backend, **required, **optional)
     p = roi_pool_params(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma)
     check_grad_output(grad_output, p.out_shape, "(R, C, ph, pw)")
+    _warmup.notice_if_cold(backend, "deform_roi_pool_backward", input.dtype)
     grads = operator_module(backend, "roi_pool").backward(
         p, grad_output, input, rois, offset, mask, deterministic=_deterministic(deterministic)
     )
@@ -175,6 +179,7 @@ def deform_psroi_pool(
     p = psroi_pool_params(
         input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale
     )
+    _warmup.notice_if_cold(backend, "deform_psroi_pool", input.dtype)
     return operator_module(backend, "psroi_pool").forward(p, input, rois, offset)
 
 
@@ -208,6 +213,7 @@ def deform_psroi_pool_backward(
         input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale
     )
     check_grad_output(grad_output, p.out_shape, "(R, output_dim, pooled_size, pooled_size)")
+    _warmup.notice_if_cold(backend, "deform_psroi_pool_backward", input.dtype)
     grads = operator_module(backend, "psroi_pool").backward(
         p, grad_output, input, rois, offset, deterministic=_deterministic(deterministic)
     )

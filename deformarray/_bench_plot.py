@@ -56,7 +56,10 @@ def check_target(path: str) -> str | None:
     for module in ("matplotlib", "matplotlib.backends.backend_agg"):
         mod, reason = _bench.optional_import(module)
         if mod is None:  # "not installed" or "not importable (ImportError: ...)"
-            return f"--plot needs matplotlib, which is {reason.removeprefix(module + ' ')}: pip install matplotlib"
+            return (
+                f"--plot needs matplotlib, which is {reason.removeprefix(module + ' ')}: "
+                'pip install "deformarray[plot]" (or pip install matplotlib)'
+            )
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     fmt = plot_format(path)

@@ -1,7 +1,10 @@
-"""``deformarray`` command line: ``info`` (versions, backends, settings) and ``bench``.
+"""``deformarray`` command line (also ``python -m deformarray``): ``info`` (versions,
+backends, settings), ``bench`` and ``warmup`` (compile the CPU kernels ahead), and
+``--version``.
 
-Both must work on any machine: a missing cupy, torch or GPU is a one-line reason in the
-output, never a traceback. The benchmark itself lives in ``deformarray._bench``.
+All must work on any machine: a missing cupy, torch or GPU is a one-line reason in the
+output, never a traceback. The benchmark itself lives in ``deformarray._bench``, the
+warm-up in ``deformarray._warmup``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import platform
 import sys
 from collections.abc import Sequence
 
-from . import _bench, _bench_plot, _bench_roi
+from . import _bench, _bench_plot, _bench_roi, _warmup
 
 # ---------------------------------------------------------------------------------------
 # info
@@ -59,7 +62,7 @@ def _cupy_lines() -> list[tuple[str, str]]:
     NVRTC is asked separately because it works without a GPU (kernels still compile)."""
     cupy, reason = _bench.optional_import("cupy")
     if cupy is None:
-        return [("cupy", reason.removeprefix("cupy "))]
+        return [("cupy", reason.removeprefix("cupy ")), ("GPU", f"none: {reason}")]
     lines = [("cupy", cupy.__version__)]
     try:
         major, minor = cupy.cuda.nvrtc.getVersion()
@@ -91,6 +94,18 @@ def _framework_lines() -> list[tuple[str, str]]:
             extra = f" ({cuda}, {mod.get_num_threads()} threads)"
         lines.append((name, f"{mod.__version__}{extra}"))
     return lines
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own ``__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("deformarray")
+    except metadata.PackageNotFoundError:
+        import deformarray
+
+        return str(getattr(deformarray, "__version__", "unknown"))
 
 
 def info_lines() -> list[tuple[str, str]]:
@@ -224,13 +239,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# warmup
+# ---------------------------------------------------------------------------------------
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    dtypes = _warmup.DTYPES if args.dtype == "all" else (args.dtype,)
+    print(f"compiling the CPU kernels of every operator for {', '.join(dtypes)} (forward and backward)")
+
+    def report(op: str, dtype: str, was_cold: bool, seconds: float) -> None:
+        state = "compiled" if was_cold else "already cached"
+        print(f"  {op:<18} {dtype:<8} {state:<15} {seconds:6.1f} s", flush=True)
+
+    try:
+        _warmup.warmup(dtypes, report)
+    except Exception as exc:
+        print(f"deformarray warmup: failed: {_bench.one_line(exc)}", file=sys.stderr)
+        return 1
+    where = _warmup.cache_dir()
+    print("done: later processes load them from Numba's cache" + (f" ({where})" if where else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
 # parser
 # ---------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deformarray", description="deformarray command line tools")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench}")
+    parser.add_argument("--version", action="version", version=f"deformarray {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,warmup}")
 
     info = sub.add_parser("info", help="versions, backends, GPU, settings")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -291,6 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
         "checked with FILE before the run",
     )
     bench.set_defaults(func=cmd_bench, subparser=bench)
+
+    warmup = sub.add_parser(
+        "warmup",
+        help="compile the CPU kernels ahead (the first call otherwise takes 5-16 s per operator and dtype)",
+        description="Run every operator forward and backward on tiny inputs, which compiles its CPU "
+        "(Numba) kernels and stores them in Numba's on-disk cache: later processes start in well "
+        "under a second. Run it once after installing or upgrading deformarray.",
+    )
+    warmup.add_argument(
+        "--dtype", choices=(*_warmup.DTYPES, "all"), default="all", help="dtypes to compile (default: all)"
+    )
+    warmup.set_defaults(func=cmd_warmup)
     return parser
 
 
@@ -308,5 +359,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m deformarray.cli`
+if __name__ == "__main__":  # pragma: no cover - `python -m deformarray.cli` (or `python -m deformarray`)
     sys.exit(main())

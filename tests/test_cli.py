@@ -100,6 +100,61 @@ def test_info_without_optional_packages(monkeypatch, capsys):
     for name in ("cupy", "torch", "torchvision", "jax"):
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert line.rstrip().endswith("not installed"), line
+    # the GPU line is there without cupy too, saying why there is none
+    gpu = [line.split(None, 1)[1] for line in out.splitlines() if line.startswith("GPU ")]
+    assert gpu == ["none: cupy not installed"], out
+
+
+def test_info_always_has_a_gpu_line(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    cupy, reason = _bench.gpu_status()
+    if cupy is None:
+        assert data["GPU"] == f"none: {reason}"
+    else:
+        assert "GPU 0" in data
+
+
+def test_version(capsys):
+    from importlib import metadata
+
+    import deformarray
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"deformarray {metadata.version('deformarray')}\n"
+    assert cli.version() == deformarray.__version__  # the checkout and its installed metadata agree
+
+
+def test_version_without_installed_metadata(monkeypatch):
+    from importlib import metadata
+
+    import deformarray
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    assert cli.version() == deformarray.__version__
+
+
+def test_python_dash_m_deformarray():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "deformarray", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("deformarray ")
+    proc = subprocess.run(
+        [sys.executable, "-m", "deformarray", "frobnicate"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 2 and "usage: deformarray" in proc.stderr and "{info,bench,warmup}" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------
@@ -693,7 +748,8 @@ def test_bench_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatc
         assert captured.out == "" and "Traceback" not in captured.err
         errors = [line for line in captured.err.splitlines() if "error" in line]
         assert errors == [
-            "deformarray bench: error: --plot needs matplotlib, which is not installed: pip install matplotlib"
+            "deformarray bench: error: --plot needs matplotlib, which is not installed: "
+            'pip install "deformarray[plot]" (or pip install matplotlib)'
         ]
         assert not png.exists()
 
