@@ -31,5 +31,11 @@ def test_scaled_digits_quick(tmp_path):
     out = proc.stdout
     assert "| test accuracy" in out and "| regular digits" in out and "| scaled digits" in out
     assert "same outputs before fine-tuning: True" in out
+    # a smoke run says so before its table and after it: its accuracies (a few epochs on 128
+    # images, below chance at times) must not read as the example's result
+    lines = out.splitlines()
+    table = next(i for i, line in enumerate(lines) if line.startswith("| test accuracy"))
+    assert any(line.startswith("SMOKE RUN (--quick)") and "mean nothing" in line for line in lines[:table]), out
+    assert "(smoke run: these accuracies mean nothing, see above)" in lines[table:], out
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in data[-12:]
