@@ -75,13 +75,11 @@ PYTHON = [b for path in FILES for b in blocks(path) if b.lang in ("python", "py"
 
 
 def _imports(code: str) -> set[str]:
-    """Top-level package names the code imports."""
+    """Top-level packages the code imports (deformarray.torch and deformarray.jax count as
+    torch and jax)."""
     names = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", code, flags=re.M)
-    return (
-        {n.split(".")[0] for n in names}
-        | {"torch" for n in names if n == "deformarray.torch"}
-        | {"jax" for n in names if n == "deformarray.jax"}
-    )
+    adapters = {"deformarray.torch": "torch", "deformarray.jax": "jax"}
+    return {adapters.get(n, n.split(".")[0]) for n in names}
 
 
 def skip_reason(block: Block) -> str | None:
