@@ -1,7 +1,7 @@
 """A/B of Numba's threading layers for the CPU backend: TBB (deformarray's choice, fork-safe)
 against GNU OpenMP (Numba's default on Linux, the layer before TBB was chosen).
 
-    python benchmarks/threading_layer.py [--rounds 2] [--repeat 3] [--op conv|roi|all]
+    python benchmarks/threading_layer.py [--rounds 2] [--repeat 3] [--op conv|roi|all] [--layers omp,tbb]
 
 Runs ``deformarray bench --json`` in fresh processes, alternating the layers (omp, tbb,
 omp, tbb, ...), so that a slow spell of the shared machine hits both; each process times
@@ -44,11 +44,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="processes per layer (default 2)")
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds inside each process (default 3)")
     ap.add_argument("--op", default="conv", choices=("conv", "roi", "all"))
+    ap.add_argument("--layers", default="omp,tbb", help="layers to compare, the first is the base (default omp,tbb)")
     args = ap.parse_args()
+    layers = args.layers.split(",")
     times: dict[tuple[str, str, str], list[float]] = {}
     ratios: dict[tuple[str, str, str], list[float]] = {}
     for r in range(args.rounds):
-        for layer in ("omp", "tbb"):
+        for layer in layers:
             print(f"round {r + 1}/{args.rounds}: {layer}", file=sys.stderr, flush=True)
             for row in one_run(layer, args.op, args.repeat)["results"]:
                 ours = row["ours"]
@@ -62,16 +64,19 @@ def main() -> int:
                             a / b for a, b in zip(mine, base) if b > 0
                         )
     cases = sorted({(c, ph) for c, ph, _ in times}, key=lambda k: (k[0], k[1] != "fwd"))
-    print("case | phase | omp ms (range) | tbb ms (range) | tbb / omp | ratio to baseline omp | tbb")
+    base = layers[0]
+    head = ["case", "phase"] + [f"{la} ms (range)" for la in layers] + [f"{la} / {base}" for la in layers[1:]]
+    head += [f"ratio to baseline, {la}" for la in layers]
+    print(" | ".join(head))
     for case, ph in cases:
         cells = [case, ph]
         med = {}
-        for layer in ("omp", "tbb"):
+        for layer in layers:
             t = times[(case, ph, layer)]
             med[layer] = statistics.median(t)
             cells.append(f"{med[layer]:.2f} ({min(t):.2f}-{max(t):.2f})")
-        cells.append(f"{med['tbb'] / med['omp']:.2f}x")
-        for layer in ("omp", "tbb"):
+        cells += [f"{med[la] / med[base]:.2f}x" for la in layers[1:]]
+        for layer in layers:
             q = ratios.get((case, ph, layer))
             cells.append(f"{statistics.median(q):.2f}x ({min(q):.2f}-{max(q):.2f})" if q else "-")
         print(" | ".join(cells))

@@ -115,7 +115,7 @@ def _title(report: dict) -> str:
     env, rows = report.get("environment", {}), report["results"]
     repeat = report.get("settings", {}).get("repeat")
     head = f"deformarray {env.get('deformarray', '')} bench: time per call"
-    head += f", best of {repeat} runs" if repeat else ""
+    head += f", median of {repeat} interleaved runs" if repeat else ""
     where = []
     if any(row["backend"] == "numpy" for row in rows):
         threads = env.get("threads", {}).get("numba")

@@ -316,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: float32 on CPU; float32 and float16 on GPU (float16: cupy only)",
     )
     bench.add_argument(
-        "--repeat", type=_positive_int, default=5, help="timed runs per measurement, the best is reported (default 5)"
+        "--repeat",
+        type=_positive_int,
+        default=5,
+        help="timed rounds, each running every contender once (interleaved); median and range reported (default 5)",
     )
     bench.add_argument(
         "--backend", choices=("numpy", "cupy", "all"), help="default: numpy, plus cupy when a GPU is present"
