@@ -10,6 +10,7 @@ from ._validate import (
     check_dtypes,
     check_grad_output,
     conv_params,
+    native_arrays,
     psroi_pool_params,
     roi_pool_params,
 )
@@ -37,6 +38,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     mask ``(N, G*kh*kw, H_out, W_out)``. Returns ``(N, C_out, H_out, W_out)``.
     See docs/deform_conv2d.md for the sampling rules.
     """
+    input, offset, weight, bias, mask = native_arrays(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
     required = dict(input=input, offset=offset, weight=weight)
     optional = dict(bias=bias, mask=mask)
     backend = backend_of(required, optional)
@@ -65,6 +67,9 @@ def deform_conv2d_backward(
     always deterministic; on CUDA, ``deterministic=True`` (default: ``set_deterministic``)
     selects the bitwise-reproducible reduction.
     """
+    grad_output, input, offset, weight, bias, mask = native_arrays(
+        grad_output=grad_output, input=input, offset=offset, weight=weight, bias=bias, mask=mask
+    )
     required = dict(grad_output=grad_output, input=input, offset=offset, weight=weight)
     optional = dict(bias=bias, mask=mask)
     backend = backend_of(required, optional)
@@ -110,6 +115,7 @@ def deform_roi_pool(
     times ``gamma``); mask ``(R, 1, ph, pw)``. Returns ``(R, C, ph, pw)``.
     See docs/deform_roi_pool.md for the sampling rules.
     """
+    input, rois, offset, mask = native_arrays(input=input, rois=rois, offset=offset, mask=mask)
     required = dict(input=input, rois=rois)
     optional = dict(offset=offset, mask=mask)
     backend = backend_of(required, optional)
@@ -138,6 +144,9 @@ def deform_roi_pool_backward(
     backward is always deterministic; on CUDA, ``deterministic=True`` (default:
     ``set_deterministic``) selects the bitwise-reproducible reduction.
     """
+    grad_output, input, rois, offset, mask = native_arrays(
+        grad_output=grad_output, input=input, rois=rois, offset=offset, mask=mask
+    )
     required = dict(grad_output=grad_output, input=input, rois=rois)
     optional = dict(offset=offset, mask=mask)
     backend = backend_of(required, optional)
@@ -172,6 +181,7 @@ def deform_psroi_pool(
     (x then y for each class; ``part_size=None`` means ``pooled_size``).
     Returns ``(R, output_dim, pooled_size, pooled_size)``. See docs/deform_psroi_pool.md.
     """
+    input, rois, offset = native_arrays(input=input, rois=rois, offset=offset)
     required = dict(input=input, rois=rois)
     optional = dict(offset=offset)
     backend = backend_of(required, optional)
@@ -205,6 +215,7 @@ def deform_psroi_pool_backward(
     backward is always deterministic; on CUDA, ``deterministic=True`` selects the
     bitwise-reproducible reduction.
     """
+    grad_output, input, rois, offset = native_arrays(grad_output=grad_output, input=input, rois=rois, offset=offset)
     required = dict(grad_output=grad_output, input=input, rois=rois)
     optional = dict(offset=offset)
     backend = backend_of(required, optional)

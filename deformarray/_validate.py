@@ -18,6 +18,66 @@ import numpy as np
 CPU_DTYPES = ("float32", "float64")
 CUDA_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
+# Integer parameters (stride, padding, dilation, output_size, pooled_size, group_size, ...)
+# are at most this. The kernels compute coordinates and indices from them in int64 and
+# float64, exact only well below 2**53; no real geometry comes near the bound.
+MAX_INT_PARAM = 2**31 - 1
+# The largest array NumPy (and CuPy) can describe, in bytes: an output beyond it is refused
+# before anything is allocated, naming the argument that makes it so large.
+MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
+
+
+def native_arrays(**arrays: Any) -> tuple[Any, ...]:
+    """The given arguments, in order, ready for the backends.
+
+    A NumPy array in non-native byte order (``'>f4'`` on a little-endian machine) becomes a
+    native-order copy, so it computes what the same values in native order do (and the
+    results are native). A ``numpy.ma.MaskedArray`` is refused with a ``TypeError``: the
+    operators have no notion of masked elements, and ignoring the mask would be silently
+    wrong. Anything else (``None``, CuPy arrays, wrong types) passes through unchanged,
+    for the checks that follow.
+    """
+    out = []
+    for name, arr in arrays.items():
+        if isinstance(arr, np.ma.MaskedArray):
+            raise TypeError(
+                f"{name} is a numpy masked array (numpy.ma.MaskedArray), whose mask deformarray "
+                f"would ignore: pass {name}.filled(0) (masked elements as 0) or np.asarray({name}) "
+                f"(the data under the mask)"
+            )
+        if isinstance(arr, np.ndarray) and not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        out.append(arr)
+    return tuple(out)
+
+
+def check_int_range(value: int, name: str, shown: Any = None, maximum: int = MAX_INT_PARAM) -> None:
+    """An integer parameter must be at most ``maximum`` (``MAX_INT_PARAM`` unless given);
+    ``shown`` is the argument as the caller passed it, for the message."""
+    if value > maximum:
+        bound = f"2**31 - 1 = {maximum}" if maximum == MAX_INT_PARAM else str(maximum)
+        raise ValueError(f"{name} must be <= {bound}, got {value if shown is None else shown!r}")
+
+
+def _itemsize(arr: Any) -> int:
+    """Bytes per element of a NumPy/CuPy array (or a torch tensor while tracing)."""
+    return int(getattr(arr.dtype, "itemsize", 8))
+
+
+def check_output_size(shape: tuple[int, ...], layout: str, itemsize: int, cause: str) -> None:
+    """The output must fit in one array (``MAX_ARRAY_BYTES``), counting at least one image or
+    RoI, so that an empty batch is refused too (the backends size buffers from the other
+    dimensions). ``cause`` names the arguments that make it so large."""
+    elements = 1
+    for d in shape:
+        elements *= max(int(d), 1)
+    if elements * itemsize > MAX_ARRAY_BYTES:
+        raise ValueError(
+            f"{cause} gives an output {layout} = {tuple(shape)} too large for an array: "
+            f"{elements} elements of {itemsize} bytes{' (sizes of 0 counted as 1)' if 0 in shape else ''}, "
+            f"more than 2**63 - 1 bytes"
+        )
+
 
 def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
     """Normalise an int or a pair of ints to a pair, each at least ``minimum``."""
@@ -35,6 +95,7 @@ def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    check_int_range(max(pair), name, value)
     return pair
 
 
@@ -127,6 +188,13 @@ def conv_params(
             f"output size would be ({h_out}, {w_out}) for input ({h}, {w}), kernel ({kh}, {kw}), "
             f"stride ({sh}, {sw}), padding ({ph}, {pw}), dilation ({dh}, {dw}); it must be positive"
         )
+    check_output_size(
+        (n, c_out, h_out, w_out),
+        "(N, C_out, H_out, W_out)",
+        _itemsize(input),
+        f"input ({h}, {w}) with kernel ({kh}, {kw}), stride ({sh}, {sw}), padding ({ph}, {pw}), "
+        f"dilation ({dh}, {dw}) and C_out = {c_out}",
+    )
     k = kh * kw
     on, oc, oh, ow = _check_ndim("offset", offset, "(N, 2*G*kh*kw, H_out, W_out)")
     expected_offset = f"(N, 2*G*kh*kw, H_out, W_out) = ({n}, 2*G*{k}, {h_out}, {w_out})"
@@ -231,11 +299,12 @@ class PSRoiPoolParams:
 MAX_SAMPLES_PER_SIDE = 1 << 15
 
 
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+def _positive_int(value: Any, name: str, minimum: int = 1, maximum: int = MAX_INT_PARAM) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if int(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    check_int_range(int(value), name, value, maximum)
     return int(value)
 
 
@@ -308,11 +377,10 @@ def roi_pool_params(
     n, c, h, w = _check_feature_map(input)
     ph, pw = _pair(output_size, "output_size", 1)
     scale = _finite_real(spatial_scale, "spatial_scale", positive=True)
-    ratio = _positive_int(sampling_ratio, "sampling_ratio", minimum=0)
-    if ratio > MAX_SAMPLES_PER_SIDE:
-        raise ValueError(f"sampling_ratio must be <= {MAX_SAMPLES_PER_SIDE}, got {sampling_ratio!r}")
+    ratio = _positive_int(sampling_ratio, "sampling_ratio", minimum=0, maximum=MAX_SAMPLES_PER_SIDE)
     gamma_f = _finite_real(gamma, "gamma")
     r, vals = _check_rois(rois, n)
+    check_output_size((r, c, ph, pw), "(R, C, ph, pw)", _itemsize(input), f"output_size = {output_size!r}")
     if ratio == 0 and r > 0:
         # adaptive grid: ceil(roi_size / pooled_size) samples per bin side
         roi_w = (vals[:, 3] * scale - 0.5) - (vals[:, 1] * scale - 0.5)
@@ -367,9 +435,7 @@ def psroi_pool_params(
     gs = _positive_int(group_size, "group_size")
     ps = _positive_int(pooled_size, "pooled_size")
     part = ps if part_size is None else _positive_int(part_size, "part_size")
-    spp = _positive_int(sample_per_part, "sample_per_part")
-    if spp > MAX_SAMPLES_PER_SIDE:
-        raise ValueError(f"sample_per_part must be <= {MAX_SAMPLES_PER_SIDE}, got {sample_per_part!r}")
+    spp = _positive_int(sample_per_part, "sample_per_part", maximum=MAX_SAMPLES_PER_SIDE)
     std = _finite_real(trans_std, "trans_std")
     scale = _finite_real(spatial_scale, "spatial_scale", positive=True)
     if c != out_dim * gs * gs:
@@ -378,6 +444,9 @@ def psroi_pool_params(
             f"({n}, {out_dim}*{gs}**2 = {out_dim * gs * gs}, {h}, {w}), got {tuple(input.shape)}"
         )
     r, _ = _check_rois(rois, n)
+    check_output_size(
+        (r, out_dim, ps, ps), "(R, output_dim, pooled_size, pooled_size)", _itemsize(input), f"pooled_size = {ps}"
+    )
     num_classes = 1
     if offset is not None:
         shape = tuple(int(s) for s in offset.shape)

@@ -273,3 +273,103 @@ def test_errors_leave_settings_untouched():
     with pytest.raises(ValueError, match="workspace"):
         da.set_workspace_limit(0)
     assert da.get_workspace_limit() == before
+
+
+# ---------------------------------------------------------------------------------------
+# Arrays NumPy can hold that the kernels cannot: non-native byte order, masked arrays
+
+
+def _swapped(a):
+    """The same values in non-native byte order ('>f8' on a little-endian machine)."""
+    out = a.astype(a.dtype.newbyteorder("S"))
+    assert not out.dtype.isnative and np.array_equal(out, a)
+    return out
+
+
+@pytest.mark.parametrize("names", [["input"], ["offset"], ["weight"], ["bias"], ["mask"], ["all"]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_byte_swapped_arrays_compute_as_native(names, dtype):
+    """A byte-swapped array is read as a native-order copy: the results are the native
+    call's, bit for bit, in native byte order (mixing byte orders is no dtype mismatch)."""
+    args = good(dtype=dtype)
+    grad_output = np.random.default_rng(3).standard_normal((2, 6, 6, 7)).astype(dtype)
+    expected = da.deform_conv2d(**args)
+    expected_grads = da.deform_conv2d_backward(grad_output, **args)
+    swap = ["input", "offset", "weight", "bias", "mask"] if names == ["all"] else names
+    for name in swap:
+        args[name] = _swapped(args[name])
+    y = da.deform_conv2d(**args)
+    assert y.dtype == np.dtype(dtype) and y.dtype.isnative
+    np.testing.assert_array_equal(y, expected)
+    grads = da.deform_conv2d_backward(_swapped(grad_output) if names == ["all"] else grad_output, **args)
+    for field in grads._fields:
+        assert getattr(grads, field).dtype.isnative
+        np.testing.assert_array_equal(getattr(grads, field), getattr(expected_grads, field), err_msg=field)
+
+
+def test_byte_swapped_grad_output_computes_as_native():
+    args = good()
+    grad_output = np.random.default_rng(3).standard_normal((2, 6, 6, 7))
+    expected = da.deform_conv2d_backward(grad_output, **args)
+    grads = da.deform_conv2d_backward(_swapped(grad_output), **args)
+    for field in grads._fields:
+        np.testing.assert_array_equal(getattr(grads, field), getattr(expected, field), err_msg=field)
+
+
+@pytest.mark.parametrize("name", ["grad_output", "input", "offset", "weight", "bias", "mask"])
+def test_masked_arrays_raise_type_error(name):
+    """A numpy.ma.MaskedArray: TypeError naming the argument and the ways out (its mask
+    would otherwise be ignored, silently)."""
+    args = good()
+    args["grad_output"] = np.ones((2, 6, 6, 7))
+    args[name] = np.ma.masked_array(args[name], mask=np.zeros(args[name].shape, bool))
+    grad_output = args.pop("grad_output")
+    calls = [lambda: da.deform_conv2d_backward(grad_output, **args)]
+    if name != "grad_output":
+        calls.append(lambda: da.deform_conv2d(**args))
+    for call in calls:
+        with pytest.raises(TypeError, match=rf"^{name} is a numpy masked array.*{name}\.filled\(0\).*np\.asarray"):
+            call()
+
+
+# ---------------------------------------------------------------------------------------
+# Integer parameters beyond what the kernels (int64 coordinates) or an array can hold
+
+HUGE = [
+    # (id, arguments of good() (the offset and mask then have the shape the call needs),
+    #  arguments changed afterwards, message)
+    ("stride_2**63", dict(stride=2**63), {}, r"^stride must be <= 2\*\*31 - 1"),
+    ("stride_2**64", dict(stride=(1, 2**64)), {}, r"^stride must be <= 2\*\*31 - 1"),
+    ("stride_2**31", dict(stride=2**31), {}, r"^stride must be <= 2\*\*31 - 1"),
+    ("dilation_2**63", dict(k=(1, 1)), dict(dilation=2**63), r"^dilation must be <= 2\*\*31 - 1"),
+    ("dilation_uint64", dict(k=(1, 1)), dict(dilation=(np.uint64(2**63), 1)), r"^dilation must be <= 2\*\*31 - 1"),
+    ("padding_2**63", {}, dict(padding=2**63), r"^padding must be <= 2\*\*31 - 1"),
+    # within range, but the output (N, C_out, H_out, W_out) could not be allocated (nor
+    # could an offset of its shape): refused before the offset's shape is looked at
+    ("padding_output_too_large", {}, dict(padding=2**31 - 1), r"padding \(2147483647, 2147483647\).*too large"),
+    ("empty_batch_output_too_large", dict(n=0), dict(padding=2**31 - 1), r"padding.*too large"),
+]
+
+
+@BOTH
+@pytest.mark.parametrize("shape_kwargs,change,message", [c[1:] for c in HUGE], ids=[c[0] for c in HUGE])
+def test_huge_stride_padding_dilation_raise_value_error(shape_kwargs, change, message, call):
+    args = good(**shape_kwargs)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        if call is call_forward:
+            da.deform_conv2d(**args)
+        else:
+            da.deform_conv2d_backward(np.ones(args["offset"].shape[:1] + (6, 1, 1)), **args)
+
+
+def test_largest_stride_computes():
+    """stride 2**31 - 1 on a 6x7 input: one output pixel, that of any stride >= 7."""
+    args = good(stride=2**31 - 1)
+    expected = da.deform_conv2d(**dict(args, stride=7))
+    np.testing.assert_array_equal(da.deform_conv2d(**args), expected)
+    grad_output = np.ones(expected.shape)
+    got = da.deform_conv2d_backward(grad_output, **args)
+    ref = da.deform_conv2d_backward(grad_output, **dict(args, stride=7))
+    for field in got._fields:
+        np.testing.assert_array_equal(getattr(got, field), getattr(ref, field), err_msg=field)

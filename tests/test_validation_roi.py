@@ -392,3 +392,153 @@ def test_device_rois_are_read_on_the_host(fake_cupy, bad_row, match):
     ps["rois"] = args["rois"]
     with pytest.raises(ValueError, match=match):
         ps_forward(ps)
+
+
+# ---------------------------------------------------------------------------------------
+# Arrays NumPy can hold that the kernels cannot: non-native byte order, masked arrays
+
+
+def _swapped(a):
+    """The same values in non-native byte order ('>f8' on a little-endian machine)."""
+    out = a.astype(a.dtype.newbyteorder("S"))
+    assert not out.dtype.isnative and np.array_equal(out, a)
+    return out
+
+
+def _assert_same(got, expected):
+    if isinstance(expected, tuple):
+        for field in expected._fields:
+            _assert_same(getattr(got, field), getattr(expected, field))
+    elif expected is not None:
+        assert got.dtype.isnative
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("names", [["input"], ["rois"], ["offset"], ["mask"], ["grad_output"], ["all"]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_roi_byte_swapped_arrays_compute_as_native(names, dtype):
+    """A byte-swapped array is read as a native-order copy: the native call's results, bit
+    for bit, in native byte order."""
+    args = roi_good(dtype)
+    grad_output = np.random.default_rng(3).standard_normal((3, 4, 2, 3)).astype(dtype)
+    expected = da.deform_roi_pool(**args), da.deform_roi_pool_backward(grad_output, **args)
+    if "grad_output" in names or names == ["all"]:
+        grad_output = _swapped(grad_output)
+    for name in ["input", "rois", "offset", "mask"] if names == ["all"] else names:
+        if name != "grad_output":
+            args[name] = _swapped(args[name])
+    _assert_same(da.deform_roi_pool(**args), expected[0])
+    _assert_same(da.deform_roi_pool_backward(grad_output, **args), expected[1])
+
+
+@pytest.mark.parametrize("names", [["input"], ["rois"], ["offset"], ["grad_output"], ["all"]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ps_byte_swapped_arrays_compute_as_native(names, dtype):
+    args = ps_good(dtype)
+    grad_output = np.random.default_rng(3).standard_normal((3, 4, 3, 3)).astype(dtype)
+    expected = da.deform_psroi_pool(**args), da.deform_psroi_pool_backward(grad_output, **args)
+    if "grad_output" in names or names == ["all"]:
+        grad_output = _swapped(grad_output)
+    for name in ["input", "rois", "offset"] if names == ["all"] else names:
+        if name != "grad_output":
+            args[name] = _swapped(args[name])
+    _assert_same(da.deform_psroi_pool(**args), expected[0])
+    _assert_same(da.deform_psroi_pool_backward(grad_output, **args), expected[1])
+
+
+def _masked(a):
+    return np.ma.masked_array(a, mask=np.zeros(a.shape, bool))
+
+
+@pytest.mark.parametrize("name", ["grad_output", "input", "rois", "offset", "mask"])
+def test_roi_masked_arrays_raise_type_error(name):
+    """numpy.ma.MaskedArray: TypeError naming the argument and the ways out (its mask would
+    otherwise be ignored, silently)."""
+    args = roi_good()
+    grad_output = np.ones((3, 4, 2, 3))
+    if name == "grad_output":
+        grad_output = _masked(grad_output)
+    else:
+        args[name] = _masked(args[name])
+    message = rf"^{name} is a numpy masked array.*{name}\.filled\(0\).*np\.asarray"
+    with pytest.raises(TypeError, match=message):
+        da.deform_roi_pool_backward(grad_output, **args)
+    if name != "grad_output":
+        with pytest.raises(TypeError, match=message):
+            da.deform_roi_pool(**args)
+
+
+@pytest.mark.parametrize("name", ["grad_output", "input", "rois", "offset"])
+def test_ps_masked_arrays_raise_type_error(name):
+    args = ps_good()
+    grad_output = np.ones((3, 4, 3, 3))
+    if name == "grad_output":
+        grad_output = _masked(grad_output)
+    else:
+        args[name] = _masked(args[name])
+    message = rf"^{name} is a numpy masked array.*{name}\.filled\(0\)"
+    with pytest.raises(TypeError, match=message):
+        da.deform_psroi_pool_backward(grad_output, **args)
+    if name != "grad_output":
+        with pytest.raises(TypeError, match=message):
+            da.deform_psroi_pool(**args)
+
+
+# ---------------------------------------------------------------------------------------
+# Integer parameters beyond what the kernels or an array can hold
+
+ROI_HUGE = [
+    ("output_size_2**40", dict(output_size=2**40), r"^output_size must be <= 2\*\*31 - 1"),
+    ("output_size_2**63", dict(output_size=(2, 2**63)), r"^output_size must be <= 2\*\*31 - 1"),
+    ("output_size_2**31", dict(output_size=(2**31, 1)), r"^output_size must be <= 2\*\*31 - 1"),
+    (
+        "output_too_large",
+        dict(output_size=(2**31 - 1, 2**31 - 1)),
+        r"^output_size = \(2147483647, 2147483647\) gives an output \(R, C, ph, pw\).*too large",
+    ),
+    (
+        "output_too_large_no_rois",
+        dict(output_size=2**31 - 1, rois=np.zeros((0, 5))),
+        r"^output_size = 2147483647 gives an output \(R, C, ph, pw\) = \(0, 4,.*too large",
+    ),
+]
+
+
+@pytest.mark.parametrize("change,message", [c[1:] for c in ROI_HUGE], ids=[c[0] for c in ROI_HUGE])
+def test_roi_huge_output_size_raises_value_error(change, message):
+    args = _roi_with(offset=None, mask=None, **change)
+    with pytest.raises(ValueError, match=message):
+        da.deform_roi_pool(**args)
+    with pytest.raises(ValueError, match=message):
+        da.deform_roi_pool_backward(np.ones((args["rois"].shape[0], 4, 1, 1)), **args)
+
+
+PS_HUGE = [
+    ("pooled_size_2**31", dict(pooled_size=2**31), r"^pooled_size must be <= 2\*\*31 - 1"),
+    ("pooled_size_2**63", dict(pooled_size=2**63), r"^pooled_size must be <= 2\*\*31 - 1"),
+    ("part_size_2**63", dict(part_size=2**63), r"^part_size must be <= 2\*\*31 - 1"),
+    ("group_size_2**63", dict(group_size=2**63), r"^group_size must be <= 2\*\*31 - 1"),
+    ("output_dim_2**64", dict(output_dim=2**64), r"^output_dim must be <= 2\*\*31 - 1"),
+    (
+        "output_too_large",
+        dict(pooled_size=2**31 - 1),
+        r"^pooled_size = 2147483647 gives an output \(R, output_dim, pooled_size, pooled_size\).*too large",
+    ),
+    ("output_too_large_no_rois", dict(pooled_size=2**31 - 1, rois=np.zeros((0, 5))), r"^pooled_size.*too large"),
+]
+
+
+@pytest.mark.parametrize("change,message", [c[1:] for c in PS_HUGE], ids=[c[0] for c in PS_HUGE])
+def test_ps_huge_sizes_raise_value_error(change, message):
+    args = _ps_with(offset=None, **change)
+    with pytest.raises(ValueError, match=message):
+        da.deform_psroi_pool(**args)
+    with pytest.raises(ValueError, match=message):
+        da.deform_psroi_pool_backward(np.ones((args["rois"].shape[0], 4, 1, 1)), **args)
+
+
+def test_largest_output_size_that_fits_computes():
+    """Large but allocatable pooled grids still work: (1, 2**16) bins."""
+    args = _roi_with(offset=None, mask=None, output_size=(1, 2**16), sampling_ratio=1)
+    y = da.deform_roi_pool(**args)
+    assert y.shape == (3, 4, 1, 2**16) and np.isfinite(y).all()
