@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from . import _api
+from ._validate import MAX_SAMPLES_PER_SIDE, check_int_range
 
 __all__ = [
     "deform_conv2d",
@@ -161,15 +162,30 @@ def _static_shapes(*tensors: Tensor | None) -> bool:
     return all(isinstance(s, int) for t in tensors if t is not None for s in t.shape)
 
 
-def _pair_list(value: Any, name: str) -> list[int]:
-    """An int or a pair of ints as a two-int list (the operators' ``int[]`` arguments)."""
+def _int_arg(value: Any, name: str, minimum: int, maximum: int | None = None, shown: Any = None) -> int:
+    """An int argument of an operator, in the array API's range: the operators' schemas hold
+    int64, so a larger value would fail in the dispatcher before any check could name it."""
+    v = int(value)
+    shown = value if shown is None else shown
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {shown!r}")
+    if maximum is None:
+        check_int_range(v, name, shown)
+    else:
+        check_int_range(v, name, shown, maximum)
+    return v
+
+
+def _pair_list(value: Any, name: str, minimum: int) -> list[int]:
+    """An int or a pair of ints as a two-int list (the operators' ``int[]`` arguments), each
+    at least ``minimum`` and at most 2**31 - 1 (the array API's errors)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
-        return [value, value]
+        return [_int_arg(value, name, minimum, shown=value)] * 2
     if isinstance(value, (tuple, list)) and len(value) == 2:
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return [value[0], value[1]]
+            return [_int_arg(v, name, minimum, shown=value) for v in value]
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
@@ -205,6 +221,37 @@ def _cast_back(out: Tensor, input: Tensor) -> Tensor:
 # deform_conv2d
 
 
+def _strides_like_channels_last(t: Tensor) -> bool:
+    """``Tensor.suggest_memory_format() == torch.channels_last``, decided from the strides as
+    ATen decides it (c10's ``is_channels_last_strides_2d``): a 4-D tensor whose strides
+    order its dimensions C, W, H, N from fastest to slowest. Ambiguous strides (a size-1
+    channel dimension that is also plain contiguous, say) follow ATen's tie rules; an empty
+    tensor is not channels_last."""
+    if t.dim() != 4:
+        return False
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < least:
+            return False
+        if d == 0 and least == strides[1]:
+            return False
+        least = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+def _conv_memory_format(input: Tensor, weight: Tensor) -> torch.memory_format:
+    """The memory format of deform_conv2d's output and of the input and weight gradients:
+    channels_last when ``input`` or ``weight`` suggests it, as ``torch.nn.functional.conv2d``
+    decides on the CPU (and on CUDA through cuDNN); otherwise contiguous (NCHW). The
+    kernels work in NCHW: a channels_last result is one copy made here."""
+    if _strides_like_channels_last(input) or _strides_like_channels_last(weight):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.library.custom_op("deformarray::deform_conv2d", mutates_args=())
 def _deform_conv2d_op(
     input: Tensor,
@@ -223,7 +270,7 @@ def _deform_conv2d_op(
         padding=tuple(padding),
         dilation=tuple(dilation),
     )
-    return out.contiguous()
+    return out.contiguous(memory_format=_conv_memory_format(input, weight))
 
 
 def _conv_out_shape(input, offset, weight, bias, stride, padding, dilation, mask):
@@ -243,7 +290,8 @@ def _conv_out_shape(input, offset, weight, bias, stride, padding, dilation, mask
 def _(input, offset, weight, bias, stride, padding, dilation, mask):
     _common_dtype(dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask))
     shape = _conv_out_shape(input, offset, weight, bias, stride, padding, dilation, mask)
-    return input.new_empty(shape)
+    fmt = _conv_memory_format(input, weight)
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
 
 
 @torch.library.custom_op("deformarray::deform_conv2d_backward", mutates_args=())
@@ -269,10 +317,11 @@ def _deform_conv2d_backward_op(
         dilation=tuple(dilation),
         deterministic=True if deterministic else None,
     )
+    fmt = _conv_memory_format(input, weight)
     return (
-        g.input.contiguous(),
+        g.input.contiguous(memory_format=fmt),
         g.offset.contiguous(),
-        g.weight.contiguous(),
+        g.weight.contiguous(memory_format=fmt),
         _empty_like_nothing(input) if g.bias is None else g.bias.contiguous(),
         _empty_like_nothing(input) if g.mask is None else g.mask.contiguous(),
     )
@@ -280,10 +329,11 @@ def _deform_conv2d_backward_op(
 
 @_deform_conv2d_backward_op.register_fake
 def _(grad_output, input, offset, weight, bias, stride, padding, dilation, mask, deterministic):
+    fmt = _conv_memory_format(input, weight)
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(input, memory_format=fmt),
         torch.empty_like(offset, memory_format=torch.contiguous_format),
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=fmt),
         input.new_empty((0,)) if bias is None else torch.empty_like(bias),
         input.new_empty((0,)) if mask is None else torch.empty_like(mask, memory_format=torch.contiguous_format),
     )
@@ -341,9 +391,9 @@ def deform_conv2d(
         offset,
         weight,
         bias,
-        _pair_list(stride, "stride"),
-        _pair_list(padding, "padding"),
-        _pair_list(dilation, "dilation"),
+        _pair_list(stride, "stride", 1),
+        _pair_list(padding, "padding", 0),
+        _pair_list(dilation, "dilation", 1),
         mask,
     )
     return _cast_back(out, input)
@@ -471,9 +521,9 @@ def deform_roi_pool(
         input,
         rois,
         offset,
-        _pair_list(output_size, "output_size"),
+        _pair_list(output_size, "output_size", 1),
         float(spatial_scale),
-        int(sampling_ratio),
+        _int_arg(sampling_ratio, "sampling_ratio", 0, MAX_SAMPLES_PER_SIDE),
         float(gamma),
         mask,
     )
@@ -616,11 +666,11 @@ def deform_psroi_pool(
         input,
         rois,
         offset,
-        int(output_dim),
-        int(group_size),
-        int(pooled_size),
-        None if part_size is None else int(part_size),
-        int(sample_per_part),
+        _int_arg(output_dim, "output_dim", 1),
+        _int_arg(group_size, "group_size", 1),
+        _int_arg(pooled_size, "pooled_size", 1),
+        None if part_size is None else _int_arg(part_size, "part_size", 1),
+        _int_arg(sample_per_part, "sample_per_part", 1, MAX_SAMPLES_PER_SIDE),
         float(trans_std),
         float(spatial_scale),
     )

@@ -176,6 +176,37 @@ def test_errors_are_clear():
         dt.deform_conv2d(x, torch.zeros(1, 18, 5, 5), w, stride=1.5)
 
 
+HUGE_ARGS = [
+    ("stride", lambda x, off, w: dt.deform_conv2d(x, off, w, stride=2**63)),
+    ("stride", lambda x, off, w: dt.deform_conv2d(x, off, w, stride=(1, 2**31))),
+    ("padding", lambda x, off, w: dt.deform_conv2d(x, off, w, padding=2**63)),
+    ("dilation", lambda x, off, w: dt.deform_conv2d(x, off, w, dilation=(2**64, 1))),
+    ("padding", lambda x, off, w: dt.deform_conv2d(x, off, w, padding=-(2**63) - 1)),
+    ("output_size", lambda x, off, w: dt.deform_roi_pool(x, torch.zeros(1, 5), None, 2**63)),
+    ("output_size", lambda x, off, w: dt.deform_roi_pool(x, torch.zeros(1, 5), None, (2, 2**40))),
+    ("sampling_ratio", lambda x, off, w: dt.deform_roi_pool(x, torch.zeros(1, 5), None, 2, 1.0, 2**63)),
+    (
+        "pooled_size",
+        lambda x, off, w: dt.deform_psroi_pool(x, torch.zeros(1, 5), output_dim=2, group_size=1, pooled_size=2**63),
+    ),
+    (
+        "part_size",
+        lambda x, off, w: dt.deform_psroi_pool(
+            x, torch.zeros(1, 5), output_dim=2, group_size=1, pooled_size=2, part_size=2**64
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("named,call", HUGE_ARGS, ids=[f"{a[0]}_{i}" for i, a in enumerate(HUGE_ARGS)])
+def test_huge_int_arguments_raise_value_error(named, call):
+    """Ints beyond int64 would fail in the dispatcher (the schemas hold int64) with a message
+    that names no argument: the functions refuse them first, as the array API does."""
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises(ValueError, match=f"^{named} must be"):
+        call(x, torch.zeros(1, 18, 1, 1), torch.randn(3, 2, 3, 3))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_on_cpu_computes_in_float32(dtype):
     tensors, params = make_conv_case("v2_basic", torch.float32)
@@ -300,6 +331,125 @@ def test_compiled_backward_follows_deterministic_algorithms(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
+# Memory format: channels_last in, channels_last out (as torch.nn.functional.conv2d)
+
+CL = torch.channels_last
+
+
+def _significant_strides(t):
+    """Strides of the dimensions of size > 1 (the others do not place any element)."""
+    return tuple(st for st, sz in zip(t.stride(), t.shape) if sz > 1)
+
+
+def _layouts(shape):
+    """(name, tensor) pairs of one shape in several memory layouts."""
+    t = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    yield "contiguous", t
+    yield "channels_last", t.to(memory_format=CL)
+    yield "nhcw", t.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    wide = torch.zeros(shape[:3] + (2 * shape[3],), dtype=torch.float64).to(memory_format=CL)
+    wide[..., ::2] = t
+    yield "channels_last_view", wide[..., ::2]
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [(2, 3, 5, 6, 4, 3), (1, 1, 5, 5, 4, 3), (2, 3, 1, 1, 4, 1), (2, 3, 4, 4, 1, 3)],
+    ids=["plain", "one_input_channel", "one_pixel", "one_output_channel"],
+)
+def test_output_memory_format_follows_conv2d(geometry):
+    """For every layout of input and weight, the output has the strides of F.conv2d's output
+    (channels_last when input or weight suggests it), ambiguous shapes included."""
+    n, c, h, w, c_out, k = geometry
+    for (xn, x), (wn, weight) in [(a, b) for a in _layouts((n, c, h, w)) for b in _layouts((c_out, c, k, k))]:
+        ref = F.conv2d(x, weight, padding=k // 2)
+        offset = torch.zeros(n, 2 * k * k, *ref.shape[2:], dtype=torch.float64)
+        out = dt.deform_conv2d(x, offset, weight, padding=k // 2)
+        assert _significant_strides(out) == _significant_strides(ref), (xn, wn, out.stride(), ref.stride())
+        torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("which", ["input", "weight", "both"])
+def test_channels_last_output_and_gradients(which):
+    """channels_last input (or weight): channels_last output, input and weight gradients,
+    with the values of the NCHW call, bit for bit."""
+    tensors, params = make_conv_case("v2_basic")
+    expected = call_conv(tensors, params)
+    t = dict(tensors)
+    for name in ("input", "weight") if which == "both" else (which,):
+        t[name] = tensors[name].to(memory_format=CL)
+    assert not t[which if which != "both" else "input"].is_contiguous()
+    leaves = {k: v.detach().clone(memory_format=torch.preserve_format).requires_grad_() for k, v in t.items()}
+    out = call_conv(leaves, params)
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gi, gw = torch.autograd.grad(out, (leaves["input"], leaves["weight"]), grad_out)
+    assert gi.is_contiguous(memory_format=CL) and not gi.is_contiguous()
+    assert gw.is_contiguous(memory_format=CL) and not gw.is_contiguous()
+    ref = da.deform_conv2d_backward(grad_out.numpy(), **as_numpy(tensors), **params)
+    np.testing.assert_array_equal(gi.numpy(), ref.input)
+    np.testing.assert_array_equal(gw.numpy(), ref.weight)
+
+
+def test_channels_last_gradcheck():
+    tensors, params = make_conv_case("v2_small", torch.float64, seed=2)
+    tensors["input"] = tensors["input"].to(memory_format=CL)
+    names = [k for k, v in tensors.items() if v is not None]
+
+    def f(*args):
+        return call_conv({**tensors, **dict(zip(names, args))}, params)
+
+    inputs = tuple(tensors[k].requires_grad_() for k in names)
+    assert f(*inputs).is_contiguous(memory_format=CL)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_channels_last_opcheck():
+    """The fake kernels give the strides the real ones do (channels_last), forward and
+    backward."""
+    tensors, params = make_conv_case("v2_basic")
+    t = {k: v.requires_grad_() for k, v in tensors.items()}
+    x_cl = t["input"].detach().to(memory_format=CL).requires_grad_()
+    geo = [[1, 1], [1, 1], [1, 1]]
+    op = torch.ops.deformarray.deform_conv2d.default
+    assert op(x_cl, t["offset"], t["weight"], t["bias"], *geo, t["mask"]).is_contiguous(memory_format=CL)
+    torch.library.opcheck(op, (x_cl, t["offset"], t["weight"], t["bias"], *geo, t["mask"]))
+    w_cl = t["weight"].detach().to(memory_format=CL).requires_grad_()
+    torch.library.opcheck(op, (t["input"], t["offset"], w_cl, None, *geo, None))
+    grad_out = torch.randn(2, 3, 6, 7, dtype=torch.float64).to(memory_format=CL)
+    plain = {k: v.detach() for k, v in t.items()}
+    torch.library.opcheck(
+        torch.ops.deformarray.deform_conv2d_backward.default,
+        (grad_out, x_cl.detach(), plain["offset"], plain["weight"], None, *geo, plain["mask"], False),
+    )
+
+
+def test_channels_last_compile_fullgraph():
+    """A channels_last model and input under torch.compile(fullgraph=True): channels_last
+    output, values and gradients of the eager run."""
+    net = _tiny_net().to(memory_format=CL)
+    x = torch.randn(2, 2, 7, 7).to(memory_format=CL)
+    x_eager = x.clone().requires_grad_()
+    ref = net(x_eager)
+    assert ref.is_contiguous(memory_format=CL)
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    x_comp = x.clone().requires_grad_()
+    out = compiled(x_comp)
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert x_comp.grad.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=0, atol=0)
+    for p, g in zip(net.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------
 # Modules
 
 
@@ -373,6 +523,28 @@ def test_deform_roi_pool_matches_array_api_and_gradcheck():
     assert out.shape == (3, 3, 2, 2)
     torch.library.opcheck(torch.ops.deformarray.deform_roi_pool.default, (x, rois, off, [3, 3], 1.0, 2, 0.1, mask))
     torch.library.opcheck(torch.ops.deformarray.deform_roi_pool.default, (x, rois, None, [2, 2], 0.5, 0, 0.1, None))
+
+
+@needs_roi
+@needs_psroi
+def test_roi_poolings_return_nchw_for_channels_last_input():
+    """As torchvision's roi_align (whose kernels allocate a contiguous output whatever the
+    input's layout), the RoI poolings return contiguous NCHW, with the values of the NCHW
+    call; the input gradient is contiguous too."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 8, 10, 12, generator=gen, dtype=torch.float64)
+    rois = torch.tensor(ROIS, dtype=torch.float64)
+    x_cl = x.to(memory_format=CL).requires_grad_()
+    calls = [
+        lambda a: dt.deform_roi_pool(a, rois, None, (3, 3), 1.0, 2),
+        lambda a: dt.deform_psroi_pool(a, rois, output_dim=2, group_size=2, pooled_size=3, sample_per_part=2),
+    ]
+    for call in calls:
+        out = call(x_cl)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, call(x), rtol=0, atol=0)
+        (g,) = torch.autograd.grad(out.sum(), x_cl)
+        assert g.is_contiguous()
 
 
 @needs_roi
