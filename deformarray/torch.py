@@ -44,8 +44,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from . import _api
+from . import _api, _warmup
 from ._validate import MAX_SAMPLES_PER_SIDE, check_int_range
+
+_warmup.notice_torch_import()  # a first use since installation: say what the first call costs
 
 __all__ = [
     "deform_conv2d",
