@@ -16,6 +16,7 @@ import pytest
 import reference
 
 import deformarray
+from deformarray import _chunking
 from deformarray._validate import conv_params
 
 cuda_emulation = pytest.importorskip("cuda_emulation")
@@ -330,15 +331,18 @@ def test_bfloat16(backend):
 
 @pytest.mark.parametrize("dtype", ["float64", "float16"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_chunking_matches_unchunked(backend, dtype, deterministic):
+def test_chunking_matches_unchunked(backend, dtype, deterministic, monkeypatch):
     """Whole-image chunks and within-image chunks (a workspace bound smaller than one image)
     give the unchunked numbers."""
+    monkeypatch.setattr(_chunking, "MIN_CHUNK_PIXELS", 1)  # chunks of a few pixels in tiny images
     rng = np.random.default_rng(11)
     arrays, geometry = _case(rng, n=3)
     p = _params(arrays, geometry)
     grad_out = rng.standard_normal(p.out_shape)
     full_out, full_grads = _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dtype), deterministic)
-    for limit in (1, 3000, 20000):  # one pixel per chunk, part of an image, one image
+    # a pixel or two per chunk, part of an image, one image (the deterministic mode's
+    # per-image row offsets need more: 5014-5526 bytes here, or the call refuses the bound)
+    for limit in (5600, 8000, 20000) if deterministic else (1000, 3000, 20000):
         with deformarray.workspace_limit(limit):
             out, grads = _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dtype), deterministic)
         tol = 1e-12 if dtype == "float64" else 2e-3
@@ -349,10 +353,11 @@ def test_chunking_matches_unchunked(backend, dtype, deterministic):
             _assert_close(g, fg.astype(np.float64), tol, tol, f"grad {name}, limit {limit}")
 
 
-def test_plan_bounds_workspace():
+def test_plan_bounds_workspace(monkeypatch):
     plan = cuda_deform_conv._plan
     chunks = list(plan(5, 10, 8, 0, 8 * 10 * 2))  # two images per chunk
     assert [(c.n0, c.nb, c.q0, c.length) for c in chunks] == [(0, 2, 0, 20), (2, 2, 20, 20), (4, 1, 40, 10)]
+    monkeypatch.setattr(_chunking, "MIN_CHUNK_PIXELS", 1)  # the within-image arithmetic on tiny images
     chunks = list(plan(2, 10, 8, 16, 8 * 4 + 16))  # four pixels per chunk within an image
     assert [(c.q0, c.length, c.starts_image, c.ends_image) for c in chunks] == [
         (0, 4, True, False),
@@ -362,7 +367,26 @@ def test_plan_bounds_workspace():
         (14, 4, False, False),
         (18, 2, False, True),
     ]
-    assert [c.length for c in plan(1, 3, 100, 0, 1)] == [1, 1, 1]  # never below one pixel
+    with pytest.raises(ValueError, match=r"at least .*\(89 bytes\)"):  # 100 bytes / (9/8)
+        list(plan(1, 3, 100, 0, 1))
+
+
+def test_plan_within_an_image_has_a_chunk_floor():
+    """A 16-bit backward charges the image's float32 input-gradient accumulator to the
+    bound: for 1x256x512x512 float16 it fills the default bound, and the plan fell to one
+    pixel per chunk (262,144 chunks of about 10 launches). Now: chunks of at least 512
+    pixels, within 1/8 over the bound, or an error naming the smallest bound that works."""
+    plan = cuda_deform_conv._plan
+    pixels, c_in, c_out, k = 512 * 512, 256, 256, 9
+    per_pixel = (c_in * k + c_out) * 4
+    per_image = c_in * pixels * 4  # 256 MiB
+    limit = 256 << 20
+    chunks = list(plan(1, pixels, per_pixel, per_image, limit, "the accumulator"))
+    assert 1 < len(chunks) <= pixels // _chunking.MIN_CHUNK_PIXELS
+    assert sum(c.length for c in chunks) == pixels
+    assert per_image + chunks[0].length * per_pixel <= limit * (1 + _chunking.OVERSHOOT)
+    with pytest.raises(ValueError, match=r"bound of 128 MiB .*\(the accumulator and 512 output pixels"):
+        list(plan(1, pixels, per_pixel, per_image, 128 << 20, "the accumulator"))
 
 
 def test_integer_offset_at_minus_one_has_zero_gradient(backend):
@@ -443,13 +467,17 @@ def test_empty_batch(backend):
     assert np.all(grads[2] == 0) and np.all(grads[3] == 0) and grads[4].shape == arrays["mask"].shape
 
 
-@pytest.mark.parametrize("limit", [None, 3000], ids=["whole", "within_image_chunks"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "within_image_chunks"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_results_do_not_depend_on_thread_order(backend, deterministic, dtype, limit):
+def test_results_do_not_depend_on_thread_order(backend, deterministic, dtype, chunked, monkeypatch):
     """Forward and every gradient, with the kernels' threads run forwards and backwards:
     the same bits, except the float-atomic input gradient (rounding only), also when the
     workspace bound splits images into chunks."""
+    monkeypatch.setattr(_chunking, "MIN_CHUNK_PIXELS", 1)  # chunks of a few pixels in tiny images
+    # bounds that cut the backward's images into pieces (the deterministic mode's per-image
+    # row offsets need a larger one)
+    limit = (6000 if deterministic else 3000) if chunked else None
     rng = np.random.default_rng(21)
     arrays, geometry = _case(rng, n=2, c=4, h=6, w=6, kh=3, kw=3, padding=(1, 1), dilation=(1, 1), spread=1.5)
     p = _params(arrays, geometry)
@@ -470,11 +498,12 @@ def test_results_do_not_depend_on_thread_order(backend, deterministic, dtype, li
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_launch_code_allocates_within_the_workspace_bound(backend, deterministic, dtype):
+def test_launch_code_allocates_within_the_workspace_bound(backend, deterministic, dtype, monkeypatch):
     """The launch code's buffers, beyond its results, stay within the bound of docs/cuda.md
     (plus the weight-sized ones it leaves out) at bounds that cut the batch into several
     images per chunk, one image, and pieces of an image; unbounded, the same call takes
     many times more."""
+    monkeypatch.setattr(_chunking, "MIN_CHUNK_PIXELS", 1)  # pieces of 16x16 images
     rng = np.random.default_rng(31)
     arrays, geometry = _case(
         rng, n=8, c=8, h=16, w=16, c_out=8, kh=3, kw=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1)

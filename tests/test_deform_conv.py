@@ -18,6 +18,7 @@ from reference import (
 )
 
 import deformarray as da
+from deformarray import _chunking
 from deformarray._validate import conv_params
 from deformarray.cpu import deform_conv as cpu_conv
 
@@ -296,7 +297,7 @@ def _column_bytes_per_image(case):
 def test_workspace_limit_chunking_gives_same_results(dtype, rng, monkeypatch):
     """Chunking over the batch and over output pixels of one image changes nothing."""
     # chunks of a few pixels, so that a 6x7 image splits (the real floor is 512 pixels)
-    monkeypatch.setattr(cpu_conv, "MIN_CHUNK_PIXELS", 2)
+    monkeypatch.setattr(_chunking, "MIN_CHUNK_PIXELS", 2)
     case = make_case(
         rng, n=5, c_in=4, height=6, width=7, c_out=6, groups=2, offset_groups=2, offset_scale=2.5, dtype=dtype
     )
@@ -354,7 +355,7 @@ def test_plan_within_an_image_has_a_chunk_floor():
     p = _params((1, 16, 256, 256))
     chunks = cpu_conv._chunks(p, 4, planes=1, limit=4 << 20)
     ranges = chunks[0][2]
-    assert len(ranges) <= 256 * 256 // cpu_conv.MIN_CHUNK_PIXELS + 1
+    assert len(ranges) <= 256 * 256 // _chunking.MIN_CHUNK_PIXELS + 1
     assert sum(n for _, n in ranges) == 256 * 256
     assert [r for r in ranges][:2] == [ranges[0], ranges[1]]
     big = _params((1, 1, 8192, 8192), kernel=1, padding=0)
@@ -369,7 +370,7 @@ def test_plan_within_an_image_has_a_chunk_floor():
         assert len(ranges) < 1000 and sum(n for _, n in ranges) == 8192 * 8192
         _, n0 = ranges[0]
         worst = planes * 4 * (8192 * 8192 + 1) + n0 * 4 * 2
-        assert worst <= limit * share * (1 + cpu_conv.OVERSHOOT)
+        assert worst <= limit * share * (1 + _chunking.OVERSHOOT)
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])

@@ -28,12 +28,11 @@ bound, never on thread scheduling: the backward gives the same bits on every run
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
 from .. import _config
+from .._chunking import pixels_per_chunk
 from .._validate import ConvParams, check_plane_size
 from ._bilinear import tile_corners
 from ._blas import matmul, own_threads
@@ -263,16 +262,6 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
 # ---------------------------------------------------------------------------------------
 
 
-# Output pixels a within-image chunk has at least: each chunk costs a few kernel launches
-# and BLAS calls in Python (about 0.1 ms), so smaller chunks let that overhead dominate
-# (one-pixel chunks made a 1x16x256x256 forward take 59 s instead of 0.07 s; measured on
-# that shape's backward with 11 MiB bound: 64 pixels 0.136 s, 256 0.096 s, 1024 0.075 s).
-MIN_CHUNK_PIXELS = 512
-# How far a call may exceed the workspace bound when one image's minimal chunk (its
-# channels-last copy plus MIN_CHUNK_PIXELS columns) does not fit it; beyond, it raises.
-OVERSHOOT = 1 / 8
-
-
 def _chunks(p: ConvParams, itemsize: int, planes: int, limit: int, share: float = 1.0):
     """``(n0, nc, ranges)`` chunks: images n0 .. n0+nc-1 and their output-pixel ranges
     ``(p0, np_)`` (a lazy sequence), the largest chunk first.
@@ -281,39 +270,20 @@ def _chunks(p: ConvParams, itemsize: int, planes: int, limit: int, share: float 
     backward the input gradient) plus, per output pixel, a column (C_in*K values) and one
     output value per C_out (the forward's channels-last product, before it goes to NCHW).
     Chunks use ``share`` of the bound ``limit`` (the backward keeps a quarter for col2im's
-    spill buffers). A chunk within an image has at least MIN_CHUNK_PIXELS output pixels
-    (or the whole image); when that does not fit, the call may exceed its share by
-    OVERSHOOT, and beyond that raises a ValueError naming the smallest bound that works.
+    spill buffers). Within an image, ``_chunking.pixels_per_chunk`` sets the chunk size: at
+    least 512 output pixels, up to 1/8 over the share when an image needs it, else an error
+    naming the smallest bound that works.
     """
     hw = p.h_out * p.w_out
-    budget = int(limit * share)
     fixed = planes * itemsize * (p.c_in * p.h * p.w + p.c_in)  # + the zero row
     per_pixel = itemsize * (p.c_in * p.k + p.c_out)
     per_image = fixed + per_pixel * hw
-    if per_image <= budget:
-        step = max(1, budget // per_image)
+    if per_image <= limit * share:
+        step = max(1, int(limit * share) // per_image)
         return [(n0, min(step, p.n - n0), _Ranges(hw, hw)) for n0 in range(0, p.n, step)]
-    floor = min(hw, MIN_CHUNK_PIXELS)
-    need = fixed + floor * per_pixel
-    if need > limit * share * (1 + OVERSHOOT):
-        smallest = math.ceil(need / (share * (1 + OVERSHOOT)))
-        raise ValueError(
-            f"workspace bound of {_mib(limit)} is too small for one image of this call: the smallest chunk "
-            f"({planes} channels-last cop{'ies' if planes > 1 else 'y'} of the image and {floor} output "
-            f"pixels' columns) "
-            f"needs {_mib(need)}, so the bound must be at least {_mib(smallest)}; "
-            f"raise it with deformarray.set_workspace_limit() or DEFORMARRAY_WORKSPACE_MB"
-        )
-    # over the share only when an image's copy leaves too little of it: then use the
-    # overshoot fully rather than make many small chunks
-    room = budget - fixed if need <= budget else int(limit * share * (1 + OVERSHOOT)) - fixed
-    step = max(floor, room // per_pixel)
-    ranges = _Ranges(hw, step)
+    what = f"{planes} channels-last cop{'ies' if planes > 1 else 'y'} of the image"
+    ranges = _Ranges(hw, pixels_per_chunk(hw, per_pixel, fixed, limit, share, what))
     return [(n0, 1, ranges) for n0 in range(p.n)]
-
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / (1 << 20):.3g} MiB ({nbytes} bytes)"
 
 
 class _Ranges:

@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _config
+from .._chunking import pixels_per_chunk
 from ._launch import acc_dtype as _acc_dtype
 from ._launch import backend as _launch_backend
 from ._launch import contiguous as _contiguous
@@ -92,10 +93,14 @@ class _Chunk(NamedTuple):
     ends_image: bool  # the chunk's last pixel is the last pixel of image n0 + nb - 1
 
 
-def _plan(n: int, pixels: int, per_pixel: int, per_image: int, limit: int) -> Iterator[_Chunk]:
+def _plan(
+    n: int, pixels: int, per_pixel: int, per_image: int, limit: int, what: str = "no per-image buffer"
+) -> Iterator[_Chunk]:
     """Chunks of the (image, pixel) range whose workspace ``per_pixel * L + per_image * nb``
     stays within ``limit`` bytes: whole images when at least one fits, otherwise pieces of
-    one image (at least one pixel each, so the bound cannot go below one pixel's column)."""
+    one image of ``_chunking.pixels_per_chunk`` pixels (at least 512, or the whole image:
+    the bound may be exceeded by 1/8 for that, and a ValueError names the smallest bound that
+    works beyond). ``what`` names the per-image buffer for that message."""
     per_full = per_pixel * pixels + per_image
     nb = min(n, limit // per_full, _MAX_GEMM_DIM // pixels)
     if nb >= 1:
@@ -103,7 +108,7 @@ def _plan(n: int, pixels: int, per_pixel: int, per_image: int, limit: int) -> It
             k = min(nb, n - n0)
             yield _Chunk(n0, k, n0 * pixels, k * pixels, True, True)
         return
-    length = max(1, min(pixels, (limit - per_image) // per_pixel, _MAX_GEMM_DIM))
+    length = min(pixels_per_chunk(pixels, per_pixel, per_image, limit, 1.0, what), _MAX_GEMM_DIM)
     for n0 in range(n):
         for p0 in range(0, pixels, length):
             m = min(length, pixels - p0)
@@ -240,7 +245,10 @@ def _backward(be, p, grad_output, input, offset, weight, bias, mask, determinist
             per_pixel += entries_per_pixel * (acc.itemsize + _DET_BYTES_PER_ENTRY)
             per_image += p.offset_groups * plane * _DET_BYTES_PER_ROW
         gin_acc = None
-        for ch in _plan(p.n, pixels, per_pixel, per_image, _config.get_workspace_limit()):
+        parts = ["the image's float32 input-gradient accumulator"] if half else []
+        parts += ["the image's deterministic row offsets"] if deterministic else []
+        what = " and ".join(parts) or "no per-image buffer"
+        for ch in _plan(p.n, pixels, per_pixel, per_image, _config.get_workspace_limit(), what):
             L = ch.length
             q_args = _i64(ch.q0, L)
             # grad_out as (C_out, L) in the accumulator type
