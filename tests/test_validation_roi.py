@@ -450,38 +450,33 @@ def _masked(a):
     return np.ma.masked_array(a, mask=np.zeros(a.shape, bool))
 
 
-@pytest.mark.parametrize("name", ["grad_output", "input", "rois", "offset", "mask"])
-def test_roi_masked_arrays_raise_type_error(name):
+MASKED_CASES = [
+    ("roi", name, roi_good, (3, 4, 2, 3), da.deform_roi_pool, da.deform_roi_pool_backward)
+    for name in ("grad_output", "input", "rois", "offset", "mask")
+] + [
+    ("ps", name, ps_good, (3, 4, 3, 3), da.deform_psroi_pool, da.deform_psroi_pool_backward)
+    for name in ("grad_output", "input", "rois", "offset")
+]
+
+
+@pytest.mark.parametrize(
+    "op, name, good, out_shape, forward, backward", MASKED_CASES, ids=[f"{c[0]}-{c[1]}" for c in MASKED_CASES]
+)
+def test_masked_arrays_raise_type_error(op, name, good, out_shape, forward, backward):
     """numpy.ma.MaskedArray: TypeError naming the argument and the ways out (its mask would
     otherwise be ignored, silently)."""
-    args = roi_good()
-    grad_output = np.ones((3, 4, 2, 3))
+    args = good()
+    grad_output = np.ones(out_shape)
     if name == "grad_output":
         grad_output = _masked(grad_output)
     else:
         args[name] = _masked(args[name])
     message = rf"^{name} is a numpy masked array.*{name}\.filled\(0\).*np\.asarray"
     with pytest.raises(TypeError, match=message):
-        da.deform_roi_pool_backward(grad_output, **args)
+        backward(grad_output, **args)
     if name != "grad_output":
         with pytest.raises(TypeError, match=message):
-            da.deform_roi_pool(**args)
-
-
-@pytest.mark.parametrize("name", ["grad_output", "input", "rois", "offset"])
-def test_ps_masked_arrays_raise_type_error(name):
-    args = ps_good()
-    grad_output = np.ones((3, 4, 3, 3))
-    if name == "grad_output":
-        grad_output = _masked(grad_output)
-    else:
-        args[name] = _masked(args[name])
-    message = rf"^{name} is a numpy masked array.*{name}\.filled\(0\)"
-    with pytest.raises(TypeError, match=message):
-        da.deform_psroi_pool_backward(grad_output, **args)
-    if name != "grad_output":
-        with pytest.raises(TypeError, match=message):
-            da.deform_psroi_pool(**args)
+            forward(**args)
 
 
 # ---------------------------------------------------------------------------------------
