@@ -1,4 +1,5 @@
-"""deformarray: deformable convolution and RoI pooling on NumPy and CuPy arrays.
+"""deformarray: deformable convolution, RoI pooling and multi-scale deformable attention on
+NumPy and CuPy arrays.
 
 The array type picks the backend: ``numpy.ndarray`` runs Numba-parallel CPU loops,
 ``cupy.ndarray`` runs CUDA kernels compiled at run time by NVRTC.
@@ -8,12 +9,15 @@ from ._api import (
     DeformConv2dGrads,
     DeformPSRoiPoolGrads,
     DeformRoiPoolGrads,
+    MsDeformAttnGrads,
     deform_conv2d,
     deform_conv2d_backward,
     deform_psroi_pool,
     deform_psroi_pool_backward,
     deform_roi_pool,
     deform_roi_pool_backward,
+    ms_deform_attn,
+    ms_deform_attn_backward,
 )
 from ._config import (
     get_deterministic,
@@ -30,6 +34,7 @@ __all__ = [
     "DeformConv2dGrads",
     "DeformPSRoiPoolGrads",
     "DeformRoiPoolGrads",
+    "MsDeformAttnGrads",
     "deform_conv2d",
     "deform_conv2d_backward",
     "deform_psroi_pool",
@@ -38,6 +43,8 @@ __all__ = [
     "deform_roi_pool_backward",
     "get_deterministic",
     "get_workspace_limit",
+    "ms_deform_attn",
+    "ms_deform_attn_backward",
     "release_workspace",
     "set_deterministic",
     "set_workspace_limit",

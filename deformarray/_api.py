@@ -14,6 +14,7 @@ from ._validate import (
     psroi_pool_params,
     roi_pool_params,
 )
+from ._validate_msda import msda_params
 
 
 class DeformConv2dGrads(NamedTuple):
@@ -229,3 +230,65 @@ def deform_psroi_pool_backward(
         p, grad_output, input, rois, offset, deterministic=_deterministic(deterministic)
     )
     return DeformPSRoiPoolGrads(*grads)
+
+
+class MsDeformAttnGrads(NamedTuple):
+    """Gradients of ``ms_deform_attn`` (none for the integer spatial_shapes and
+    level_start_index)."""
+
+    value: Any
+    sampling_locations: Any
+    attention_weights: Any
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Multi-scale deformable attention (Zhu et al. 2021, Deformable DETR) with the numbers of
+    the ``grid_sample`` composition (``align_corners=False``, zero padding) that Deformable
+    DETR, mmcv and transformers ship.
+
+    value ``(N, S, M, D)`` with S = sum of H_l*W_l; spatial_shapes ``(L, 2)`` integer rows
+    ``(H_l, W_l)``; level_start_index ``(L,)``; sampling_locations ``(N, Lq, M, L, P, 2)``,
+    ``(x, y)`` with 0 and 1 the outer edges of each level; attention_weights
+    ``(N, Lq, M, L, P)``. Returns ``(N, Lq, M*D)``. See docs/ms_deform_attn.md.
+    """
+    value, sampling_locations, attention_weights = native_arrays(
+        value=value, sampling_locations=sampling_locations, attention_weights=attention_weights
+    )
+    required = dict(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
+    backend = backend_of(required)
+    check_dtypes(backend, **required)
+    p = msda_params(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _warmup.notice_if_cold(backend, "ms_deform_attn", value.dtype)
+    return operator_module(backend, "ms_deform_attn").forward(p, value, sampling_locations, attention_weights)
+
+
+def ms_deform_attn_backward(
+    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *, deterministic=None
+) -> MsDeformAttnGrads:
+    """Gradients of ``ms_deform_attn`` given ``grad_output`` of shape ``(N, Lq, M*D)``.
+
+    Returns ``MsDeformAttnGrads(value, sampling_locations, attention_weights)``. The CPU
+    backward is always deterministic; on CUDA, ``deterministic=True`` (default:
+    ``set_deterministic``) selects the bitwise-reproducible reduction.
+    """
+    grad_output, value, sampling_locations, attention_weights = native_arrays(
+        grad_output=grad_output,
+        value=value,
+        sampling_locations=sampling_locations,
+        attention_weights=attention_weights,
+    )
+    required = dict(
+        grad_output=grad_output,
+        value=value,
+        sampling_locations=sampling_locations,
+        attention_weights=attention_weights,
+    )
+    backend = backend_of(required)
+    check_dtypes(backend, **required)
+    p = msda_params(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_grad_output(grad_output, p.out_shape, "(N, Lq, M*D)")
+    _warmup.notice_if_cold(backend, "ms_deform_attn_backward", value.dtype)
+    grads = operator_module(backend, "ms_deform_attn").backward(
+        p, grad_output, value, sampling_locations, attention_weights, deterministic=_deterministic(deterministic)
+    )
+    return MsDeformAttnGrads(*grads)
