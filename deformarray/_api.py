@@ -257,7 +257,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     required = dict(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
     backend = backend_of(required)
     check_dtypes(backend, **required)
-    p = msda_params(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    p = msda_params(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend)
     _warmup.notice_if_cold(backend, "ms_deform_attn", value.dtype)
     return operator_module(backend, "ms_deform_attn").forward(p, value, sampling_locations, attention_weights)
 
@@ -285,7 +285,7 @@ def ms_deform_attn_backward(
     )
     backend = backend_of(required)
     check_dtypes(backend, **required)
-    p = msda_params(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    p = msda_params(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend)
     check_grad_output(grad_output, p.out_shape, "(N, Lq, M*D)")
     _warmup.notice_if_cold(backend, "ms_deform_attn_backward", value.dtype)
     grads = operator_module(backend, "ms_deform_attn").backward(

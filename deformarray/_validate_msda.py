@@ -63,10 +63,18 @@ def _integer_values(arr: Any, name: str, layout: str, value_backend: str) -> np.
 
 
 def msda_params(
-    value: Any, spatial_shapes: Any, level_start_index: Any, sampling_locations: Any, attention_weights: Any
+    value: Any,
+    spatial_shapes: Any,
+    level_start_index: Any,
+    sampling_locations: Any,
+    attention_weights: Any,
+    backend: str = "numpy",
 ) -> MsdaParams:
-    """Check the arguments of ``ms_deform_attn`` (see its docstring for the layouts)."""
-    backend = backend_of({"value": value})
+    """Check the arguments of ``ms_deform_attn`` (see its docstring for the layouts).
+
+    ``backend`` is the float arrays' backend: spatial_shapes and level_start_index may be
+    sequences, NumPy arrays, or arrays of that backend. The float arrays are only looked at
+    for their shapes (adapters pass shape-and-dtype stand-ins while tracing)."""
     n, s, m, d = _check_ndim("value", value, "(N, S, M, D)")
     if m < 1 or d < 1:
         raise _shape_error("value", "(N, S, M, D) with M, D >= 1", value.shape)
