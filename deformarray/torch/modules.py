@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from . import _api, _warmup
-from ._validate import MAX_SAMPLES_PER_SIDE, check_int_range
+from .. import _api, _warmup
+from .._validate import MAX_SAMPLES_PER_SIDE, check_int_range
 
 _warmup.notice_torch_import()  # a first use since installation: say what the first call costs
 
@@ -278,7 +278,7 @@ def _deform_conv2d_op(
 def _conv_out_shape(input, offset, weight, bias, stride, padding, dilation, mask):
     if _static_shapes(input, offset, weight, bias, mask):
         # Same ValueError as the eager call, raised while tracing
-        from ._validate import conv_params
+        from .._validate import conv_params
 
         return conv_params(input, offset, weight, bias, tuple(stride), tuple(padding), tuple(dilation), mask).out_shape
     n, _, h, w = input.shape
