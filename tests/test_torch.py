@@ -18,6 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 import deformarray as da  # noqa: E402
 import deformarray._api as _api  # noqa: E402
 import deformarray.torch as dt  # noqa: E402
+from deformarray.torch import _glue  # noqa: E402
 
 GEOMETRIES = {
     # (n, c_in, h, w, c_out, groups, offset_groups, kernel, stride, padding, dilation, mask, bias)
@@ -148,10 +149,10 @@ def test_non_contiguous_and_channels_last():
 
 def test_zero_copy_dlpack():
     x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
-    a = dt._to_array(x)
+    a = _glue._to_array(x)
     assert isinstance(a, np.ndarray) and a.ctypes.data == x.data_ptr()
     assert a.strides == tuple(s * x.element_size() for s in x.stride())
-    back = dt._to_tensor(np.ones((2, 3)))
+    back = _glue._to_tensor(np.ones((2, 3)))
     assert back.dtype == torch.float64 and back.shape == (2, 3)
 
 

@@ -1,5 +1,59 @@
-"""PyTorch adapter (``deformarray.torch``); the code is in ``modules.py`` until the split."""
+"""PyTorch adapter: deformarray's operators as PyTorch operators and ``nn.Module`` s.
 
+Import it as ``deformarray.torch`` (PyTorch is an optional dependency: nothing else in
+deformarray imports torch). What it provides:
+
+* Functions with the signatures of ``torchvision.ops.deform_conv2d`` (and of the
+  RoI poolings of the array API), differentiable with autograd.
+* Real PyTorch operators in the ``deformarray`` namespace, declared with
+  ``torch.library.custom_op``: ``torch.ops.deformarray.deform_conv2d`` and its explicit
+  backward ``torch.ops.deformarray.deform_conv2d_backward`` (likewise for the RoI
+  poolings). Each has a fake (meta) implementation, so ``torch.compile(fullgraph=True)``
+  traces models using them without a graph break, and an autograd formula that calls the
+  backward operator, which calls the array API's ``*_backward`` function.
+* Modules: ``DeformConv2d`` (torchvision's constructor, parameters and initialisation),
+  ``ModulatedDeformConv2d``, ``DeformConv2dPack`` and ``ModulatedDeformConv2dPack``
+  (mmcv's, with their ``conv_offset`` layer), and the RoI pooling modules.
+
+This package holds no maths. Tensors cross to NumPy (CPU) or CuPy (CUDA) through DLPack
+without copying, any strides included; results come back the same way. On CUDA the work
+runs on PyTorch's current stream of the tensors' device (CuPy is pointed at it through
+``cupy.cuda.ExternalStream``).
+
+dtypes: float32 and float64 everywhere; float16 and bfloat16 run natively on CUDA, and on
+the CPU (whose kernels have no half types) are computed in float32 and returned in the
+input's dtype. Under ``torch.autocast`` (CPU or CUDA) the operators run in float32, like
+torchvision's: floating inputs are cast to float32 and the result is cast back to the
+dtype of ``input``.
+
+Determinism: ``torch.use_deterministic_algorithms(True)`` makes the backward pass request
+the deterministic reduction (``deterministic=True`` of the array API's backward
+functions); otherwise deformarray's own default (``deformarray.set_deterministic``)
+applies. The CPU backward is deterministic in every case.
+
+See docs/torch.md.
+
+Layout (one module per operator family, so a new family is new files, not edits all over):
+
+* ``_glue.py``: what every family shares (DLPack crossing, device and stream, dtypes,
+  ``_call_array_api``, argument checks, deterministic flag, autocast, cast back).
+* ``deform_conv.py``, ``roi_pool.py``, ``psroi_pool.py``: one family each, its
+  ``torch.library`` operators (``deformarray::<name>`` and ``deformarray::<name>_backward``,
+  names that saved graphs and exports refer to: never rename them), their fake kernels,
+  autograd and autocast registration, and the public functional wrapper.
+* ``modules.py``: the ``nn.Module`` s, which only call the functional wrappers.
+* ``__init__.py`` (this file): re-exports the public names and says, at import, what a first
+  call costs (``_warmup.notice_torch_import``).
+
+Imports go one way: ``_glue`` <- the family modules <- ``modules`` <- ``__init__``; a family
+module imports nothing of this package but ``_glue`` (tests/test_repository.py fails on an
+import cycle). Adding a family (say ``ms_deform_attn``): write ``ms_deform_attn.py`` on the
+model of ``roi_pool.py``, add its ``nn.Module`` s to ``modules.py`` (a section of their
+own), and import and list its public names here.
+"""
+
+from .. import _warmup
+from .deform_conv import deform_conv2d
 from .modules import (
     DeformConv2d,
     DeformConv2dPack,
@@ -10,12 +64,9 @@ from .modules import (
     ModulatedDeformConv2dPack,
     ModulatedDeformRoIPool,
     ModulatedDeformRoIPoolPack,
-    _to_array,  # noqa: F401
-    _to_tensor,  # noqa: F401
-    deform_conv2d,
-    deform_psroi_pool,
-    deform_roi_pool,
 )
+from .psroi_pool import deform_psroi_pool
+from .roi_pool import deform_roi_pool
 
 __all__ = [
     "deform_conv2d",
@@ -31,3 +82,5 @@ __all__ = [
     "ModulatedDeformRoIPoolPack",
     "DeformPSRoIPool",
 ]
+
+_warmup.notice_torch_import()  # a first use since installation: say what the first call costs
