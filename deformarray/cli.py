@@ -16,7 +16,10 @@ import platform
 import sys
 from collections.abc import Sequence
 
-from . import _bench, _bench_plot, _bench_roi, _warmup
+from . import _warmup
+from .bench import common as _bench
+from .bench import plot as _bench_plot
+from .bench import roi as _bench_roi
 
 # ---------------------------------------------------------------------------------------
 # info

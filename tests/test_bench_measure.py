@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from deformarray import _bench as B
+from deformarray.bench import common as B
 
 
 class _Quiet:

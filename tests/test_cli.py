@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deformarray import _bench, _bench_plot, _bench_roi, cli
+from deformarray import cli
+from deformarray.bench import common as _bench
+from deformarray.bench import plot as _bench_plot
+from deformarray.bench import roi as _bench_roi
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--shapes", "1,2,5,5,3;2,3,6,4,2", "--repeat", "1"]

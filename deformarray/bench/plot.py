@@ -18,7 +18,8 @@ import contextlib
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import _bench, _bench_roi
+from . import common as _bench
+from . import roi as _bench_roi
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

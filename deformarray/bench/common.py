@@ -686,7 +686,7 @@ def _run_cases(steps: list[Step], repeat: int, cupy: Any | None, torch: Any | No
 def row_label(row: dict) -> str:
     """``backend [op (variant)] shape dtype``: how notes name a row."""
     if row["op"] != "deform_conv2d":
-        from . import _bench_roi
+        from . import roi as _bench_roi
 
         return _bench_roi.row_label(row)
     return f"{row['backend']} {_row_shape(row)} {row['dtype']}"
@@ -727,7 +727,7 @@ def run(opts: Options) -> dict:
     """Run the selected sections and return the report (rows, environment, notes).
 
     Order: conv CPU, conv GPU, then RoI CPU, RoI GPU (the order of the report's tables)."""
-    from . import _bench_roi
+    from . import roi as _bench_roi
 
     notes: list[str] = []
     torch, torch_reason = optional_import("torch")
@@ -874,7 +874,7 @@ def _reference_label(rows: list[dict], name: str) -> str:
 
 
 def format_report(report: dict) -> str:
-    from . import _bench_roi
+    from . import roi as _bench_roi
 
     env, out = report["environment"], []
     th = env["threads"]

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _bench as B
+from . import common as B
 
 ROI_POOL, PSROI_POOL = "deform_roi_pool", "deform_psroi_pool"
 POOLED = 7  # bins per side (and group_size of the position-sensitive pooling)

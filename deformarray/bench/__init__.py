@@ -1,0 +1,1 @@
+"""The benchmark behind ``deformarray bench`` (private), moved here from deformarray/_bench*.py."""
