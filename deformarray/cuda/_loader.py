@@ -62,6 +62,15 @@ KERNELS: dict[str, tuple[str, ...]] = {
         "psroi_pool_gather",
         "psroi_pool_from_acc",
     ),
+    "ms_deform_attn.cu": (
+        "msda_forward_i32",
+        "msda_forward_i64",
+        "msda_backward_point_i32",
+        "msda_backward_point_i64",
+        "msda_grad_value_owned_i32",
+        "msda_grad_value_owned_i64",
+        "msda_sum_chunks",
+    ),
 }
 
 # NVRTC options shared by the run-time build and the compile test. CuPy adds the
