@@ -1,0 +1,167 @@
+"""Multi-scale deformable attention (Deformable DETR's MSDA) on NumPy arrays.
+
+The numbers are the shared core's (``_aggregate``: the contract is written there): for
+query q, head m, level l and point p, the location ``(x, y)`` becomes the pixel coordinate
+``(y*H_l - 0.5, x*W_l - 0.5)`` of level l (``grid_sample(align_corners=False)``), a point
+is processed when ``-2 < h < H_l`` and ``-2 < w < W_l`` (zero padding per corner, as
+grid_sample), and ``out[n, q, m*D + d] = sum over l, then p, of a * S_d``. This module
+holds only MSDA's loops; each plane is ``value[n, start_l : start_l + H_l*W_l, m]``.
+
+forward   parallel over (n, q, m): a task sums its query's points (levels in order, then
+          points) straight into its own D entries of the output.
+backward  two kernels, each value of each gradient written by one task in a fixed order,
+          so the bits do not depend on the thread count or the split:
+          - ``_grad_point_kernel``, parallel over (n, q, m): for each (l, p) the three dot
+            products of ``_aggregate.dots`` give the attention-weight gradient and both
+            location gradients of that point (each owned by the task).
+          - ``_grad_value_kernel``, parallel over (n, m, block of channels): a task owns
+            ``grad_value[n, :, m, d0:d1]`` and walks the queries in order (q, then l, then
+            p, then the corners), adding ``a * w * g`` into it. The blocks only give the
+            threads more tasks when N*M is small; every channel sees the same sequence of
+            additions whatever the blocks (tests/test_ms_deform_attn.py checks it).
+          ``deterministic`` is accepted for symmetry with CUDA: this backend always is.
+
+Memory. No workspace: the kernels write the outputs (and gradients) directly and allocate
+nothing per task. The only other memory is a C-contiguous copy of an argument that is not
+C-contiguous already (``np.ascontiguousarray``), the size of that argument, as every CPU
+operator does; the workspace bound (``_config``) has nothing to bound here.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .._validate_msda import MsdaParams
+from ._aggregate import add_sample, corners, dots, pixel, scatter
+
+# grid_sample's zero padding: points with h or w in (-2, -1] still have a corner whose
+# weight or derivative counts (at -1 exactly the sample is 0, its gradient is not).
+_LOWER = -2
+
+
+@njit(cache=True, parallel=True)
+def _forward_kernel(value, shapes, starts, loc, attn, out):
+    """out[n, q, m, :] = sum_{l, p} attn * sample; ``out`` (N, Lq, M, D) zeros."""
+    n_img, _, n_heads, _ = value.shape
+    n_q, n_levels, n_points = loc.shape[1], loc.shape[3], loc.shape[4]
+    for task in prange(n_img * n_q * n_heads):
+        n = task // (n_q * n_heads)
+        rest = task - n * (n_q * n_heads)
+        q = rest // n_heads
+        m = rest - q * n_heads
+        acc = out[n, q, m]
+        for lv in range(n_levels):
+            height = shapes[lv, 0]
+            width = shapes[lv, 1]
+            plane = value[n, starts[lv] : starts[lv] + height * width, m]
+            for pt in range(n_points):
+                h = pixel(loc[n, q, m, lv, pt, 1], height)
+                w = pixel(loc[n, q, m, lv, pt, 0], width)
+                c = corners(h, w, height, width, _LOWER)
+                if c[0]:
+                    add_sample(plane, c, attn[n, q, m, lv, pt], acc)
+
+
+@njit(cache=True, parallel=True)
+def _grad_point_kernel(value, shapes, starts, loc, attn, go, grad_loc, grad_attn):
+    """Location and attention-weight gradients; ``go`` (N, Lq, M, D); outputs zeros."""
+    n_img, _, n_heads, _ = value.shape
+    n_q, n_levels, n_points = loc.shape[1], loc.shape[3], loc.shape[4]
+    for task in prange(n_img * n_q * n_heads):
+        n = task // (n_q * n_heads)
+        rest = task - n * (n_q * n_heads)
+        q = rest // n_heads
+        m = rest - q * n_heads
+        g = go[n, q, m]
+        for lv in range(n_levels):
+            height = shapes[lv, 0]
+            width = shapes[lv, 1]
+            plane = value[n, starts[lv] : starts[lv] + height * width, m]
+            for pt in range(n_points):
+                y = loc[n, q, m, lv, pt, 1]
+                h = pixel(y, height)
+                w = pixel(loc[n, q, m, lv, pt, 0], width)
+                c = corners(h, w, height, width, _LOWER)
+                if c[0]:
+                    f = type(y)
+                    a = attn[n, q, m, lv, pt]
+                    gs, gh, gw = dots(plane, c, g)
+                    grad_attn[n, q, m, lv, pt] = gs
+                    grad_loc[n, q, m, lv, pt, 0] = f(width) * a * gw
+                    grad_loc[n, q, m, lv, pt, 1] = f(height) * a * gh
+
+
+@njit(cache=True, parallel=True)
+def _grad_value_kernel(shapes, starts, loc, attn, go, blocks, grad_value):
+    """grad_value[n, row, m, d] += a * w * g, parallel over (n, m, channel block)."""
+    n_img, _, n_heads, depth = grad_value.shape
+    n_q, n_levels, n_points = loc.shape[1], loc.shape[3], loc.shape[4]
+    for task in prange(n_img * n_heads * blocks):
+        n = task // (n_heads * blocks)
+        rest = task - n * (n_heads * blocks)
+        m = rest // blocks
+        b = rest - m * blocks
+        d0 = b * depth // blocks
+        d1 = (b + 1) * depth // blocks
+        if d1 == d0:
+            continue
+        for q in range(n_q):
+            g = go[n, q, m, d0:d1]
+            for lv in range(n_levels):
+                height = shapes[lv, 0]
+                width = shapes[lv, 1]
+                gplane = grad_value[n, starts[lv] : starts[lv] + height * width, m, d0:d1]
+                for pt in range(n_points):
+                    h = pixel(loc[n, q, m, lv, pt, 1], height)
+                    w = pixel(loc[n, q, m, lv, pt, 0], width)
+                    c = corners(h, w, height, width, _LOWER)
+                    if c[0]:
+                        scatter(gplane, c, attn[n, q, m, lv, pt], g)
+
+
+# ---------------------------------------------------------------------------------------
+# Drivers
+# ---------------------------------------------------------------------------------------
+
+
+def _levels(p: MsdaParams):
+    return np.array(p.shapes, dtype=np.int64).reshape(p.l, 2), np.array(p.starts, dtype=np.int64)
+
+
+def _blocks(n_img: int, n_heads: int, depth: int) -> int:
+    """Channel blocks per (n, m) for the value-gradient kernel: about two tasks per thread
+    in all, each block at least one channel."""
+    return max(1, min(depth, -(-2 * numba.get_num_threads() // max(1, n_img * n_heads))))
+
+
+def forward(p: MsdaParams, value, sampling_locations, attention_weights):
+    out = np.zeros((p.n, p.lq, p.m, p.d), dtype=value.dtype)
+    if p.n * p.lq:
+        shapes, starts = _levels(p)
+        _forward_kernel(
+            np.ascontiguousarray(value),
+            shapes,
+            starts,
+            np.ascontiguousarray(sampling_locations),
+            np.ascontiguousarray(attention_weights),
+            out,
+        )
+    return out.reshape(p.out_shape)
+
+
+def backward(p: MsdaParams, grad_output, value, sampling_locations, attention_weights, deterministic=True):
+    dtype = value.dtype
+    grad_value = np.zeros((p.n, p.s, p.m, p.d), dtype=dtype)
+    grad_loc = np.zeros((p.n, p.lq, p.m, p.l, p.p, 2), dtype=dtype)
+    grad_attn = np.zeros((p.n, p.lq, p.m, p.l, p.p), dtype=dtype)
+    if p.n * p.lq:
+        shapes, starts = _levels(p)
+        v = np.ascontiguousarray(value)
+        loc = np.ascontiguousarray(sampling_locations)
+        attn = np.ascontiguousarray(attention_weights)
+        go = np.ascontiguousarray(grad_output).reshape(p.n, p.lq, p.m, p.d)
+        _grad_point_kernel(v, shapes, starts, loc, attn, go, grad_loc, grad_attn)
+        _grad_value_kernel(shapes, starts, loc, attn, go, _blocks(p.n, p.m, p.d), grad_value)
+    return grad_value, grad_loc, grad_attn
