@@ -161,21 +161,9 @@ def ref_backward(pr, grad_out, value, loc, attn):
     return g_value, g_loc, g_attn
 
 
-def _cpu_backend_available():
-    try:
-        import deformarray.cpu.ms_deform_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def cpu_results(pr, arrays, grad_out):
-    """The NumPy backend through the public API (float64), or the loops above until it lands."""
+    """The NumPy backend (deformarray/cpu/ms_deform_attn.py) through the public API, float64."""
     a = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
-    if not _cpu_backend_available():  # pragma: no cover - the CPU backend is written in parallel
-        return ref_forward(pr, a["value"], a["loc"], a["attn"]), ref_backward(
-            pr, grad_out, a["value"], a["loc"], a["attn"]
-        )
     shapes = np.array(pr.shapes, dtype=np.int64)
     starts = np.array(pr.starts, dtype=np.int64)
     out = deformarray.ms_deform_attn(a["value"], shapes, starts, a["loc"], a["attn"])
