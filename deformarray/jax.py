@@ -31,8 +31,12 @@ error carrying the same message.
 
 RoI pooling: ``rois`` gets a zero gradient (as in torchvision and mmcv).
 
+Multi-scale deformable attention: ``spatial_shapes`` and ``level_start_index`` are
+geometry, not data: they must be concrete (a list, a NumPy array or a concrete JAX array;
+under ``jit`` close over them or pass them as static arguments) and get no gradient.
+
 Public functions (same signatures as the array API):
-``deform_conv2d``, ``deform_roi_pool``, ``deform_psroi_pool``.
+``deform_conv2d``, ``deform_roi_pool``, ``deform_psroi_pool``, ``ms_deform_attn``.
 """
 
 from __future__ import annotations
@@ -46,9 +50,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _api, _validate
+from . import _api, _validate, _validate_msda
 
-__all__ = ["deform_conv2d", "deform_roi_pool", "deform_psroi_pool"]
+__all__ = ["deform_conv2d", "deform_roi_pool", "deform_psroi_pool", "ms_deform_attn"]
 
 
 # --------------------------------------------------------------------------------------
@@ -135,6 +139,18 @@ def _psroi_out_shape(arrays: dict, statics: dict) -> tuple:
     a = _specs(arrays)
     _validate.check_dtypes("numpy" if _on_host(arrays) else "cupy", **a)
     return _validate.psroi_pool_params(a["input"], _host_rois(arrays["rois"]), a["offset"], **statics).out_shape
+
+
+def _msda_out_shape(arrays: dict, statics: dict) -> tuple:
+    a = _specs(arrays)
+    _validate.check_dtypes("numpy" if _on_host(arrays) else "cupy", **a)
+    return _validate_msda.msda_params(
+        a["value"],
+        statics["spatial_shapes"],
+        statics["level_start_index"],
+        a["sampling_locations"],
+        a["attention_weights"],
+    ).out_shape
 
 
 # --------------------------------------------------------------------------------------
@@ -434,6 +450,46 @@ def deform_psroi_pool(
         spatial_scale=spatial_scale,
     )
     return _apply(_require(_PSROI, "deform_psroi_pool"), arrays, statics)
+
+
+_MSDA = _Op(
+    name="ms_deform_attn",
+    arrays=("value", "sampling_locations", "attention_weights"),
+    ndims=dict(value=4, sampling_locations=6, attention_weights=5, grad_output=3),
+    forward=_api.ms_deform_attn,
+    backward=_api.ms_deform_attn_backward,
+    out_shape=_msda_out_shape,
+    per_image=("value", "sampling_locations", "attention_weights"),
+)
+
+
+def _geometry(arr: Any, name: str) -> tuple:
+    """``spatial_shapes`` / ``level_start_index`` as nested tuples of ints (hashable
+    statics); a traced array cannot be read, so it is refused with the way out."""
+    if isinstance(arr, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be concrete (a list, a NumPy array or a concrete JAX array), got a traced "
+            f"array: under jax.jit close over it or mark it static (static_argnames); it is the "
+            f"levels' geometry, not data"
+        )
+    host = np.asarray(arr)
+    if host.dtype == np.bool_ or not np.issubdtype(host.dtype, np.integer):
+        if host.size or host.dtype == np.bool_:
+            raise TypeError(f"{name} must hold integers, got dtype {host.dtype}")
+        host = host.astype(np.int64)
+    return _freeze(host.tolist())
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """``deformarray.ms_deform_attn`` on JAX arrays: differentiable, usable under ``jax.jit``
+    and ``jax.vmap``. Gradients flow to value, sampling_locations and attention_weights;
+    spatial_shapes and level_start_index must be concrete. See docs/ms_deform_attn.md."""
+    arrays = dict(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
+    statics = dict(
+        spatial_shapes=_geometry(spatial_shapes, "spatial_shapes"),
+        level_start_index=_geometry(level_start_index, "level_start_index"),
+    )
+    return _apply(_MSDA, arrays, statics)
 
 
 def _require(op: _Op | None, name: str) -> _Op:
