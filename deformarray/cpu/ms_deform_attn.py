@@ -94,8 +94,11 @@ def _grad_point_kernel(value, shapes, starts, loc, attn, go, grad_loc, grad_attn
 
 
 @njit(cache=True, parallel=True)
-def _grad_value_kernel(shapes, starts, loc, attn, go, blocks, grad_value):
-    """grad_value[n, row, m, d] += a * w * g, parallel over (n, m, channel block)."""
+def _grad_value_kernel(grad_value, shapes, starts, loc, attn, go, blocks):
+    """grad_value[n, row, m, d] += a * w * g, parallel over (n, m, channel block).
+
+    (grad_value comes first: the cold-cache notice reads a kernel's dtype from its first
+    array argument, ``_warmup._array_dtype``.)"""
     n_img, _, n_heads, depth = grad_value.shape
     n_q, n_levels, n_points = loc.shape[1], loc.shape[3], loc.shape[4]
     for task in prange(n_img * n_heads * blocks):
@@ -163,5 +166,5 @@ def backward(p: MsdaParams, grad_output, value, sampling_locations, attention_we
         attn = np.ascontiguousarray(attention_weights)
         go = np.ascontiguousarray(grad_output).reshape(p.n, p.lq, p.m, p.d)
         _grad_point_kernel(v, shapes, starts, loc, attn, go, grad_loc, grad_attn)
-        _grad_value_kernel(shapes, starts, loc, attn, go, _blocks(p.n, p.m, p.d), grad_value)
+        _grad_value_kernel(grad_value, shapes, starts, loc, attn, go, _blocks(p.n, p.m, p.d))
     return grad_value, grad_loc, grad_attn
