@@ -42,6 +42,8 @@ KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "deform_roi_pool_backward": ("roi_pool", ("_grad_input_kernel",)),
     "deform_psroi_pool": ("psroi_pool", ("_forward_kernel",)),
     "deform_psroi_pool_backward": ("psroi_pool", ("_grad_kernel",)),
+    "ms_deform_attn": ("ms_deform_attn", ("_forward_kernel",)),
+    "ms_deform_attn_backward": ("ms_deform_attn", ("_grad_point_kernel", "_grad_value_kernel")),
 }
 
 _lock = threading.Lock()
@@ -208,6 +210,13 @@ def _runs(dtype: str) -> dict[str, list[Callable[[], object]]]:
         y = da.deform_roi_pool(x, rois, offset, output_size=2, mask=mask)
         return da.deform_roi_pool_backward(np.ones_like(y), x, rois, offset, output_size=2, mask=mask)
 
+    spatial, starts = np.array([[3, 4], [1, 1]]), np.array([0, 12])
+    value, loc, attn = arr(1, 13, 2, 3), arr(1, 2, 2, 2, 2, 2) + 0.5, arr(1, 2, 2, 2, 2)
+
+    def msda():
+        y = da.ms_deform_attn(value, spatial, starts, loc, attn)
+        return da.ms_deform_attn_backward(np.ones_like(y), value, spatial, starts, loc, attn)
+
     def psroi(offset):
         y = da.deform_psroi_pool(ps, rois, offset, **kw_ps)
         return da.deform_psroi_pool_backward(np.ones_like(y), ps, rois, offset, **kw_ps)
@@ -216,6 +225,7 @@ def _runs(dtype: str) -> dict[str, list[Callable[[], object]]]:
         "deform_conv2d": [lambda: conv(b, m), lambda: conv(None, None)],
         "deform_roi_pool": [lambda: roi(roff, rmask), lambda: roi(roff, None), lambda: roi(None, None)],
         "deform_psroi_pool": [lambda: psroi(poff), lambda: psroi(None)],
+        "ms_deform_attn": [msda],
     }
 
 

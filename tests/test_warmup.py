@@ -184,9 +184,20 @@ def _psroi(x, rois):
     return da.deform_psroi_pool(x, rois, output_dim=2, group_size=1, pooled_size=2)
 
 
+def _msda_backward(x, rois):
+    value = x.reshape(x.shape[:-2] + (-1,))[..., None].swapaxes(1, 2)  # (N, H*W, C, 1): C heads of one channel
+    loc, attn = np.full((1, 3, 2, 1, 1, 2), 0.5), np.ones((1, 3, 2, 1, 1))
+    return da.ms_deform_attn_backward(np.ones((1, 3, 2)), value, [[4, 4]], [0], loc, attn)
+
+
 @pytest.mark.parametrize(
     "function, call",
-    [("deform_conv2d", _conv), ("deform_roi_pool_backward", _roi_backward), ("deform_psroi_pool", _psroi)],
+    [
+        ("deform_conv2d", _conv),
+        ("deform_roi_pool_backward", _roi_backward),
+        ("deform_psroi_pool", _psroi),
+        ("ms_deform_attn_backward", _msda_backward),
+    ],
 )
 def test_public_functions_ask_before_running(function, call, monkeypatch):
     """The hook in deformarray/_api.py: each public function asks once it has validated
