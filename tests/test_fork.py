@@ -76,6 +76,32 @@ def test_forked_child_after_a_parent_call_gets_the_right_result():
     assert run.returncode == 0 and "child 0" in run.stdout, run.stderr[-2000:]
 
 
+def test_forked_child_runs_ms_deform_attn():
+    """The parent calls ms_deform_attn (forward and backward); a forked child calls it and
+    gets the same bits."""
+    _tbb_or_skip()
+    run = _run("""
+        def msda(seed):
+            rng = np.random.default_rng(seed)
+            shapes, starts = np.array([[6, 5], [3, 2], [1, 1]]), np.array([0, 30, 36])
+            value = rng.standard_normal((2, 37, 2, 4))
+            loc = rng.uniform(-0.2, 1.2, (2, 7, 2, 3, 4, 2))
+            attn = rng.uniform(0, 1, (2, 7, 2, 3, 4))
+            y = da.ms_deform_attn(value, shapes, starts, loc, attn)
+            g = da.ms_deform_attn_backward(np.ones_like(y), value, shapes, starts, loc, attn)
+            return y.tobytes() + b"".join(a.tobytes() for a in g)
+
+        in_parent = [msda(s) for s in range(3)]
+        pid = os.fork()
+        if pid == 0:
+            ok = [msda(s) for s in range(3)] == in_parent
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """)
+    assert run.returncode == 0 and "child 0" in run.stdout, run.stderr[-2000:]
+
+
 def test_pool_with_fork_maps():
     _tbb_or_skip()
     run = _run("""
