@@ -14,6 +14,9 @@ deformarray imports torch). What it provides:
 * Modules: ``DeformConv2d`` (torchvision's constructor, parameters and initialisation),
   ``ModulatedDeformConv2d``, ``DeformConv2dPack`` and ``ModulatedDeformConv2dPack``
   (mmcv's, with their ``conv_offset`` layer), and the RoI pooling modules.
+* Multi-scale deformable attention: ``ms_deform_attn`` (``torch.ops.deformarray.ms_deform_attn``),
+  mmcv's ``MultiScaleDeformableAttention`` module, transformers' kernel layer
+  (``MultiScaleDeformableAttentionKernel``) and ``use_in_transformers(model)``.
 
 This package holds no maths. Tensors cross to NumPy (CPU) or CuPy (CUDA) through DLPack
 without copying, any strides included; results come back the same way. On CUDA the work
@@ -41,7 +44,10 @@ Layout (one module per operator family, so a new family is new files, not edits 
   ``torch.library`` operators (``deformarray::<name>`` and ``deformarray::<name>_backward``,
   names that saved graphs and exports refer to: never rename them), their fake kernels,
   autograd and autocast registration, and the public functional wrapper.
-* ``modules.py``: the ``nn.Module`` s, which only call the functional wrappers.
+* ``ms_deform_attn.py``: multi-scale deformable attention's operators, likewise.
+* ``modules.py``: the ``nn.Module`` s of the convolution and RoI poolings, which only call
+  the functional wrappers; ``modules_msda.py``: those of multi-scale deformable attention
+  (mmcv's module, transformers' kernel layer and the swap helper).
 * ``__init__.py`` (this file): re-exports the public names and says, at import, what a first
   call costs (``_warmup.notice_torch_import``).
 
@@ -65,6 +71,8 @@ from .modules import (
     ModulatedDeformRoIPool,
     ModulatedDeformRoIPoolPack,
 )
+from .modules_msda import MultiScaleDeformableAttention, MultiScaleDeformableAttentionKernel, use_in_transformers
+from .ms_deform_attn import ms_deform_attn
 from .psroi_pool import deform_psroi_pool
 from .roi_pool import deform_roi_pool
 
@@ -81,6 +89,10 @@ __all__ = [
     "DeformRoIPoolPack",
     "ModulatedDeformRoIPoolPack",
     "DeformPSRoIPool",
+    "ms_deform_attn",
+    "MultiScaleDeformableAttention",
+    "MultiScaleDeformableAttentionKernel",
+    "use_in_transformers",
 ]
 
 _warmup.notice_torch_import()  # a first use since installation: say what the first call costs
