@@ -43,6 +43,8 @@ class MsdaParams:
 def _integer_values(arr: Any, name: str, layout: str, value_backend: str) -> np.ndarray:
     """The values of an integer array argument (NumPy, CuPy on the CuPy backend, or a
     sequence) as an int64 NumPy array."""
+    if isinstance(arr, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a numpy masked array, whose mask deformarray would ignore: pass np.asarray({name})")
     if isinstance(arr, (list, tuple)):
         try:
             host = np.asarray(arr)

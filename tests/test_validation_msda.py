@@ -291,3 +291,12 @@ def test_torch_tensors_raise_type_error():
     args["value"] = torch.from_numpy(args["value"])
     with pytest.raises(TypeError, match="deformarray.torch"):
         forward(args)
+
+
+@pytest.mark.parametrize("name", ["spatial_shapes", "level_start_index"])
+def test_masked_geometry_raises_type_error(name):
+    """The integer arguments too: a mask on them would be ignored just the same."""
+    args = good()
+    args[name] = _masked(np.asarray(args[name]))
+    with pytest.raises(TypeError, match=rf"^{name} is a numpy masked array.*np\.asarray"):
+        forward(args)
