@@ -2,8 +2,8 @@
 
     python benchmarks/bench_deform_conv.py [--shapes "N,C,H,W,Co;..."] [--repeat 5] [--json] ...
 
-The logic lives in ``deformarray._bench`` so that the installed command works from a wheel;
-this script only forwards its arguments.
+The logic lives in ``deformarray.bench`` (this family: ``deformarray/bench/conv.py``) so that
+the installed command works from a wheel; this script only forwards its arguments.
 """
 
 import sys

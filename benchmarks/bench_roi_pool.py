@@ -6,7 +6,7 @@
 deform_roi_pool (offset; offset + mask) and deform_psroi_pool (class offsets; no offset),
 forward and forward + backward, against torchvision's ``roi_align(aligned=True)`` /
 ``ps_roi_align`` of the same sizes when torchvision is importable. The sizes and the logic
-live in ``deformarray._bench_roi`` so that the installed command works from a wheel; this
+live in ``deformarray/bench/roi.py`` so that the installed command works from a wheel; this
 script only forwards its arguments.
 """
 

@@ -42,7 +42,7 @@ if [[ $what != tests ]]; then
   status=$((status | $?))
   tail -5 "$out/bench_gpu.err"
   # the table, from the JSON (one run gives both)
-  "$py" -c 'import json, sys; from deformarray.bench.common import format_report; print(format_report(json.load(open(sys.argv[1]))))' \
+  "$py" -c 'import json, sys; from deformarray.bench.report import format_report; print(format_report(json.load(open(sys.argv[1]))))' \
     "$out/bench_gpu.json" | tee "$out/bench_gpu.txt"
 fi
 exit "$status"

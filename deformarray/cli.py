@@ -3,8 +3,9 @@ backends, settings), ``bench`` and ``warmup`` (compile the CPU kernels ahead), a
 ``--version``.
 
 All must work on any machine: a missing cupy, torch or GPU is a one-line reason in the
-output, never a traceback. The benchmark itself lives in ``deformarray._bench``, the
-warm-up in ``deformarray._warmup``.
+output, never a traceback. The benchmark itself lives in the package ``deformarray.bench``
+(its operator families in ``deformarray.bench.registry``: ``--op`` and the shape options come
+from there), the warm-up in ``deformarray._warmup``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import sys
 from collections.abc import Sequence
 
 from . import _warmup
-from .bench import common as _bench
-from .bench import plot as _bench_plot
-from .bench import roi as _bench_roi
+from .bench import common as bench_common
+from .bench import plot as bench_plot
+from .bench import registry as bench_registry
+from .bench import report as bench_report
 
 # ---------------------------------------------------------------------------------------
 # info
@@ -41,7 +43,7 @@ def _numba_threading_layer() -> str:
         touch(np.empty(2))
         return numba.threading_layer()
     except Exception as exc:
-        return f"unavailable ({_bench.one_line(exc)})"
+        return f"unavailable ({bench_common.one_line(exc)})"
 
 
 def _blas_info() -> str:
@@ -52,7 +54,7 @@ def _blas_info() -> str:
         text = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
     except Exception:
         return "unknown"
-    tpc, _ = _bench.optional_import("threadpoolctl")
+    tpc, _ = bench_common.optional_import("threadpoolctl")
     if tpc is not None:
         pools = [p for p in tpc.threadpool_info() if p.get("user_api") == "blas"]
         if pools:
@@ -63,7 +65,7 @@ def _blas_info() -> str:
 def _cupy_lines() -> list[tuple[str, str]]:
     """cupy: importable? GPU present? device name and compute capability; NVRTC version.
     NVRTC is asked separately because it works without a GPU (kernels still compile)."""
-    cupy, reason = _bench.optional_import("cupy")
+    cupy, reason = bench_common.optional_import("cupy")
     if cupy is None:
         return [("cupy", reason.removeprefix("cupy ")), ("GPU", f"none: {reason}")]
     lines = [("cupy", cupy.__version__)]
@@ -71,13 +73,13 @@ def _cupy_lines() -> list[tuple[str, str]]:
         major, minor = cupy.cuda.nvrtc.getVersion()
         lines.append(("NVRTC", f"{major}.{minor}"))
     except Exception as exc:
-        lines.append(("NVRTC", f"unavailable ({_bench.one_line(exc)})"))
-    gpu, reason = _bench.gpu_status()
+        lines.append(("NVRTC", f"unavailable ({bench_common.one_line(exc)})"))
+    gpu, reason = bench_common.gpu_status()
     if gpu is None:
         lines.append(("GPU", f"none: {reason}"))
         return lines
     for i in range(gpu.cuda.runtime.getDeviceCount()):
-        lines.append((f"GPU {i}", _bench.describe_gpu(gpu, i)))
+        lines.append((f"GPU {i}", bench_common.describe_gpu(gpu, i)))
     rt = gpu.cuda.runtime.runtimeGetVersion()
     drv = gpu.cuda.runtime.driverGetVersion()
     lines.append(("CUDA", f"runtime {rt // 1000}.{rt % 1000 // 10}, driver {drv // 1000}.{drv % 1000 // 10}"))
@@ -87,7 +89,7 @@ def _cupy_lines() -> list[tuple[str, str]]:
 def _framework_lines() -> list[tuple[str, str]]:
     lines = []
     for name in ("torch", "torchvision", "jax"):
-        mod, reason = _bench.optional_import(name)
+        mod, reason = bench_common.optional_import(name)
         if mod is None:
             lines.append((name, reason.removeprefix(f"{name} ")))
             continue
@@ -128,9 +130,9 @@ def info_lines() -> list[tuple[str, str]]:
             f"{numba.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS} (CPU cores: {os.cpu_count()})",
         ),
         ("threading layer", _numba_threading_layer()),
-        ("workspace bound", f"{deformarray.get_workspace_limit() / _bench.MIB:g} MiB"),
+        ("workspace bound", f"{deformarray.get_workspace_limit() / bench_common.MIB:g} MiB"),
         ("deterministic", f"{deformarray.get_deterministic()} (CUDA backward default; CPU always is)"),
-        ("backends", "numpy (always)" + (", cupy" if _bench.gpu_status()[0] is not None else "")),
+        ("backends", "numpy (always)" + (", cupy" if bench_common.gpu_status()[0] is not None else "")),
         *_cupy_lines(),
         *_framework_lines(),
     ]
@@ -164,12 +166,13 @@ def _parser_arg(parse):
     return convert
 
 
-_shapes_arg = _parser_arg(_bench.parse_shapes)
-_roi_shapes_arg = _parser_arg(_bench_roi.parse_roi_shapes)
-_psroi_shapes_arg = _parser_arg(_bench_roi.parse_psroi_shapes)
+# --op value -> operator families, run in the registry's order
+OP_CHOICES = {**{name: (name,) for name in bench_registry.NAMES}, "all": bench_registry.NAMES}
 
-# --op value -> operator families (_bench.OPS), run in _bench.OPS order
-OP_CHOICES = {"conv": ("conv",), "roi": ("roi",), "all": _bench.OPS}
+
+def _and(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
 
 
 def _positive_int(text: str) -> int:
@@ -191,16 +194,18 @@ def _check_bench_args(args: argparse.Namespace) -> str | None:
             f"--threads {args.threads} exceeds Numba's maximum {numba.config.NUMBA_NUM_THREADS} "
             "(set NUMBA_NUM_THREADS before starting to raise it)"
         )
-    if args.dtype not in (None, *_bench.CPU_DTYPES) and args.backend in (None, "numpy", "all"):
+    if args.dtype not in (None, *bench_common.CPU_DTYPES) and args.backend in (None, "numpy", "all"):
         return f"--dtype {args.dtype} runs on the cupy backend only: add --backend cupy"
     ops = OP_CHOICES[args.op]
-    if args.shapes is not None and "conv" not in ops:
-        return f"--shapes sets the deform_conv2d rows, which --op {args.op} does not run: use --op conv or all"
-    for flag, value in (("--roi-shapes", args.roi_shapes), ("--psroi-shapes", args.psroi_shapes)):
-        if value is not None and "roi" not in ops:
-            return f"{flag} sets the RoI rows, which --op {args.op} does not run: use --op roi or all"
+    for family in bench_registry.FAMILIES:
+        for option in family.SHAPE_OPTIONS:
+            if getattr(args, option.dest) is not None and family.NAME not in ops:
+                return (
+                    f"{option.flag} sets {family.ROWS}, which --op {args.op} does not run: "
+                    f"use --op {family.NAME} or all"
+                )
     if args.plot is not None:  # before the benchmark: minutes of timing, then no chart, is worse
-        return _bench_plot.check_target(args.plot)
+        return bench_plot.check_target(args.plot)
     return None
 
 
@@ -208,30 +213,28 @@ def _save_plot(report: dict, path: str) -> bool:
     """Write the chart; a failure now (disk full, directory removed during the run) is one
     line on stderr, after the table or JSON, which are printed first either way."""
     try:
-        _bench_plot.plot_report(report, path)
+        bench_plot.plot_report(report, path)
     except Exception as exc:
-        print(f"deformarray bench: --plot {path} not written: {_bench.one_line(exc)}", file=sys.stderr)
+        print(f"deformarray bench: --plot {path} not written: {bench_common.one_line(exc)}", file=sys.stderr)
         return False
     print(f"plot written to {path}", file=sys.stderr)
     return True
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    opts = _bench.Options(
-        shapes=args.shapes,
+    opts = bench_common.Options(
+        ops=OP_CHOICES[args.op],
         dtype=args.dtype,
         repeat=args.repeat,
         backend=args.backend,
         threads=args.threads,
-        ops=OP_CHOICES[args.op],
-        roi_shapes=args.roi_shapes,
-        psroi_shapes=args.psroi_shapes,
+        shapes={o.dest: getattr(args, o.dest) for f in bench_registry.FAMILIES for o in f.SHAPE_OPTIONS},
     )
-    report = _bench.run(opts)
+    report = bench_report.run(opts)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(_bench.format_report(report))
+        print(bench_report.format_report(report))
     if not report["results"]:
         print("nothing was run" + (": no plot written" if args.plot else ""), file=sys.stderr)
         return 1
@@ -257,7 +260,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     try:
         _warmup.warmup(dtypes, report)
     except Exception as exc:
-        print(f"deformarray warmup: failed: {_bench.one_line(exc)}", file=sys.stderr)
+        print(f"deformarray warmup: failed: {bench_common.one_line(exc)}", file=sys.stderr)
         return 1
     where = _warmup.cache_dir()
     print("done: later processes load them from Numba's cache" + (f" ({where})" if where else ""))
@@ -278,44 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
 
+    families = bench_registry.FAMILIES
+    summaries = [f.SUMMARY for f in families]
     bench = sub.add_parser(
         "bench",
-        help="time deform_conv2d and the RoI pooling operators against their non-deformable floors",
-        description="Time deform_conv2d (mask + bias, 3x3, padding 1) forward and forward+backward "
-        "against a dense convolution of the same shape, then deform_roi_pool and "
-        "deform_psroi_pool (7x7 bins, spatial_scale 1/16) against torchvision's roi_align / "
-        "ps_roi_align of the same sizes (when torchvision is importable), from one run.",
+        help=f"time {_and(summaries)} against their non-deformable floors",
+        description=f"Time {', then '.join(f.DESCRIPTION for f in families)}, from one run.",
     )
     bench.add_argument(
         "--op",
         choices=tuple(OP_CHOICES),
         default="all",
-        help="operators: conv = deform_conv2d, roi = deform_roi_pool and deform_psroi_pool, "
-        "all = conv then roi (default)",
+        help=f"operators: {', '.join(f'{f.NAME} = {f.OPERATORS}' for f in families)}, "
+        f"all = {' then '.join(bench_registry.NAMES)} (default)",
     )
-    bench.add_argument(
-        "--shapes",
-        type=_shapes_arg,
-        metavar='"N,C,H,W,Co;..."',
-        help="deform_conv2d shapes to run (default: a CPU set and a GPU set)",
-    )
-    bench.add_argument(
-        "--roi-shapes",
-        type=_roi_shapes_arg,
-        metavar='"N,C,H,W,R;..."',
-        help="deform_roi_pool sizes: N images of C channels, HxW, R RoIs "
-        "(default: 2,256,64,64,512; on GPU also 8,256,100,152,4096)",
-    )
-    bench.add_argument(
-        "--psroi-shapes",
-        type=_psroi_shapes_arg,
-        metavar='"N,K,H,W,R;..."',
-        help="deform_psroi_pool sizes: N images of K*49 score maps (K classes), HxW, R RoIs "
-        "(default: 2,21,64,64,300; on GPU also 8,81,64,64,2400)",
-    )
+    for family in families:
+        for option in family.SHAPE_OPTIONS:
+            bench.add_argument(option.flag, type=_parser_arg(option.parse), metavar=option.metavar, help=option.help)
     bench.add_argument(
         "--dtype",
-        choices=(*_bench.CPU_DTYPES, "float16"),
+        choices=(*bench_common.CPU_DTYPES, "float16"),
         help="default: float32 on CPU; float32 and float16 on GPU (float16: cupy only)",
     )
     bench.add_argument(

@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 
 from deformarray import cli
-from deformarray.bench import common as _bench
-from deformarray.bench import plot as _bench_plot
-from deformarray.bench import roi as _bench_roi
+from deformarray.bench import common as bench_common
+from deformarray.bench import conv as bench_conv
+from deformarray.bench import plot as bench_plot
+from deformarray.bench import report as bench_report
+from deformarray.bench import roi as bench_roi
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--shapes", "1,2,5,5,3;2,3,6,4,2", "--repeat", "1"]
@@ -57,8 +59,8 @@ def _hide(monkeypatch, *names):
 
 def _stand_in(monkeypatch, name, module):
     """Make the bench's optional import of ``name`` return ``module`` (the others stay real)."""
-    real_import = _bench.optional_import
-    monkeypatch.setattr(_bench, "optional_import", lambda n: (module, "") if n == name else real_import(n))
+    real_import = bench_common.optional_import
+    monkeypatch.setattr(bench_common, "optional_import", lambda n: (module, "") if n == name else real_import(n))
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def test_info_without_optional_packages(monkeypatch, capsys):
 def test_info_always_has_a_gpu_line(capsys):
     assert cli.main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    cupy, reason = _bench.gpu_status()
+    cupy, reason = bench_common.gpu_status()
     if cupy is None:
         assert data["GPU"] == f"none: {reason}"
     else:
@@ -289,7 +291,7 @@ def test_bench_without_torch_uses_numpy_dense(monkeypatch, capsys):
 
 
 def test_bench_gpu_section_skips_without_gpu(capsys):
-    cupy, reason = _bench.gpu_status()
+    cupy, reason = bench_common.gpu_status()
     if cupy is not None:
         pytest.skip("a GPU is present: the section runs instead (see the stand-in test below)")
     assert cli.main(["bench", *TINY, *TINY_ROI, "--backend", "all"]) == 0
@@ -389,22 +391,22 @@ def test_roi_script_runs_the_roi_rows_only():
 
 
 def test_parse_shapes():
-    assert _bench.parse_shapes("1,2,3,4,5; 6,7,8,9,10;") == [(1, 2, 3, 4, 5), (6, 7, 8, 9, 10)]
+    assert bench_conv.parse_shapes("1,2,3,4,5; 6,7,8,9,10;") == [(1, 2, 3, 4, 5), (6, 7, 8, 9, 10)]
     with pytest.raises(ValueError, match="5 positive integers"):
-        _bench.parse_shapes("1,2,3,4,-5")
+        bench_conv.parse_shapes("1,2,3,4,-5")
     with pytest.raises(ValueError, match="no shape"):
-        _bench.parse_shapes(" ; ")
-    assert _bench_roi.parse_roi_shapes("2,256,64,64,512") == [_bench_roi.RoiShape(2, 256, 64, 64, 512)]
-    assert _bench_roi.parse_psroi_shapes("2,21,64,64,300;1,1,1,1,1")[1].r == 1
+        bench_conv.parse_shapes(" ; ")
+    assert bench_roi.parse_roi_shapes("2,256,64,64,512") == [bench_roi.RoiShape(2, 256, 64, 64, 512)]
+    assert bench_roi.parse_psroi_shapes("2,21,64,64,300;1,1,1,1,1")[1].r == 1
     with pytest.raises(ValueError, match="N,K,H,W,R"):
-        _bench_roi.parse_psroi_shapes("2,21,64,64")
+        bench_roi.parse_psroi_shapes("2,21,64,64")
 
 
 @pytest.mark.parametrize("op, variant", ROI_ROWS)
 def test_roi_inputs(op, variant):
-    shape = _bench_roi.RoiShape(2, 3, 6, 5, 4)
-    case = _bench_roi.RoiCase("numpy", op, variant, shape, "float32")
-    a = _bench_roi.make_inputs(case)
+    shape = bench_roi.RoiShape(2, 3, 6, 5, 4)
+    case = bench_roi.RoiCase("numpy", op, variant, shape, "float32")
+    a = bench_roi.make_inputs(case)
     ps = op == "deform_psroi_pool"
     assert a.input.shape == ((2, 3 * 49, 6, 5) if ps else (2, 3, 6, 5))
     assert a.grad_output.shape == (4, 3, 7, 7)
@@ -418,13 +420,13 @@ def test_roi_inputs(op, variant):
     if a.offset is not None:
         assert a.offset.shape == ((4, 6, 7, 7) if ps else (4, 2, 7, 7))
     # the variants of one shape share the input and the RoIs (so they share one floor)
-    other = _bench_roi.make_inputs(_bench_roi.RoiCase("numpy", op, _bench_roi.VARIANTS[op][0], shape, "float32"))
+    other = bench_roi.make_inputs(bench_roi.RoiCase("numpy", op, bench_roi.VARIANTS[op][0], shape, "float32"))
     np.testing.assert_array_equal(a.input, other.input)
     np.testing.assert_array_equal(a.rois, other.rois)
 
 
 def test_inputs_make_fractional_samples():
-    a = _bench.make_inputs(_bench.Shape(2, 3, 6, 5, 4), "float32")
+    a = bench_conv.make_inputs(bench_conv.Shape(2, 3, 6, 5, 4), "float32")
     assert a.offset.shape == (2, 18, 6, 5) and a.mask.shape == (2, 9, 6, 5)
     assert a.weight.shape == (4, 3, 3, 3) and a.grad_output.shape == (2, 4, 6, 5)
     assert np.all(a.offset != np.round(a.offset))
@@ -435,8 +437,8 @@ def test_inputs_make_fractional_samples():
 def test_numpy_dense_matches_torch():
     """The no-torch yardstick must be a real convolution (values and gradients)."""
     torch = pytest.importorskip("torch")
-    a = _bench.make_inputs(_bench.Shape(2, 3, 6, 5, 4), "float64")
-    y, (gx, gw, gb) = _bench.numpy_dense_impl(a).fwdbwd()
+    a = bench_conv.make_inputs(bench_conv.Shape(2, 3, 6, 5, 4), "float64")
+    y, (gx, gw, gb) = bench_conv.numpy_dense_impl(a).fwdbwd()
     t = a.map(torch.from_numpy)
     leaves = [v.clone().requires_grad_() for v in (t.input, t.weight, t.bias)]
     ty = torch.nn.functional.conv2d(*leaves, padding=1)
@@ -453,7 +455,7 @@ def test_tracemalloc_meter_counts_workspace_not_results():
         out += scratch[: out.size]
         return out
 
-    extra = _bench.tracemalloc_peak_extra(fn)
+    extra = bench_common.tracemalloc_peak_extra(fn)
     assert (1 << 20) <= extra < (1 << 20) + (1 << 16)
 
 
@@ -463,9 +465,9 @@ def test_other_load_discounts_our_own_cpu_time():
     cores = os.cpu_count() or 1
     # 2 s of wall time; the machine used 1.0*cores CPU seconds, 0.5*cores of them ours
     before, after = (10.0, 100.0, 5.0), (12.0, 100.0 + cores, 5.0 + 0.5 * cores)
-    assert _bench.other_load(before, after) == pytest.approx(0.25)
-    assert _bench.other_load(None, after) is None
-    snap = _bench.cpu_counters()
+    assert bench_common.other_load(before, after) == pytest.approx(0.25)
+    assert bench_common.other_load(None, after) is None
+    snap = bench_common.cpu_counters()
     assert snap is None or len(snap) == 3
 
 
@@ -484,7 +486,7 @@ def test_progress_bar_on_a_terminal():
             pass
 
     stream = Tty()
-    bar = _bench.Progress(2, stream)
+    bar = bench_common.Progress(2, stream)
     bar.start("case one")
     bar.detail("ours fwd")
     bar.finish_step()
@@ -508,10 +510,10 @@ def test_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
 
     fake_tv = types.SimpleNamespace(__version__="0.0-standin", ops=types.SimpleNamespace(deform_conv2d=deform_conv2d))
     _stand_in(monkeypatch, "torchvision", fake_tv)
-    monkeypatch.setattr(_bench, "gpu_status", lambda: (fake_cupy, ""))
-    monkeypatch.setattr(_bench, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
-    monkeypatch.setattr(_bench, "cupy_peak_extra", _bench.tracemalloc_peak_extra)
-    monkeypatch.setattr(_bench, "torch_cuda_peak_extra", _bench.tracemalloc_peak_extra)
+    monkeypatch.setattr(bench_common, "gpu_status", lambda: (fake_cupy, ""))
+    monkeypatch.setattr(bench_common, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
+    monkeypatch.setattr(bench_common, "cupy_peak_extra", bench_common.tracemalloc_peak_extra)
+    monkeypatch.setattr(bench_common, "torch_cuda_peak_extra", bench_common.tracemalloc_peak_extra)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -602,11 +604,11 @@ def test_roi_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
     )
     fake_tv = _standin_torchvision(torch)
     _stand_in(monkeypatch, "torchvision", fake_tv)
-    monkeypatch.setattr(_bench, "gpu_status", lambda: (fake_cupy, ""))
-    monkeypatch.setattr(_bench, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
-    monkeypatch.setattr(_bench, "cupy_peak_extra", _bench.tracemalloc_peak_extra)
-    monkeypatch.setattr(_bench, "torch_cuda_peak_extra", _bench.tracemalloc_peak_extra)
-    monkeypatch.setattr(_bench, "DEFAULT_GPU_DTYPES", ("float32", "float64"))  # NumPy has no float16 path
+    monkeypatch.setattr(bench_common, "gpu_status", lambda: (fake_cupy, ""))
+    monkeypatch.setattr(bench_common, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
+    monkeypatch.setattr(bench_common, "cupy_peak_extra", bench_common.tracemalloc_peak_extra)
+    monkeypatch.setattr(bench_common, "torch_cuda_peak_extra", bench_common.tracemalloc_peak_extra)
+    monkeypatch.setattr(bench_common, "DEFAULT_GPU_DTYPES", ("float32", "float64"))  # NumPy has no float16 path
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -642,7 +644,7 @@ def _no_benchmark(monkeypatch):
     def run(opts):
         raise AssertionError("the benchmark ran although --plot could not work")
 
-    monkeypatch.setattr(_bench, "run", run)
+    monkeypatch.setattr(bench_report, "run", run)
 
 
 def _tiny_report(monkeypatch, capsys) -> dict:
@@ -683,7 +685,7 @@ def test_plot_report_draws_one_group_per_row(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     report = _tiny_report(monkeypatch, capsys)
     rows = report["results"]
-    fig = _bench_plot.plot_report(report, str(tmp_path / "b.png"))
+    fig = bench_plot.plot_report(report, str(tmp_path / "b.png"))
     assert (tmp_path / "b.png").read_bytes()[:8] == PNG_SIGNATURE
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
@@ -727,7 +729,7 @@ def test_plot_report_skips_errors_and_missing_references(tmp_path, monkeypatch, 
     rows.append(gpu)
     report["environment"]["gpu"] = "Stand-in GPU, 1 GiB"
     path = tmp_path / "b.png"
-    fig = _bench_plot.plot_report(report, str(path))
+    fig = bench_plot.plot_report(report, str(path))
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     ax = fig.axes[0]
     assert len(ax.get_xticklabels()) == 7 and ax.get_xticklabels()[6].get_text() == "roi offset\n1,4,8,8,3\nGPU f16"
@@ -739,7 +741,7 @@ def test_plot_report_skips_errors_and_missing_references(tmp_path, monkeypatch, 
     assert any("torchvision roi_align(aligned=True)" in t.get_text() for t in ax.get_legend().get_texts())
     # a report where nothing was timed still gives a (bar-less) chart, not a crash
     report["results"] = [rows[0] | {"dense": {"label": "dense", "error": "x"}}]
-    fig = _bench_plot.plot_report(report, str(path))
+    fig = bench_plot.plot_report(report, str(path))
     assert len(fig.axes[0].patches) == 0 and len(fig.axes[0].texts) == 4
 
 
@@ -788,12 +790,12 @@ def test_plot_target_check_leaves_files_alone(tmp_path):
     pytest.importorskip("matplotlib")
     old = tmp_path / "old.png"
     old.write_bytes(b"previous chart")
-    assert _bench_plot.check_target(str(old)) is None
+    assert bench_plot.check_target(str(old)) is None
     assert old.read_bytes() == b"previous chart"  # checked for writing, not truncated
     new = tmp_path / "new.svg"
-    assert _bench_plot.check_target(str(new)) is None
+    assert bench_plot.check_target(str(new)) is None
     assert not new.exists()  # the probe leaves nothing behind
-    assert [_bench_plot.plot_format(p) for p in ("a.PNG", "a", "d.x/a.svg")] == ["png", "png", "svg"]
+    assert [bench_plot.plot_format(p) for p in ("a.PNG", "a", "d.x/a.svg")] == ["png", "png", "svg"]
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
@@ -802,7 +804,7 @@ def test_plot_target_in_a_read_only_directory(tmp_path):
     tmp_path.chmod(0o500)
     try:
         assert (
-            _bench_plot.check_target(str(tmp_path / "b.png"))
+            bench_plot.check_target(str(tmp_path / "b.png"))
             == f"--plot {tmp_path}/b.png: cannot write (Permission denied)"
         )
     finally:
@@ -815,7 +817,7 @@ def test_bench_plot_failing_after_the_run_is_one_line(tmp_path, monkeypatch, cap
     def full_disk(report, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_bench_plot, "plot_report", full_disk)
+    monkeypatch.setattr(bench_plot, "plot_report", full_disk)
     png = tmp_path / "b.png"
     assert cli.main(["bench", *TINY, "--op", "conv", "--backend", "numpy", "--plot", str(png)]) == 1
     captured = capsys.readouterr()

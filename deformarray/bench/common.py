@@ -1,28 +1,17 @@
-"""Benchmark harness behind ``deformarray bench`` and ``benchmarks/bench_deform_conv.py``.
-
-``--op conv`` (this module) times deformarray's ``deform_conv2d`` (v2: mask and bias, 3x3
-kernel, padding 1, offsets ~ N(0, 1) so every sample point is fractional) against a dense
-convolution of the same shape measured in the same process, so the ratio column means
-something on any machine:
-
-- CPU section (numpy arrays): dense = ``torch.nn.functional.conv2d`` on the CPU with the same
-  thread count as Numba, or, without torch, a NumPy im2col+matmul convolution.
-- GPU section (cupy arrays, only when a CUDA device is present): ``torchvision.ops.deform_conv2d``
-  (the operator we are a drop-in for) and ``torch.nn.functional.conv2d`` on cuDNN.
+"""What every operator family of ``deformarray bench`` shares: the measurement rule, the
+memory meters, optional imports and the GPU, machine load, progress, options and tables.
 
 Every contender goes through one path: an ``Impl`` is a pair of closures (forward,
 forward+backward) plus how to wait for its device and how to read its peak memory, and
-``measure`` times any ``Impl``. The two sections differ only in which Impls they build.
+``measure_all`` times several of them interleaved (``ratios_of`` takes their ratios within
+each round). A family (``conv.py``, ``roi.py``) builds Impls, measures them into rows and
+formats its tables with the cell helpers here; ``report.py`` runs the families.
 
-``--op roi`` (``deformarray._bench_roi``, also behind ``benchmarks/bench_roi_pool.py``) adds
-RoI pooling rows built the same way, against torchvision's ``roi_align`` / ``ps_roi_align``.
-Every row is a ``Step``; ``run`` measures the conv steps, then the RoI steps, with one
-progress bar, and ``format_report`` prints one table per operator family and device.
+Nothing here imports another module of this package.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import shutil
@@ -31,40 +20,97 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NamedTuple
-
-import numpy as np
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 MIB = 1 << 20
 
-# (N, C_in, H, W, C_out). CPU shapes: a ResNet stage, a deep narrow map, a wide shallow one.
-DEFAULT_CPU_SHAPES = ((8, 64, 56, 56, 64), (2, 256, 32, 32, 256), (1, 16, 128, 128, 16))
-# GPU shapes: the same ResNet stage, larger batches/channels, and a detection-size feature map.
-DEFAULT_GPU_SHAPES = ((8, 64, 56, 56, 64), (8, 256, 64, 64, 256), (32, 128, 28, 28, 128), (2, 512, 100, 160, 512))
 DEFAULT_GPU_DTYPES = ("float32", "float16")
 CPU_DTYPES = ("float32", "float64")  # the numpy backend's dtypes (SPEC)
 
-KERNEL, PADDING = 3, 1  # H_out = H, W_out = W: the dense convolution has the same output
-
 
 # ---------------------------------------------------------------------------------------
-# Shapes and inputs
+# Options, steps and the family interface
 # ---------------------------------------------------------------------------------------
 
 
-class Shape(NamedTuple):
-    n: int
-    c_in: int
-    h: int
-    w: int
-    c_out: int
+@dataclass
+class Options:
+    """What ``deformarray bench`` was asked to run."""
 
-    def __str__(self) -> str:
-        return ",".join(map(str, self))
+    ops: tuple[str, ...]  # operator families (registry names); they run in the registry's order
+    dtype: str | None = None  # None: float32 on CPU, float32 + float16 on GPU
+    repeat: int = 5
+    backend: str | None = None  # numpy | cupy | all; None: numpy, plus cupy with a GPU
+    threads: int | None = None
+    # the sizes given to the families' shape options, by ShapeOption.dest ("shapes",
+    # "roi_shapes", ...); absent or None: that family's defaults
+    shapes: dict[str, list | None] = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
-        return {"N": self.n, "C_in": self.c_in, "H": self.h, "W": self.w, "C_out": self.c_out}
+
+class Step(NamedTuple):
+    """One row to measure: ``run(repeat, progress)`` returns the row."""
+
+    backend: str
+    run: Callable[[int, Progress], dict]
+
+
+class ShapeOption(NamedTuple):
+    """A ``--...shapes`` option of ``deformarray bench``, owned by one family."""
+
+    flag: str  # "--roi-shapes"
+    parse: Callable[[str], list]  # text -> sizes; ValueError otherwise (its message is the CLI's error)
+    metavar: str
+    help: str
+
+    @property
+    def dest(self) -> str:
+        """argparse's name of the option ("roi_shapes"), the key of its sizes in ``Options.shapes``."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+class Family(Protocol):
+    """What the module of an operator family provides (``conv.py`` and ``roi.py`` are two).
+    ``registry.FAMILIES`` lists them; the run, the report, the chart and the command line
+    reach a family only through these names."""
+
+    NAME: str  # the --op value: "conv"
+    OPERATORS: str  # what --op NAME runs, for --op's help: "deform_conv2d"
+    SUMMARY: str  # the same in a few words, for bench's one-line help
+    DESCRIPTION: str  # what is timed against what, for bench's description
+    ROWS: str  # its rows, as the command line's errors name them: "the deform_conv2d rows"
+    ROW_OPS: tuple[str, ...]  # the "op" of its result rows
+    CONTENDERS: tuple[str, ...]  # the contender keys of its rows, "ours" first (the notes' order)
+    SHAPE_OPTIONS: tuple[ShapeOption, ...]  # its command-line sizes, in --help order
+
+    def settings(self) -> dict:
+        """Its fixed parameters, merged into the report's "settings"."""
+        ...
+
+    def cpu_steps(self, opts: Options, torch: Any | None, torch_reason: str, notes: list[str]) -> list[Step]:
+        """Its CPU (numpy) rows to measure; a missing reference adds a line to ``notes``."""
+        ...
+
+    def gpu_steps(self, opts: Options, cupy: Any, torch: Any | None, tv: Any | None) -> list[Step]:
+        """Its GPU (cupy) rows; ``tv``: torchvision with CUDA torch, else None (``gpu_references``)."""
+        ...
+
+    def row_label(self, row: dict) -> str:
+        """``backend [op (variant)] shape dtype``: how the notes name one of its rows."""
+        ...
+
+    def chart_label(self, row: dict) -> tuple[str, str]:
+        """The operator line (short) and the shape line of a row's group in the chart."""
+        ...
+
+    def format_sections(self, rows: list[dict], gpu_name: str | None) -> list[str]:
+        """Its tables, as lines (each section opens with an empty line); [] without rows."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------
 
 
 def parse_sizes(text: str, fields: tuple) -> list[tuple]:
@@ -82,43 +128,6 @@ def parse_sizes(text: str, fields: tuple) -> list[tuple]:
     if not sizes:
         raise ValueError("no shape given")
     return sizes
-
-
-def parse_shapes(text: str) -> list[Shape]:
-    """``"N,C,H,W,Co;N,C,H,W,Co"`` -> shapes; ValueError with the offending item otherwise."""
-    return [Shape(*s) for s in parse_sizes(text, ("N", "C_in", "H", "W", "C_out"))]
-
-
-class Inputs(NamedTuple):
-    input: Any
-    offset: Any
-    weight: Any
-    bias: Any
-    mask: Any
-    grad_output: Any
-
-    def map(self, fn: Callable[[Any], Any]) -> Inputs:
-        return Inputs(*(fn(a) for a in self))
-
-
-def make_inputs(shape: Shape, dtype: str, seed: int = 0) -> Inputs:
-    """Random NumPy arguments of one deform_conv2d call (and its grad_output) in ``dtype``."""
-    rng = np.random.default_rng(seed)
-    k2 = KERNEL * KERNEL
-    n, c, h, w, co = shape
-
-    def normal(*dims, scale=1.0):
-        # generated in float32 then cast: the same numbers for every dtype, float16 included
-        return (rng.standard_normal(dims, dtype=np.float32) * scale).astype(dtype)
-
-    return Inputs(
-        input=normal(n, c, h, w),
-        offset=normal(n, 2 * k2, h, w),  # ~N(0,1) pixels: sample points land between pixels
-        weight=normal(co, c, KERNEL, KERNEL, scale=(c * k2) ** -0.5),
-        bias=normal(co),
-        mask=rng.uniform(1e-3, 1.0, (n, k2, h, w)).astype(dtype),
-        grad_output=normal(n, co, h, w),
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,6 +195,19 @@ def configure_threads(n: int | None, torch: Any | None) -> dict:
     return threads
 
 
+def gpu_references(torch: Any | None, torch_reason: str, notes: list) -> Any | None:
+    """torchvision for the GPU rows of every family (None without it or without CUDA torch,
+    with a note); cuDNN autotuning on, so that the dense yardstick has its best algorithm."""
+    tv, tv_reason = optional_import("torchvision") if torch is not None else (None, torch_reason)
+    if torch is None or not torch.cuda.is_available():
+        notes.append(f"GPU: no CUDA torch ({torch_reason or 'torch is a CPU-only build'}): torch columns skipped")
+        return None
+    torch.backends.cudnn.benchmark = True  # the dense yardstick with its best algorithm
+    if tv is None:
+        notes.append(f"GPU: {tv_reason}: torchvision columns skipped")
+    return tv
+
+
 # ---------------------------------------------------------------------------------------
 # Load from other processes (CPU timings are only trustworthy on a quiet machine)
 # ---------------------------------------------------------------------------------------
@@ -221,7 +243,7 @@ def other_load(before: tuple | None, after: tuple | None) -> float | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _noop() -> None:
+def noop() -> None:
     pass
 
 
@@ -235,7 +257,7 @@ class Impl:
     label: str
     fwd: Callable[[], Any]
     fwdbwd: Callable[[], Any]
-    sync: Callable[[], None] = _noop
+    sync: Callable[[], None] = noop
     meter: Callable[[Callable[[], Any]], int] | None = None
 
 
@@ -341,6 +363,10 @@ def ratios_of(ours: dict, ref: dict) -> dict:
     return out
 
 
+def _ratio(ours: float | None, ref: float | None) -> float | None:
+    return ours / ref if ours is not None and ref else None
+
+
 def tracemalloc_peak_extra(fn: Callable[[], Any]) -> int:
     """Peak bytes traced during ``fn`` minus the arrays it returns.
 
@@ -405,30 +431,6 @@ def torch_cuda_peak_extra(fn: Callable[[], Any]) -> int:
     return torch.cuda.max_memory_allocated() - base - _nbytes(result)
 
 
-# ---------------------------------------------------------------------------------------
-# Contenders
-# ---------------------------------------------------------------------------------------
-
-
-def ours_impl(a: Inputs, sync: Callable[[], None], meter: Callable) -> Impl:
-    """deformarray on whatever array type ``a`` holds (numpy or cupy): the API dispatches."""
-    import deformarray
-
-    conv = dict(stride=1, padding=PADDING, dilation=1)
-
-    def fwd():
-        return deformarray.deform_conv2d(a.input, a.offset, a.weight, a.bias, mask=a.mask, **conv)
-
-    def fwdbwd():
-        y = fwd()
-        grads = deformarray.deform_conv2d_backward(
-            a.grad_output, a.input, a.offset, a.weight, a.bias, mask=a.mask, **conv
-        )
-        return y, tuple(grads)
-
-    return Impl("ours", "deformarray.deform_conv2d", fwd, fwdbwd, sync, meter)
-
-
 def torch_autograd_impl(
     name: str,
     label: str,
@@ -436,7 +438,7 @@ def torch_autograd_impl(
     op: Callable,
     args: tuple,
     grad_output: Any,
-    sync: Callable[[], None] = _noop,
+    sync: Callable[[], None] = noop,
     meter: Callable | None = None,
 ) -> Impl:
     """A torch op timed like ours: forward without autograd bookkeeping; forward+backward
@@ -452,119 +454,6 @@ def torch_autograd_impl(
         return y, torch.autograd.grad(y, leaves, grad_output)
 
     return Impl(name, label, fwd, fwdbwd, sync, meter)
-
-
-def torch_dense_impl(torch: Any, t: Inputs, sync: Callable[[], None] = _noop, meter: Callable | None = None) -> Impl:
-    device = "cuDNN" if t.input.is_cuda else "CPU"
-
-    def op(x, w, b):
-        return torch.nn.functional.conv2d(x, w, b, padding=PADDING)
-
-    label = f"torch.nn.functional.conv2d (torch {torch.__version__}, {device})"
-    return torch_autograd_impl("dense", label, torch, op, (t.input, t.weight, t.bias), t.grad_output, sync, meter)
-
-
-def torchvision_impl(torch: Any, tv: Any, t: Inputs, sync: Callable[[], None], meter: Callable) -> Impl:
-    def op(x, off, w, b, m):
-        return tv.ops.deform_conv2d(x, off, w, b, padding=PADDING, mask=m)
-
-    label = f"torchvision.ops.deform_conv2d (torchvision {tv.__version__})"
-    args = (t.input, t.offset, t.weight, t.bias, t.mask)
-    return torch_autograd_impl("torchvision", label, torch, op, args, t.grad_output, sync, meter)
-
-
-def numpy_dense_impl(a: Inputs) -> Impl:
-    """Dense 3x3 / padding-1 convolution as im2col + one matmul, the yardstick when torch is
-    missing. Written the straightforward way: it is a reference point, not a contender."""
-    x, w, b, go = a.input, a.weight, a.bias, a.grad_output
-    n, c, h, wd = x.shape
-    co = w.shape[0]
-    w2 = w.reshape(co, -1)
-    go3 = go.reshape(n, co, h * wd)
-
-    def im2col():
-        xp = np.pad(x, ((0, 0), (0, 0), (PADDING, PADDING), (PADDING, PADDING)))
-        win = np.lib.stride_tricks.sliding_window_view(xp, (KERNEL, KERNEL), axis=(2, 3))  # n,c,h,w,i,j
-        return np.ascontiguousarray(win.transpose(0, 1, 4, 5, 2, 3)).reshape(n, -1, h * wd)
-
-    def forward(cols):
-        y = np.matmul(w2, cols)
-        y += b[:, None]
-        return y.reshape(n, co, h, wd)
-
-    def fwd():
-        return forward(im2col())
-
-    def fwdbwd():
-        cols = im2col()
-        y = forward(cols)
-        grad_w = np.matmul(go3, cols.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)
-        grad_b = go3.sum(axis=(0, 2))
-        gcols = np.matmul(w2.T, go3).reshape(n, c, KERNEL, KERNEL, h, wd)
-        gxp = np.zeros((n, c, h + 2 * PADDING, wd + 2 * PADDING), dtype=x.dtype)
-        for i in range(KERNEL):  # col2im: each kernel point adds a shifted plane
-            for j in range(KERNEL):
-                gxp[:, :, i : i + h, j : j + wd] += gcols[:, :, i, j]
-        return y, (gxp[:, :, PADDING:-PADDING, PADDING:-PADDING], grad_w, grad_b)
-
-    return Impl("dense", "NumPy im2col+matmul dense conv", fwd, fwdbwd)
-
-
-# ---------------------------------------------------------------------------------------
-# Sections: build the contenders of each case, measure, collect rows
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    backend: str  # "numpy" | "cupy"
-    shape: Shape
-    dtype: str
-
-
-def run_case(case: Case, build: Callable[[Inputs], list], repeat: int, progress: Progress) -> dict:
-    """Measure every contender ``build`` makes for one case; ratios are ours / reference."""
-    import deformarray
-
-    progress.start(f"{case.backend} {case.shape} {case.dtype}")
-    impls = build(make_inputs(case.shape, case.dtype))
-    row: dict = {"op": "deform_conv2d", "backend": case.backend, "shape": case.shape.as_dict(), "dtype": case.dtype}
-    row.update(measure_all(impls, repeat, progress))
-    del impls  # drop this case's arrays before the next one is built
-    ours = row["ours"]
-    row["ratios"] = {name: ratios_of(ours, row[name]) for name in ("dense", "torchvision") if name in row}
-    if "peak_extra_mib" in ours:
-        ours["within_workspace"] = ours["peak_extra_mib"] * MIB <= deformarray.get_workspace_limit()
-    progress.finish_step()
-    return row
-
-
-def _ratio(ours: float | None, ref: float | None) -> float | None:
-    return ours / ref if ours is not None and ref else None
-
-
-def cpu_builder(torch: Any | None) -> Callable[[Inputs], list]:
-    def build(a: Inputs) -> list:
-        ours = ours_impl(a, _noop, tracemalloc_peak_extra)
-        if torch is None:
-            return [ours, numpy_dense_impl(a)]
-        return [ours, torch_dense_impl(torch, a.map(torch.from_numpy))]
-
-    return build
-
-
-def gpu_builder(cupy: Any, torch: Any | None, tv: Any | None) -> Callable[[Inputs], list]:
-    def build(a_np: Inputs) -> list:
-        a = a_np.map(cupy.asarray)
-        impls = [ours_impl(a, cupy.cuda.Device().synchronize, cupy_peak_extra)]
-        if torch is not None and torch.cuda.is_available():
-            t = a.map(torch.from_dlpack)  # zero-copy views of the same cupy buffers
-            if tv is not None:
-                impls.append(torchvision_impl(torch, tv, t, torch.cuda.synchronize, torch_cuda_peak_extra))
-            impls.append(torch_dense_impl(torch, t, torch.cuda.synchronize, torch_cuda_peak_extra))
-        return impls
-
-    return build
 
 
 def release_gpu_memory(cupy: Any, torch: Any | None) -> None:
@@ -615,170 +504,11 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------
-# The run and its report
+# Tables: columns are (header, function of a row -> cell text)
 # ---------------------------------------------------------------------------------------
 
 
-OPS = ("conv", "roi")  # operator families: deform_conv2d; deform_roi_pool + deform_psroi_pool
-
-
-@dataclass
-class Options:
-    shapes: list | None  # conv shapes; None: each section's defaults
-    dtype: str | None  # None: float32 on CPU, float32 + float16 on GPU
-    repeat: int = 5
-    backend: str | None = None  # numpy | cupy | all; None: numpy, plus cupy with a GPU
-    threads: int | None = None
-    ops: tuple = OPS  # which operator families, run in this order
-    roi_shapes: list | None = None  # deform_roi_pool (N, C, H, W, R); None: defaults
-    psroi_shapes: list | None = None  # deform_psroi_pool (N, K, H, W, R); None: defaults
-
-
-class Step(NamedTuple):
-    """One row to measure: ``run(repeat, progress)`` returns the row."""
-
-    backend: str
-    run: Callable[[int, Progress], dict]
-
-
-def _cpu_cases(opts: Options, torch: Any | None, torch_reason: str, notes: list) -> list[Step]:
-    if torch is None:
-        notes.append(f"{torch_reason}: CPU dense reference is a NumPy im2col+matmul convolution")
-    build = cpu_builder(torch)
-    shapes = opts.shapes or list(map(Shape._make, DEFAULT_CPU_SHAPES))
-    return [
-        Step("numpy", functools.partial(run_case, Case("numpy", s, opts.dtype or "float32"), build)) for s in shapes
-    ]
-
-
-def _gpu_references(torch: Any | None, torch_reason: str, notes: list) -> Any | None:
-    """torchvision for the GPU rows (None without it or without CUDA torch, with a note)."""
-    tv, tv_reason = optional_import("torchvision") if torch is not None else (None, torch_reason)
-    if torch is None or not torch.cuda.is_available():
-        notes.append(f"GPU: no CUDA torch ({torch_reason or 'torch is a CPU-only build'}): torch columns skipped")
-        return None
-    torch.backends.cudnn.benchmark = True  # the dense yardstick with its best algorithm
-    if tv is None:
-        notes.append(f"GPU: {tv_reason}: torchvision columns skipped")
-    return tv
-
-
-def _gpu_cases(opts: Options, cupy: Any, torch: Any | None, tv: Any | None) -> list[Step]:
-    build = gpu_builder(cupy, torch, tv)
-    shapes = opts.shapes or list(map(Shape._make, DEFAULT_GPU_SHAPES))
-    dtypes = (opts.dtype,) if opts.dtype else DEFAULT_GPU_DTYPES
-    return [Step("cupy", functools.partial(run_case, Case("cupy", s, d), build)) for d in dtypes for s in shapes]
-
-
-def _run_cases(steps: list[Step], repeat: int, cupy: Any | None, torch: Any | None) -> list[dict]:
-    progress = Progress(len(steps))
-    rows = []
-    try:
-        for step in steps:
-            rows.append(step.run(repeat, progress))
-            if step.backend == "cupy":
-                release_gpu_memory(cupy, torch)
-    finally:
-        progress.close()
-    return rows
-
-
-def row_label(row: dict) -> str:
-    """``backend [op (variant)] shape dtype``: how notes name a row."""
-    if row["op"] != "deform_conv2d":
-        from . import roi as _bench_roi
-
-        return _bench_roi.row_label(row)
-    return f"{row['backend']} {_row_shape(row)} {row['dtype']}"
-
-
-def _error_notes(rows: list[dict]) -> list[str]:
-    return [
-        f"{row_label(row)} {name}: {row[name]['error']}"
-        for row in rows
-        for name in ("ours", "dense", "torchvision")
-        if "error" in row.get(name, {})
-    ]
-
-
-def _environment(torch: Any | None, threads: dict, cupy: Any | None) -> dict:
-    import numba
-
-    import deformarray
-
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel Numba code ran (e.g. only the GPU section)
-        layer = None
-    return {
-        "deformarray": deformarray.__version__,
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "python": sys.version.split()[0],
-        "torch": getattr(torch, "__version__", None),
-        "threads": threads,
-        "numba_threading_layer": layer,
-        "workspace_limit_mib": deformarray.get_workspace_limit() / MIB,
-        "gpu": describe_gpu(cupy) if cupy is not None else None,
-    }
-
-
-def run(opts: Options) -> dict:
-    """Run the selected sections and return the report (rows, environment, notes).
-
-    Order: conv CPU, conv GPU, then RoI CPU, RoI GPU (the order of the report's tables)."""
-    from . import roi as _bench_roi
-
-    notes: list[str] = []
-    torch, torch_reason = optional_import("torch")
-    threads = configure_threads(opts.threads, torch)
-
-    want_cpu = opts.backend in (None, "numpy", "all")
-    cupy, gpu_reason = None, "not requested (--backend numpy)"
-    if opts.backend in (None, "cupy", "all"):
-        cupy, gpu_reason = gpu_status()
-
-    steps: list[Step] = []
-    if "conv" in opts.ops and want_cpu:
-        steps += _cpu_cases(opts, torch, torch_reason, notes)
-    tv_gpu = _gpu_references(torch, torch_reason, notes) if cupy is not None else None
-    if "conv" in opts.ops and cupy is not None:
-        steps += _gpu_cases(opts, cupy, torch, tv_gpu)
-    if "roi" in opts.ops:
-        steps += _bench_roi.cpu_steps(opts, torch, torch_reason, notes) if want_cpu else []
-        steps += _bench_roi.gpu_steps(opts, cupy, torch, tv_gpu) if cupy is not None else []
-
-    before = cpu_counters()
-    rows = _run_cases(steps, opts.repeat, cupy, torch)
-    load = other_load(before, cpu_counters())
-    if load is not None and load > 0.1:
-        notes.append(
-            f"other processes kept {load:.0%} of the CPUs busy during the run: CPU timings are inflated and noisy"
-        )
-    env = _environment(torch, threads, cupy)
-    env["other_cpu_load"] = load
-    return {
-        "environment": env,
-        "settings": {
-            "repeat": opts.repeat,
-            "ops": [op for op in OPS if op in opts.ops],
-            "backends": sorted({s.backend for s in steps}),
-            "kernel": KERNEL,
-            "padding": PADDING,
-            "roi": _bench_roi.settings(),
-        },
-        "results": rows,
-        "gpu_skipped": None if cupy is not None else gpu_reason,
-        "notes": notes + _error_notes(rows),
-    }
-
-
-def _row_shape(row: dict) -> Shape:
-    return Shape(*row["shape"].values())  # as_dict keeps the field order
-
-
-# Table columns: (header, function of a row -> cell text)
-def _ms(name: str, phase: str) -> Callable[[dict], str]:
+def ms_cell(name: str, phase: str) -> Callable[[dict], str]:
     def cell(row: dict) -> str:
         res = row.get(name)
         if res is None:
@@ -795,7 +525,7 @@ def _fmt_ms(value: float) -> str:
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def _ratio_cell(name: str, phase: str) -> Callable[[dict], str]:
+def ratio_cell(name: str, phase: str) -> Callable[[dict], str]:
     def cell(row: dict) -> str:
         ratios = row["ratios"].get(name, {})
         r = ratios.get(phase)
@@ -807,7 +537,7 @@ def _ratio_cell(name: str, phase: str) -> Callable[[dict], str]:
     return cell
 
 
-def _peak_cell(name: str) -> Callable[[dict], str]:
+def peak_cell(name: str) -> Callable[[dict], str]:
     def cell(row: dict) -> str:
         res = row.get(name) or {}
         return f"{res['peak_extra_mib']:.1f}" if "peak_extra_mib" in res else "-"
@@ -815,46 +545,16 @@ def _peak_cell(name: str) -> Callable[[dict], str]:
     return cell
 
 
-def _bound_cell(row: dict) -> str:
+def bound_cell(row: dict) -> str:
     within = row["ours"].get("within_workspace")
     return "-" if within is None else ("yes" if within else "NO")
 
 
-def _warmup_cell(row: dict) -> str:
+def warmup_cell(row: dict) -> str:
     ours = row["ours"]
     if "warmup_fwdbwd_s" not in ours:
         return "-"
     return f"{ours['warmup_fwd_s'] + ours['warmup_fwdbwd_s']:.2f}"
-
-
-_SHAPE = ("N,C,H,W,Co", lambda r: str(_row_shape(r)))
-CPU_COLUMNS = [
-    _SHAPE,
-    ("fwd ms", _ms("ours", "fwd")),
-    ("dense fwd ms", _ms("dense", "fwd")),
-    ("ratio", _ratio_cell("dense", "fwd")),
-    ("fwd+bwd ms", _ms("ours", "fwdbwd")),
-    ("dense fwd+bwd ms", _ms("dense", "fwdbwd")),
-    ("ratio", _ratio_cell("dense", "fwdbwd")),
-    ("peak extra MiB", _peak_cell("ours")),
-    ("in bound", _bound_cell),
-    ("warm-up s", _warmup_cell),
-]
-GPU_COLUMNS = [
-    _SHAPE,
-    ("dtype", lambda r: r["dtype"]),
-    ("fwd ms", _ms("ours", "fwd")),
-    ("tv fwd", _ms("torchvision", "fwd")),
-    ("cuDNN fwd", _ms("dense", "fwd")),
-    ("fwd+bwd ms", _ms("ours", "fwdbwd")),
-    ("tv f+b", _ms("torchvision", "fwdbwd")),
-    ("cuDNN f+b", _ms("dense", "fwdbwd")),
-    ("/tv f+b", _ratio_cell("torchvision", "fwdbwd")),
-    ("/cuDNN f+b", _ratio_cell("dense", "fwdbwd")),
-    ("peak MiB", _peak_cell("ours")),
-    ("in bound", _bound_cell),
-    ("tv peak MiB", _peak_cell("torchvision")),
-]
 
 
 def format_table(columns: list, rows: list[dict], left: int = 1) -> str:
@@ -868,51 +568,6 @@ def format_table(columns: list, rows: list[dict], left: int = 1) -> str:
     return "\n".join(lines)
 
 
-def _reference_label(rows: list[dict], name: str) -> str:
+def reference_label(rows: list[dict], name: str) -> str:
     labels = {row[name]["label"] for row in rows if name in row}
     return ", ".join(sorted(labels)) or "-"
-
-
-def format_report(report: dict) -> str:
-    from . import roi as _bench_roi
-
-    env, out = report["environment"], []
-    th = env["threads"]
-    blas = f"BLAS {th['blas']}" if th["blas"] else "BLAS default (threadpoolctl not installed)"
-    torch_threads = f"torch {th['torch']}, " if th["torch"] else ""
-    out.append(
-        f"deformarray {env['deformarray']} bench ({', '.join(report['settings']['ops'])}), "
-        f"median of {report['settings']['repeat']} interleaved runs (range in brackets)"
-    )
-    layer = env["numba_threading_layer"] or "layer unknown"
-    out.append(
-        f"threads: numba {th['numba']} ({layer}), {torch_threads}{blas}; "
-        f"workspace bound {env['workspace_limit_mib']:.0f} MiB"
-    )
-    conv = [r for r in report["results"] if r["op"] == "deform_conv2d"]
-    cpu = [r for r in conv if r["backend"] == "numpy"]
-    gpu = [r for r in conv if r["backend"] == "cupy"]
-    title = f"deform_conv2d (mask + bias, {KERNEL}x{KERNEL}, padding {PADDING})"
-    if cpu:
-        out += [
-            "",
-            f"{title}, CPU, numpy arrays, {cpu[0]['dtype']}; dense = {_reference_label(cpu, 'dense')}",
-            format_table(CPU_COLUMNS, cpu),
-            "ms = median over the runs; ratio = ours / dense within each run, median (range); "
-            "warm-up = first fwd + first fwd+bwd call (Numba compile)",
-            "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients; "
-            "in bound = within the workspace bound",
-        ]
-    if gpu:
-        out += [
-            "",
-            f"{title}, GPU ({env['gpu']}), cupy arrays; tv = {_reference_label(gpu, 'torchvision')}; "
-            f"cuDNN = {_reference_label(gpu, 'dense')}",
-            format_table(GPU_COLUMNS, gpu),
-            "/tv, /cuDNN = ours / reference; peak = CuPy pool (ours) or torch allocator (tv) beyond outputs/gradients",
-        ]
-    out += _bench_roi.format_sections([r for r in report["results"] if r["op"] != "deform_conv2d"], env["gpu"])
-    if report["gpu_skipped"]:
-        out += ["", f"GPU section skipped: {report['gpu_skipped']}"]
-    out += [f"note: {n}" for n in report["notes"]]
-    return "\n".join(out)

@@ -18,8 +18,7 @@ import contextlib
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import common as _bench
-from . import roi as _bench_roi
+from . import common, registry
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,8 +31,6 @@ CONTENDERS = {
     "dense": ("dense", ("#c7c7c7", "#7f7f7f")),
 }
 PHASES = (("fwd", "fwd"), ("fwdbwd", "fwd+bwd"))
-_OPS = {"deform_conv2d": "conv", _bench_roi.ROI_POOL: "roi", _bench_roi.PSROI_POOL: "psroi"}
-_VARIANTS = {"offset+mask": "off+mask", "class offsets": "cls offs"}
 
 
 class Chart(NamedTuple):
@@ -55,7 +52,7 @@ def check_target(path: str) -> str | None:
     if not path:
         return "--plot needs a file name"
     for module in ("matplotlib", "matplotlib.backends.backend_agg"):
-        mod, reason = _bench.optional_import(module)
+        mod, reason = common.optional_import(module)
         if mod is None:  # "not installed" or "not importable (ImportError: ...)"
             return (
                 f"--plot needs matplotlib, which is {reason.removeprefix(module + ' ')}: "
@@ -76,7 +73,7 @@ def check_target(path: str) -> str | None:
         with open(path, "ab"):  # appends nothing: an existing file is left as it is
             pass
     except OSError as exc:
-        return f"--plot {path}: cannot write ({exc.strerror or _bench.one_line(exc)})"
+        return f"--plot {path}: cannot write ({exc.strerror or common.one_line(exc)})"
     if not existed:
         with contextlib.suppress(OSError):
             os.remove(path)
@@ -85,11 +82,7 @@ def check_target(path: str) -> str | None:
 
 def group_label(row: dict) -> str:
     """``op [variant] / shape / device dtype`` on three short lines."""
-    if row["op"] == "deform_conv2d":
-        op, shape = "conv", str(_bench._row_shape(row))
-    else:
-        op = f"{_OPS.get(row['op'], row['op'])} {_VARIANTS.get(row['variant'], row['variant'])}"
-        shape = _bench_roi.shape_text(row)
+    op, shape = registry.family_of(row).chart_label(row)
     device = "GPU" if row["backend"] == "cupy" else "CPU"
     return f"{op}\n{shape}\n{device} {row['dtype'].replace('float', 'f')}"
 
@@ -168,7 +161,7 @@ def plot_report(report: dict, path: str) -> Figure:
     times = [t for xy in bars.values() for _, t in xy]
     if times:
         ax.set_ylim(min(times) / 2, max(times) * 2)
-    section = [(row["op"] == "deform_conv2d", row["backend"]) for row in rows]
+    section = [(registry.family_of(row).NAME, row["backend"]) for row in rows]
     for i in range(1, groups):  # a faint line where the operator family or the device changes
         if section[i] != section[i - 1]:
             ax.axvline(i - 0.5, color="#999999", linestyle=":", linewidth=1)

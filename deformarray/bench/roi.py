@@ -13,8 +13,10 @@ Each row times one of our RoI operators, forward and forward+backward, in one va
 The non-deformable floor is torchvision's ``roi_align(aligned=True)`` (the sampling of
 ``deform_roi_pool`` with zero offsets) and ``ps_roi_align`` on the same arrays (zero-copy
 through DLPack on the GPU), measured once per shape and shared by that shape's variant
-rows. The timing, memory meters, progress and table helpers are ``_bench``'s: a row here is
-built from ``Impl`` contenders and measured by ``_bench.measure`` like a convolution row.
+rows. The timing, memory meters, progress and table helpers are ``common``'s: a row here is
+built from ``Impl`` contenders and measured by ``common.measure_all`` like a convolution row.
+This module is one operator family (both RoI poolings): it provides the names of
+``common.Family``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import common as B
+from . import common as C
+from .common import Impl, Options, Progress, ShapeOption, Step
 
 ROI_POOL, PSROI_POOL = "deform_roi_pool", "deform_psroi_pool"
 POOLED = 7  # bins per side (and group_size of the position-sensitive pooling)
@@ -57,11 +60,44 @@ class RoiShape(NamedTuple):
 
 
 def parse_roi_shapes(text: str) -> list[RoiShape]:
-    return [RoiShape(*s) for s in B.parse_sizes(text, ("N", "C", "H", "W", "R"))]
+    return [RoiShape(*s) for s in C.parse_sizes(text, ("N", "C", "H", "W", "R"))]
 
 
 def parse_psroi_shapes(text: str) -> list[RoiShape]:
-    return [RoiShape(*s) for s in B.parse_sizes(text, ("N", "K", "H", "W", "R"))]
+    return [RoiShape(*s) for s in C.parse_sizes(text, ("N", "K", "H", "W", "R"))]
+
+
+# ---------------------------------------------------------------------------------------
+# The family's names (common.Family)
+# ---------------------------------------------------------------------------------------
+
+
+NAME = "roi"
+OPERATORS = f"{ROI_POOL} and {PSROI_POOL}"
+SUMMARY = "the RoI pooling operators"
+DESCRIPTION = (
+    f"{ROI_POOL} and {PSROI_POOL} ({POOLED}x{POOLED} bins, spatial_scale 1/{round(1 / SPATIAL_SCALE)}) "
+    "against torchvision's roi_align / ps_roi_align of the same sizes (when torchvision is importable)"
+)
+ROWS = "the RoI rows"
+ROW_OPS: tuple[str, ...] = (ROI_POOL, PSROI_POOL)
+CONTENDERS: tuple[str, ...] = ("ours", "torchvision")
+SHAPE_OPTIONS: tuple[ShapeOption, ...] = (
+    ShapeOption(
+        "--roi-shapes",
+        parse_roi_shapes,
+        '"N,C,H,W,R;..."',
+        f"{ROI_POOL} sizes: N images of C channels, HxW, R RoIs "
+        "(default: 2,256,64,64,512; on GPU also 8,256,100,152,4096)",
+    ),
+    ShapeOption(
+        "--psroi-shapes",
+        parse_psroi_shapes,
+        '"N,K,H,W,R;..."',
+        f"{PSROI_POOL} sizes: N images of K*{POOLED * POOLED} score maps (K classes), HxW, R RoIs "
+        "(default: 2,21,64,64,300; on GPU also 8,81,64,64,2400)",
+    ),
+)
 
 
 @dataclass
@@ -148,13 +184,15 @@ def _psroi_kwargs(classes: int) -> dict:
 
 
 def settings() -> dict:
-    """The fixed parameters of the RoI rows, for the JSON report."""
+    """The fixed parameters of the RoI rows, for the JSON report (under "roi")."""
     return {
-        "pooled_size": POOLED,
-        "spatial_scale": SPATIAL_SCALE,
-        "roi_side_image_px": list(ROI_SIDE),
-        ROI_POOL: {"sampling_ratio": SAMPLING_RATIO, "gamma": GAMMA},
-        PSROI_POOL: {"group_size": POOLED, "sample_per_part": SAMPLE_PER_PART, "trans_std": TRANS_STD},
+        "roi": {
+            "pooled_size": POOLED,
+            "spatial_scale": SPATIAL_SCALE,
+            "roi_side_image_px": list(ROI_SIDE),
+            ROI_POOL: {"sampling_ratio": SAMPLING_RATIO, "gamma": GAMMA},
+            PSROI_POOL: {"group_size": POOLED, "sample_per_part": SAMPLE_PER_PART, "trans_std": TRANS_STD},
+        }
     }
 
 
@@ -163,7 +201,7 @@ def settings() -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def ours_impl(case: RoiCase, a: RoiInputs, sync: Callable[[], None], meter: Callable | None) -> B.Impl:
+def ours_impl(case: RoiCase, a: RoiInputs, sync: Callable[[], None], meter: Callable | None) -> Impl:
     """Our operator on whatever array type ``a`` holds; fwd+bwd = forward, then backward."""
     import deformarray as da
 
@@ -187,12 +225,12 @@ def ours_impl(case: RoiCase, a: RoiInputs, sync: Callable[[], None], meter: Call
     def fwdbwd():
         return fwd(), tuple(g for g in bwd() if g is not None)
 
-    return B.Impl("ours", f"deformarray.{case.op}", fwd, fwdbwd, sync, meter)
+    return Impl("ours", f"deformarray.{case.op}", fwd, fwdbwd, sync, meter)
 
 
 def torchvision_impl(
-    case: RoiCase, torch: Any, tv: Any, t: RoiInputs, sync: Callable[[], None] = B._noop, meter: Callable | None = None
-) -> B.Impl:
+    case: RoiCase, torch: Any, tv: Any, t: RoiInputs, sync: Callable[[], None] = C.noop, meter: Callable | None = None
+) -> Impl:
     """The non-deformable floor of the same size; gradient w.r.t. the input only."""
     rois = t.rois
     if case.op == ROI_POOL:
@@ -209,14 +247,14 @@ def torchvision_impl(
             return tv.ops.ps_roi_align(x, rois, POOLED, spatial_scale=SPATIAL_SCALE, sampling_ratio=SAMPLE_PER_PART)
 
     label = f"torchvision.ops.{name} (torchvision {tv.__version__})"
-    return B.torch_autograd_impl("torchvision", label, torch, op, (t.input,), t.grad_output, sync, meter)
+    return C.torch_autograd_impl("torchvision", label, torch, op, (t.input,), t.grad_output, sync, meter)
 
 
 def cpu_builder(torch: Any, tv: Any | None) -> Callable:
     """``torch`` may be None only when ``tv`` is."""
 
     def build(case: RoiCase, a: RoiInputs) -> tuple:
-        ours = ours_impl(case, a, B._noop, B.tracemalloc_peak_extra)
+        ours = ours_impl(case, a, C.noop, C.tracemalloc_peak_extra)
         floor = torchvision_impl(case, torch, tv, a.map(torch.from_numpy)) if tv is not None else None
         return ours, floor
 
@@ -228,11 +266,11 @@ def gpu_builder(cupy: Any, torch: Any, tv: Any | None) -> Callable:
 
     def build(case: RoiCase, a_np: RoiInputs) -> tuple:
         a = a_np.map(cupy.asarray)
-        ours = ours_impl(case, a, cupy.cuda.Device().synchronize, B.cupy_peak_extra)
+        ours = ours_impl(case, a, cupy.cuda.Device().synchronize, C.cupy_peak_extra)
         floor = None
         if tv is not None:  # the caller passes tv only with CUDA torch
             t = a.map(torch.from_dlpack)  # zero-copy views of the same cupy buffers
-            floor = torchvision_impl(case, torch, tv, t, torch.cuda.synchronize, B.torch_cuda_peak_extra)
+            floor = torchvision_impl(case, torch, tv, t, torch.cuda.synchronize, C.torch_cuda_peak_extra)
         return ours, floor
 
     return build
@@ -243,7 +281,7 @@ def gpu_builder(cupy: Any, torch: Any, tv: Any | None) -> Callable:
 # ---------------------------------------------------------------------------------------
 
 
-def run_case(case: RoiCase, build: Callable, floors: dict, repeat: int, progress: B.Progress) -> dict:
+def run_case(case: RoiCase, build: Callable, floors: dict, repeat: int, progress: Progress) -> dict:
     """Measure our operator for one case, and the torchvision floor once per shape."""
     import deformarray
 
@@ -259,16 +297,16 @@ def run_case(case: RoiCase, build: Callable, floors: dict, repeat: int, progress
     key = (case.backend, case.op, case.shape, case.dtype)
     if floor is not None and key not in floors:
         # the first variant of these sizes is timed interleaved with the floor
-        both = B.measure_all([ours, floor], repeat, progress)
+        both = C.measure_all([ours, floor], repeat, progress)
         row["ours"], floors[key] = both[ours.name], both[floor.name]
     else:
-        row["ours"] = B.measure(ours, repeat, progress)
+        row["ours"] = C.measure(ours, repeat, progress)
     if floor is not None:
         row["torchvision"] = floors[key]
     del ours, floor  # drop this case's arrays before the next one is built
-    row["ratios"] = {"torchvision": B.ratios_of(row["ours"], row["torchvision"])} if "torchvision" in row else {}
+    row["ratios"] = {"torchvision": C.ratios_of(row["ours"], row["torchvision"])} if "torchvision" in row else {}
     if "peak_extra_mib" in row["ours"]:
-        row["ours"]["within_workspace"] = row["ours"]["peak_extra_mib"] * B.MIB <= deformarray.get_workspace_limit()
+        row["ours"]["within_workspace"] = row["ours"]["peak_extra_mib"] * C.MIB <= deformarray.get_workspace_limit()
     progress.finish_step()
     return row
 
@@ -283,27 +321,29 @@ def _cases(backend: str, shapes: dict, dtypes: tuple) -> list[RoiCase]:
     ]
 
 
-def _shapes(opts: B.Options, defaults: dict) -> dict:
-    return {ROI_POOL: opts.roi_shapes or defaults[ROI_POOL], PSROI_POOL: opts.psroi_shapes or defaults[PSROI_POOL]}
+def _shapes(opts: Options, defaults: dict) -> dict:
+    given = {ROI_POOL: opts.shapes.get("roi_shapes"), PSROI_POOL: opts.shapes.get("psroi_shapes")}
+    return {op: sizes or defaults[op] for op, sizes in given.items()}
 
 
-def cpu_steps(opts: B.Options, torch: Any | None, torch_reason: str, notes: list) -> list:
-    tv, reason = B.optional_import("torchvision") if torch is not None else (None, torch_reason)
+def cpu_steps(opts: Options, torch: Any | None, torch_reason: str, notes: list) -> list[Step]:
+    tv, reason = C.optional_import("torchvision") if torch is not None else (None, torch_reason)
     if tv is None:
         notes.append(f"{reason}: no torchvision roi_align / ps_roi_align floor for the CPU RoI rows")
     build = cpu_builder(torch, tv)
     floors: dict = {}
     cases = _cases("numpy", _shapes(opts, DEFAULT_CPU_SHAPES), (opts.dtype or "float32",))
-    return [B.Step("numpy", functools.partial(run_case, c, build, floors)) for c in cases]
+    return [Step("numpy", functools.partial(run_case, c, build, floors)) for c in cases]
 
 
-def gpu_steps(opts: B.Options, cupy: Any, torch: Any | None, tv: Any | None) -> list:
-    """``tv``: torchvision when CUDA torch is usable, else None (``_bench`` has said why)."""
+def gpu_steps(opts: Options, cupy: Any, torch: Any | None, tv: Any | None) -> list[Step]:
+    """``tv``: torchvision when CUDA torch is usable, else None (``common.gpu_references``
+    has said why)."""
     build = gpu_builder(cupy, torch, tv)
     floors: dict = {}
-    dtypes = (opts.dtype,) if opts.dtype else B.DEFAULT_GPU_DTYPES
+    dtypes = (opts.dtype,) if opts.dtype else C.DEFAULT_GPU_DTYPES
     cases = _cases("cupy", _shapes(opts, DEFAULT_GPU_SHAPES), dtypes)
-    return [B.Step("cupy", functools.partial(run_case, c, build, floors)) for c in cases]
+    return [Step("cupy", functools.partial(run_case, c, build, floors)) for c in cases]
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,36 +362,44 @@ def shape_text(row: dict) -> str:
     return f"{s['N']},{s['C']},{s['H']},{s['W']},{s['R']}"
 
 
+_SHORT = {ROI_POOL: "roi", PSROI_POOL: "psroi"}  # the chart's group labels
+_SHORT_VARIANTS = {"offset+mask": "off+mask", "class offsets": "cls offs"}
+
+
+def chart_label(row: dict) -> tuple[str, str]:
+    return f"{_SHORT[row['op']]} {_SHORT_VARIANTS.get(row['variant'], row['variant'])}", shape_text(row)
+
+
 _LEAD = [("op", lambda r: r["op"]), ("case", lambda r: r["variant"]), ("N,C,H,W,R", shape_text)]
 
 
 def cpu_columns(with_floor: bool) -> list:
-    tv = [("tv fwd ms", B._ms("torchvision", "fwd")), ("ratio", B._ratio_cell("torchvision", "fwd"))]
-    tv2 = [("tv fwd+bwd ms", B._ms("torchvision", "fwdbwd")), ("ratio", B._ratio_cell("torchvision", "fwdbwd"))]
+    tv = [("tv fwd ms", C.ms_cell("torchvision", "fwd")), ("ratio", C.ratio_cell("torchvision", "fwd"))]
+    tv2 = [("tv fwd+bwd ms", C.ms_cell("torchvision", "fwdbwd")), ("ratio", C.ratio_cell("torchvision", "fwdbwd"))]
     return [
         *_LEAD,
-        ("fwd ms", B._ms("ours", "fwd")),
+        ("fwd ms", C.ms_cell("ours", "fwd")),
         *(tv if with_floor else []),
-        ("fwd+bwd ms", B._ms("ours", "fwdbwd")),
+        ("fwd+bwd ms", C.ms_cell("ours", "fwdbwd")),
         *(tv2 if with_floor else []),
-        ("peak extra MiB", B._peak_cell("ours")),
-        ("in bound", B._bound_cell),
-        ("warm-up s", B._warmup_cell),
+        ("peak extra MiB", C.peak_cell("ours")),
+        ("in bound", C.bound_cell),
+        ("warm-up s", C.warmup_cell),
     ]
 
 
 GPU_COLUMNS = [
     *_LEAD,
     ("dtype", lambda r: r["dtype"]),
-    ("fwd ms", B._ms("ours", "fwd")),
-    ("tv fwd", B._ms("torchvision", "fwd")),
-    ("/tv fwd", B._ratio_cell("torchvision", "fwd")),
-    ("fwd+bwd ms", B._ms("ours", "fwdbwd")),
-    ("tv f+b", B._ms("torchvision", "fwdbwd")),
-    ("/tv f+b", B._ratio_cell("torchvision", "fwdbwd")),
-    ("peak MiB", B._peak_cell("ours")),
-    ("in bound", B._bound_cell),
-    ("tv peak MiB", B._peak_cell("torchvision")),
+    ("fwd ms", C.ms_cell("ours", "fwd")),
+    ("tv fwd", C.ms_cell("torchvision", "fwd")),
+    ("/tv fwd", C.ratio_cell("torchvision", "fwd")),
+    ("fwd+bwd ms", C.ms_cell("ours", "fwdbwd")),
+    ("tv f+b", C.ms_cell("torchvision", "fwdbwd")),
+    ("/tv f+b", C.ratio_cell("torchvision", "fwdbwd")),
+    ("peak MiB", C.peak_cell("ours")),
+    ("in bound", C.bound_cell),
+    ("tv peak MiB", C.peak_cell("torchvision")),
 ]
 
 TITLE = (
@@ -368,11 +416,11 @@ def format_sections(rows: list[dict], gpu_name: str | None) -> list[str]:
     gpu = [r for r in rows if r["backend"] == "cupy"]
     if cpu:
         with_floor = any("torchvision" in r for r in cpu)
-        floor = f"; floor = {B._reference_label(cpu, 'torchvision')}" if with_floor else ""
+        floor = f"; floor = {C.reference_label(cpu, 'torchvision')}" if with_floor else ""
         out += [
             "",
             f"{TITLE}, CPU, numpy arrays, {cpu[0]['dtype']}{floor}",
-            B.format_table(cpu_columns(with_floor), cpu, left=len(_LEAD)),
+            C.format_table(cpu_columns(with_floor), cpu, left=len(_LEAD)),
             ("ratio = ours / torchvision (non-deformable floor, same sizes); " if with_floor else "")
             + "fwd+bwd = forward, then backward (input, offset, mask gradients)",
             "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients; in bound = within "
@@ -381,8 +429,8 @@ def format_sections(rows: list[dict], gpu_name: str | None) -> list[str]:
     if gpu:
         out += [
             "",
-            f"{TITLE}, GPU ({gpu_name}), cupy arrays; tv = {B._reference_label(gpu, 'torchvision')}",
-            B.format_table(GPU_COLUMNS, gpu, left=len(_LEAD)),
+            f"{TITLE}, GPU ({gpu_name}), cupy arrays; tv = {C.reference_label(gpu, 'torchvision')}",
+            C.format_table(GPU_COLUMNS, gpu, left=len(_LEAD)),
             "/tv = ours / torchvision (non-deformable floor, same sizes); peak = CuPy pool (ours) or "
             "torch allocator (tv) beyond outputs/gradients",
         ]
