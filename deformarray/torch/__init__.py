@@ -51,11 +51,11 @@ Layout (one module per operator family, so a new family is new files, not edits 
 * ``__init__.py`` (this file): re-exports the public names and says, at import, what a first
   call costs (``_warmup.notice_torch_import``).
 
-Imports go one way: ``_glue`` <- the family modules <- ``modules`` <- ``__init__``; a family
-module imports nothing of this package but ``_glue`` (tests/test_repository.py fails on an
-import cycle). Adding a family (say ``ms_deform_attn``): write ``ms_deform_attn.py`` on the
-model of ``roi_pool.py``, add its ``nn.Module`` s to ``modules.py`` (a section of their
-own), and import and list its public names here.
+Imports go one way: ``_glue`` <- the family modules <- ``modules*`` <- ``__init__``; a
+family module imports nothing of this package but ``_glue`` (tests/test_repository.py fails
+on an import cycle). Adding a family: its operators in a module of its own on the model of
+``roi_pool.py`` (or ``ms_deform_attn.py``), its ``nn.Module`` s in ``modules.py`` or, as
+``modules_msda.py``, a modules file of its own, and its public names imported and listed here.
 """
 
 from .. import _warmup
