@@ -44,7 +44,7 @@ Layout (one module per operator family, so a new family is new files, not edits 
   ``torch.library`` operators (``deformarray::<name>`` and ``deformarray::<name>_backward``,
   names that saved graphs and exports refer to: never rename them), their fake kernels,
   autograd and autocast registration, and the public functional wrapper.
-* ``ms_deform_attn.py``: multi-scale deformable attention's operators, likewise.
+* ``msda.py``: multi-scale deformable attention's operators, likewise.
 * ``modules.py``: the ``nn.Module`` s of the convolution and RoI poolings, which only call
   the functional wrappers; ``modules_msda.py``: those of multi-scale deformable attention
   (mmcv's module, transformers' kernel layer and the swap helper).
@@ -72,7 +72,7 @@ from .modules import (
     ModulatedDeformRoIPoolPack,
 )
 from .modules_msda import MultiScaleDeformableAttention, MultiScaleDeformableAttentionKernel, use_in_transformers
-from .ms_deform_attn import ms_deform_attn
+from .msda import ms_deform_attn
 from .psroi_pool import deform_psroi_pool
 from .roi_pool import deform_roi_pool
 

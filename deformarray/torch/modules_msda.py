@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from .._validate_msda import check_im2col_step
-from .ms_deform_attn import ms_deform_attn
+from .msda import ms_deform_attn
 
 
 class MultiScaleDeformableAttention(nn.Module):
