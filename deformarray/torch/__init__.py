@@ -54,8 +54,9 @@ Layout (one module per operator family, so a new family is new files, not edits 
 Imports go one way: ``_glue`` <- the family modules <- ``modules*`` <- ``__init__``; a
 family module imports nothing of this package but ``_glue`` (tests/test_repository.py fails
 on an import cycle). Adding a family: its operators in a module of its own on the model of
-``roi_pool.py`` (or ``msda.py``; a module must not share a public function's name, which would shadow it), its ``nn.Module`` s in ``modules.py`` or, as
-``modules_msda.py``, a modules file of its own, and its public names imported and listed here.
+``roi_pool.py`` or ``msda.py`` (never named like a public function, which would shadow
+the module), its ``nn.Module`` s in ``modules.py`` or, as ``modules_msda.py``, a modules
+file of its own, and its public names imported and listed here.
 """
 
 from .. import _warmup
