@@ -1,15 +1,21 @@
-"""deformarray: deformable convolution, RoI pooling and multi-scale deformable attention on
-NumPy and CuPy arrays.
+"""deformarray: deformable convolution (v1/v2, DCNv3, DCNv4), RoI pooling and multi-scale
+deformable attention on NumPy and CuPy arrays.
 
 The array type picks the backend: ``numpy.ndarray`` runs Numba-parallel CPU loops,
 ``cupy.ndarray`` runs CUDA kernels compiled at run time by NVRTC.
 """
 
 from ._api import (
+    Dcnv3Grads,
+    Dcnv4Grads,
     DeformConv2dGrads,
     DeformPSRoiPoolGrads,
     DeformRoiPoolGrads,
     MsDeformAttnGrads,
+    dcnv3,
+    dcnv3_backward,
+    dcnv4,
+    dcnv4_backward,
     deform_conv2d,
     deform_conv2d_backward,
     deform_psroi_pool,
@@ -31,10 +37,16 @@ from .cpu._scratch import release_workspace
 __version__ = "0.1.0"
 
 __all__ = [
+    "Dcnv3Grads",
+    "Dcnv4Grads",
     "DeformConv2dGrads",
     "DeformPSRoiPoolGrads",
     "DeformRoiPoolGrads",
     "MsDeformAttnGrads",
+    "dcnv3",
+    "dcnv3_backward",
+    "dcnv4",
+    "dcnv4_backward",
     "deform_conv2d",
     "deform_conv2d_backward",
     "deform_psroi_pool",

@@ -14,6 +14,7 @@ from ._validate import (
     psroi_pool_params,
     roi_pool_params,
 )
+from ._validate_dcn import dcnv3_params, dcnv4_params
 from ._validate_msda import msda_params
 
 
@@ -292,3 +293,143 @@ def ms_deform_attn_backward(
         p, grad_output, value, sampling_locations, attention_weights, deterministic=_deterministic(deterministic)
     )
     return MsDeformAttnGrads(*grads)
+
+
+class Dcnv3Grads(NamedTuple):
+    """Gradients of ``dcnv3``."""
+
+    input: Any
+    offset: Any
+    mask: Any
+
+
+class Dcnv4Grads(NamedTuple):
+    """Gradients of ``dcnv4`` (the padding of offset_mask's last axis gets zeros)."""
+
+    input: Any
+    offset_mask: Any
+
+
+def dcnv3(
+    input,
+    offset,
+    mask,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    group=1,
+    group_channels=None,
+    offset_scale=1.0,
+    remove_center=False,
+):
+    """DCNv3 (InternImage): each output pixel and group is a mask-weighted sum of bilinear
+    samples of the group's channels at the kernel's taps moved by learned offsets.
+
+    Channels-last: input ``(N, H, W, G*D)``; offset ``(N, H_out, W_out, G*P*2)`` (x, y
+    pairs, point ``k = i*kh + j`` with i along the width); mask ``(N, H_out, W_out, G*P)``
+    (no softmax here: the module applies it); P = kh*kw (minus 1 with remove_center).
+    Returns ``(N, H_out, W_out, G*D)``. See docs/dcnv3.md for the sampling rule.
+    """
+    input, offset, mask = native_arrays(input=input, offset=offset, mask=mask)
+    required = dict(input=input, offset=offset, mask=mask)
+    backend = backend_of(required)
+    check_dtypes(backend, **required)
+    p = dcnv3_params(
+        input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center
+    )
+    _warmup.notice_if_cold(backend, "dcnv3", input.dtype)
+    return operator_module(backend, "dcn").forward(p, input, offset, mask)
+
+
+def dcnv3_backward(
+    grad_output,
+    input,
+    offset,
+    mask,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    group=1,
+    group_channels=None,
+    offset_scale=1.0,
+    remove_center=False,
+    *,
+    deterministic=None,
+) -> Dcnv3Grads:
+    """Gradients of ``dcnv3`` given ``grad_output`` ``(N, H_out, W_out, G*D)``: returns
+    ``Dcnv3Grads(input, offset, mask)``. The CPU backward is deterministic; on CUDA,
+    ``deterministic=True`` (default: ``set_deterministic``) fixes the summation order."""
+    grad_output, input, offset, mask = native_arrays(grad_output=grad_output, input=input, offset=offset, mask=mask)
+    required = dict(grad_output=grad_output, input=input, offset=offset, mask=mask)
+    backend = backend_of(required)
+    check_dtypes(backend, **required)
+    p = dcnv3_params(
+        input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center
+    )
+    check_grad_output(grad_output, p.out_shape, "(N, H_out, W_out, G*D)")
+    _warmup.notice_if_cold(backend, "dcnv3_backward", input.dtype)
+    grads = operator_module(backend, "dcn").backward(
+        p, grad_output, input, offset, mask, deterministic=_deterministic(deterministic)
+    )
+    return Dcnv3Grads(*grads)
+
+
+def dcnv4(
+    input,
+    offset_mask,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    group=1,
+    group_channels=None,
+    offset_scale=1.0,
+    remove_center=False,
+):
+    """DCNv4 (FlashInternImage): DCNv3's sampling with DCNv4's packed ``offset_mask``
+    ``(N, H_out, W_out, K)``: per group, P (x, y) offset pairs then P mask values (no
+    softmax), groups one after another; K >= 3*G*P, the rest padding (DCNv4 pads K to a
+    multiple of 8). Any kernel size, group_channels and batch size.
+    Returns ``(N, H_out, W_out, G*D)``. See docs/dcnv3.md."""
+    input, offset_mask = native_arrays(input=input, offset_mask=offset_mask)
+    required = dict(input=input, offset_mask=offset_mask)
+    backend = backend_of(required)
+    check_dtypes(backend, **required)
+    p = dcnv4_params(
+        input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center
+    )
+    _warmup.notice_if_cold(backend, "dcnv4", input.dtype)
+    return operator_module(backend, "dcn").forward(p, input, offset_mask, offset_mask)
+
+
+def dcnv4_backward(
+    grad_output,
+    input,
+    offset_mask,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    group=1,
+    group_channels=None,
+    offset_scale=1.0,
+    remove_center=False,
+    *,
+    deterministic=None,
+) -> Dcnv4Grads:
+    """Gradients of ``dcnv4``: ``Dcnv4Grads(input, offset_mask)`` (zeros in the padding)."""
+    grad_output, input, offset_mask = native_arrays(grad_output=grad_output, input=input, offset_mask=offset_mask)
+    required = dict(grad_output=grad_output, input=input, offset_mask=offset_mask)
+    backend = backend_of(required)
+    check_dtypes(backend, **required)
+    p = dcnv4_params(
+        input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center
+    )
+    check_grad_output(grad_output, p.out_shape, "(N, H_out, W_out, G*D)")
+    _warmup.notice_if_cold(backend, "dcnv4_backward", input.dtype)
+    grad_input, grad_offset, _ = operator_module(backend, "dcn").backward(
+        p, grad_output, input, offset_mask, offset_mask, deterministic=_deterministic(deterministic)
+    )
+    return Dcnv4Grads(grad_input, grad_offset)
