@@ -34,7 +34,7 @@ def test_no_by_product_is_tracked():
 # Imports inside a subpackage go one way (no cycle, not even through a function's import)
 # ---------------------------------------------------------------------------------------
 
-PACKAGES = ["deformarray/bench", "deformarray/torch"]
+PACKAGES = ["deformarray/bench", "deformarray/jax", "deformarray/torch"]
 
 
 def _intra_package_imports(package: pathlib.Path) -> dict[str, set[str]]:
