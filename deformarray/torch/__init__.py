@@ -14,6 +14,8 @@ deformarray imports torch). What it provides:
 * Modules: ``DeformConv2d`` (torchvision's constructor, parameters and initialisation),
   ``ModulatedDeformConv2d``, ``DeformConv2dPack`` and ``ModulatedDeformConv2dPack``
   (mmcv's, with their ``conv_offset`` layer), and the RoI pooling modules.
+* DCNv3 / DCNv4: ``dcnv3``, ``dcnv4`` (``torch.ops.deformarray.dcnv3`` / ``dcnv4``) and
+  InternImage's ``DCNv3`` and DCNv4's ``DCNv4`` modules, on the CPU too.
 * Multi-scale deformable attention: ``ms_deform_attn`` (``torch.ops.deformarray.ms_deform_attn``),
   mmcv's ``MultiScaleDeformableAttention`` module, transformers' kernel layer
   (``MultiScaleDeformableAttentionKernel``) and ``use_in_transformers(model)``.
@@ -44,10 +46,12 @@ Layout (one module per operator family, so a new family is new files, not edits 
   ``torch.library`` operators (``deformarray::<name>`` and ``deformarray::<name>_backward``,
   names that saved graphs and exports refer to: never rename them), their fake kernels,
   autograd and autocast registration, and the public functional wrapper.
-* ``msda.py``: multi-scale deformable attention's operators, likewise.
+* ``msda.py``: multi-scale deformable attention's operators, likewise; ``dcn.py``: DCNv3's
+  and DCNv4's.
 * ``modules.py``: the ``nn.Module`` s of the convolution and RoI poolings, which only call
   the functional wrappers; ``modules_msda.py``: those of multi-scale deformable attention
-  (mmcv's module, transformers' kernel layer and the swap helper).
+  (mmcv's module, transformers' kernel layer and the swap helper); ``modules_dcn.py``:
+  InternImage's ``DCNv3`` and DCNv4's ``DCNv4``.
 * ``__init__.py`` (this file): re-exports the public names and says, at import, what a first
   call costs (``_warmup.notice_torch_import``).
 
@@ -60,6 +64,7 @@ file of its own, and its public names imported and listed here.
 """
 
 from .. import _warmup
+from .dcn import dcnv3, dcnv4
 from .deform_conv import deform_conv2d
 from .modules import (
     DeformConv2d,
@@ -72,6 +77,7 @@ from .modules import (
     ModulatedDeformRoIPool,
     ModulatedDeformRoIPoolPack,
 )
+from .modules_dcn import DCNv3, DCNv4
 from .modules_msda import MultiScaleDeformableAttention, MultiScaleDeformableAttentionKernel, use_in_transformers
 from .msda import ms_deform_attn
 from .psroi_pool import deform_psroi_pool
@@ -94,6 +100,10 @@ __all__ = [
     "MultiScaleDeformableAttention",
     "MultiScaleDeformableAttentionKernel",
     "use_in_transformers",
+    "dcnv3",
+    "dcnv4",
+    "DCNv3",
+    "DCNv4",
 ]
 
 _warmup.notice_torch_import()  # a first use since installation: say what the first call costs
