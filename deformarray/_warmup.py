@@ -44,6 +44,10 @@ KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "deform_psroi_pool_backward": ("psroi_pool", ("_grad_kernel",)),
     "ms_deform_attn": ("ms_deform_attn", ("_forward_kernel",)),
     "ms_deform_attn_backward": ("ms_deform_attn", ("_grad_point_kernel", "_grad_value_kernel")),
+    "dcnv3": ("dcn", ("_forward_kernel",)),
+    "dcnv3_backward": ("dcn", ("_grad_point_kernel", "_grad_input_kernel")),
+    "dcnv4": ("dcn", ("_forward_kernel",)),
+    "dcnv4_backward": ("dcn", ("_grad_point_kernel", "_grad_input_kernel")),
 }
 
 _lock = threading.Lock()
@@ -217,6 +221,17 @@ def _runs(dtype: str) -> dict[str, list[Callable[[], object]]]:
         y = da.ms_deform_attn(value, spatial, starts, loc, attn)
         return da.ms_deform_attn_backward(np.ones_like(y), value, spatial, starts, loc, attn)
 
+    dcn_x, dcn_off, dcn_mask = arr(1, 3, 3, 4), arr(1, 3, 3, 2 * 9 * 2), arr(1, 3, 3, 2 * 9)
+    dcn_om = arr(1, 3, 3, 56)  # 3*G*P = 54, padded to a multiple of 8
+
+    def dcnv3():
+        y = da.dcnv3(dcn_x, dcn_off, dcn_mask, 3, padding=1, group=2)
+        return da.dcnv3_backward(np.ones_like(y), dcn_x, dcn_off, dcn_mask, 3, padding=1, group=2)
+
+    def dcnv4():
+        y = da.dcnv4(dcn_x, dcn_om, 3, padding=1, group=2)
+        return da.dcnv4_backward(np.ones_like(y), dcn_x, dcn_om, 3, padding=1, group=2)
+
     def psroi(offset):
         y = da.deform_psroi_pool(ps, rois, offset, **kw_ps)
         return da.deform_psroi_pool_backward(np.ones_like(y), ps, rois, offset, **kw_ps)
@@ -226,6 +241,8 @@ def _runs(dtype: str) -> dict[str, list[Callable[[], object]]]:
         "deform_roi_pool": [lambda: roi(roff, rmask), lambda: roi(roff, None), lambda: roi(None, None)],
         "deform_psroi_pool": [lambda: psroi(poff), lambda: psroi(None)],
         "ms_deform_attn": [msda],
+        "dcnv3": [dcnv3],
+        "dcnv4": [dcnv4],
     }
 
 
