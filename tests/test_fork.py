@@ -102,6 +102,34 @@ def test_forked_child_runs_ms_deform_attn():
     assert run.returncode == 0 and "child 0" in run.stdout, run.stderr[-2000:]
 
 
+def test_forked_child_runs_dcnv3_and_dcnv4():
+    """The parent calls dcnv3 and dcnv4 (forward and backward); a forked child calls them
+    and gets the same bits."""
+    _tbb_or_skip()
+    run = _run("""
+        def dcn(seed):
+            rng = np.random.default_rng(seed)
+            x = rng.standard_normal((2, 6, 5, 8))
+            off = rng.uniform(-2, 2, (2, 6, 5, 2 * 9 * 2))
+            m = rng.uniform(0, 1, (2, 6, 5, 2 * 9))
+            om = rng.uniform(-2, 2, (2, 6, 5, 56))
+            y = da.dcnv3(x, off, m, 3, padding=1, group=2)
+            g = da.dcnv3_backward(np.ones_like(y), x, off, m, 3, padding=1, group=2)
+            y4 = da.dcnv4(x, om, 3, padding=1, group=2)
+            g4 = da.dcnv4_backward(np.ones_like(y4), x, om, 3, padding=1, group=2)
+            return y.tobytes() + y4.tobytes() + b"".join(a.tobytes() for a in (*g, *g4))
+
+        in_parent = [dcn(s) for s in range(3)]
+        pid = os.fork()
+        if pid == 0:
+            ok = [dcn(s) for s in range(3)] == in_parent
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """)
+    assert run.returncode == 0 and "child 0" in run.stdout, run.stderr[-2000:]
+
+
 def test_pool_with_fork_maps():
     _tbb_or_skip()
     run = _run("""
