@@ -10,8 +10,9 @@
 //    otherwise), I the index type: int on the 32-bit path, i64 on the 64-bit one; the launch
 //    code picks the path on the host (int only when every offset the kernel forms fits).
 //  * A point is given in pixel coordinates (h, w), pixel centres at integers. Validity is the
-//    caller's rule (MSDA: -2 < h < H and -2 < w < W); the helpers assume a valid point, i.e.
-//    finite and with floor(h), floor(w) in [-2, H-1] x [-2, W-1] (so they fit in I).
+//    caller's rule, lower < h < H and lower < w < W (point_used; MSDA: lower = -2, DCNv3 /
+//    DCNv4: lower = -1); the helpers assume a valid point, i.e. finite and with floor(h),
+//    floor(w) in [lower-1, H-1] x [lower-1, W-1] (so they fit in I).
 //  * Corners, in this order: (h_low, w_low), (h_low, w_low+1), (h_low+1, w_low),
 //    (h_low+1, w_low+1), h_low = floor(h), w_low = floor(w); with lh = h - h_low,
 //    lw = w - w_low, hh = 1 - lh, hw = 1 - lw their weights are hh*hw, hh*lw, lh*hw, lh*lw.
@@ -36,18 +37,29 @@ __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, 
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 #else
 // The host build (tests/cuda_emulation.py) is ISO C++ (-std=c++17): g++ does not contract.
 __device__ __forceinline__ float mul_rn(float a, float b) { return a * b; }
 __device__ __forceinline__ double mul_rn(double a, double b) { return a * b; }
 __device__ __forceinline__ float sub_rn(float a, float b) { return a - b; }
 __device__ __forceinline__ double sub_rn(double a, double b) { return a - b; }
+__device__ __forceinline__ float add_rn(float a, float b) { return a + b; }
+__device__ __forceinline__ double add_rn(double a, double b) { return a + b; }
 #endif
 
 // Pixel coordinate of a normalised one (0 and 1 the outer edges of an axis of `size` pixels):
 // t * size - 0.5, unfused.
 template <typename A, typename I> __device__ __forceinline__ A pixel_coord(A t, I size) {
     return sub_rn(mul_rn(t, static_cast<A>(size)), A(0.5));
+}
+
+// The point rule: lower < h < H and lower < w < W (false for NaN; an infinity fails one
+// side). MSDA's lower is -2 (grid_sample's zero padding), DCNv3 / DCNv4's -1.
+template <typename A, typename I>
+__device__ __forceinline__ bool point_used(A h, A w, I H, I W, A lower) {
+    return h > lower && h < static_cast<A>(H) && w > lower && w < static_cast<A>(W);
 }
 
 // ---------------------------------------------------------------------------------------

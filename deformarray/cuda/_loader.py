@@ -71,6 +71,15 @@ KERNELS: dict[str, tuple[str, ...]] = {
         "msda_grad_value_owned_i64",
         "msda_sum_chunks",
     ),
+    "dcn.cu": (
+        "dcn_forward_i32",
+        "dcn_forward_i64",
+        "dcn_backward_point_i32",
+        "dcn_backward_point_i64",
+        "dcn_grad_input_owned_i32",
+        "dcn_grad_input_owned_i64",
+        "dcn_sum_chunks",
+    ),
 }
 
 # NVRTC options shared by the run-time build and the compile test. CuPy adds the
