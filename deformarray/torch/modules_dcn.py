@@ -44,11 +44,13 @@ def _act_layer(act_layer: str) -> nn.Module:
     raise ValueError(f"act_layer must be 'GELU', 'ReLU' or 'SiLU', got {act_layer!r}")
 
 
-def _group_channels(channels: int, group: int) -> int:
+def _group_channels(channels: int, group: int, warn: bool) -> int:
+    """channels // group; ``warn``: InternImage's DCNv3 warns when it is not a power of 2
+    (DCNv4 asserts a multiple of 16 instead, a limit deformarray does not have)."""
     if group < 1 or channels % group != 0:
         raise ValueError(f"channels must be divisible by group, but got {channels} and {group}")
     d = channels // group
-    if d & (d - 1):
+    if warn and d & (d - 1):
         warnings.warn(
             f"group_channels = {d} is not a power of 2: the reference CUDA kernels prefer one; deformarray does not "
             "need it",
@@ -90,7 +92,7 @@ class DCNv3(nn.Module):
         remove_center: bool = False,
     ):
         super().__init__()
-        self.group_channels = _group_channels(channels, group)
+        self.group_channels = _group_channels(channels, group, warn=True)
         if remove_center and kernel_size % 2 == 0:
             raise ValueError("remove_center is only compatible with an odd kernel size")
         dw_kernel_size = dw_kernel_size if dw_kernel_size is not None else kernel_size
@@ -188,7 +190,7 @@ class DCNv4(nn.Module):
         **kwargs: Any,
     ):
         super().__init__()
-        self.group_channels = _group_channels(channels, group)
+        self.group_channels = _group_channels(channels, group, warn=False)
         if remove_center and kernel_size % 2 == 0:
             raise ValueError("remove_center is only compatible with an odd kernel size")
         self.channels = channels
