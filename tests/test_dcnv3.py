@@ -135,20 +135,34 @@ def test_non_finite_offsets_give_zero(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("scale", [1.0, 0.5], ids=["s1", "s0.5"])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.7], ids=["s1", "s0.5", "s0.7"])
 def test_edge_locations(scale, dtype, rng):
     """Pixel coordinates on and one ulp either side of -1, 0, the integers, H-1 and H:
     forward and gradients match the reference (which samples the same coordinates: in the
     data's dtype, with the contract's roundings), so the window, the floor and the corner
     checks are those of the contract. H = 4 (a power of two) and W = 5."""
     h, w = 4, 5
-    c = make_dcn_case(rng, n=2, h=h, w=w, group=1, group_channels=2, offset_scale=scale, dtype=dtype)
+    # s = 0.7 with dilation 3: e = 3 and acc(e)*s rounds in float32
+    dilation, padding = (3, 3) if scale == 0.7 else (1, 1)
+    c = make_dcn_case(
+        rng,
+        n=2,
+        h=h,
+        w=w,
+        group=1,
+        group_channels=2,
+        offset_scale=scale,
+        dtype=dtype,
+        dilation=dilation,
+        padding=padding,
+    )
     hit_y, hit_x = targeted(c, rng, edge_coords(h, dtype), edge_coords(w, dtype), dtype)
     for size, hits in ((h, hit_y), (w, hit_x)):
         for t in (-1.0, 0.0, 1.0, size - 1.0, float(size)):
-            # with s = 0.5 the offset-free position is a half-integer: the subnormals next to
-            # 0 are not reachable (base + t rounds), 0 itself is
-            want = set(around(t, dtype)) if scale == 1.0 or t != 0.0 else {0.0}
+            # with s != 1 the offset-free position is not an integer: the subnormals next to
+            # 0 are not reachable (base + t rounds), 0 itself is. s = 0.7 is not dyadic (the
+            # roundings of base = acc(pos) - acc(e)*s matter there): the integers themselves
+            want = set(around(t, dtype)) if scale == 1.0 or (t != 0.0 and scale == 0.5) else {t}
             assert want <= hits, (size, t, sorted(want - hits))
     check_against_reference(c, rng, dtype)
 
