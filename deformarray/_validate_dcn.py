@@ -24,7 +24,7 @@ class DcnParams:
     Kernel point ``k`` (``0 <= k < p``) is tap ``(i, j)`` of the kernel, ``i`` along the
     width (outer) and ``j`` along the height (inner): ``k = i*kh + j``, skipping the centre
     ``(kw // 2, kh // 2)`` when ``remove_center``. Offsets of point ``k`` of group ``g`` are
-    at ``off_base + g*off_group + 2*k`` (x) and ``+ 1`` (y) of the offset array's last axis,
+    at ``g*off_group + 2*k`` (x) and ``+ 1`` (y) of the offset array's last axis,
     its mask at ``mask_base + g*mask_group + k`` of the mask array's last axis (for DCNv4
     both arrays are ``offset_mask``).
     """
