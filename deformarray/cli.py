@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     summaries = [f.SUMMARY for f in families]
     bench = sub.add_parser(
         "bench",
-        help=f"time {_and(summaries)} against their non-deformable floors",
+        help=f"time {_and(summaries)} against their baselines (dense floors, the grid_sample composition)",
         description=f"Time {', then '.join(f.DESCRIPTION for f in families)}, from one run.",
     )
     bench.add_argument(

@@ -431,6 +431,33 @@ def torch_cuda_peak_extra(fn: Callable[[], Any]) -> int:
     return torch.cuda.max_memory_allocated() - base - _nbytes(result)
 
 
+def torch_cpu_peak_extra(fn: Callable[[], Any]) -> int:
+    """Peak bytes of torch's CPU allocations during ``fn`` minus what it returns.
+
+    torch keeps no peak figure for the CPU; its profiler (``profile_memory=True``) records
+    every allocation and free with its time, and the running sum of those gives the peak.
+    Kineto's start/stop lines on the process's stderr are muted meanwhile.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return peak - _nbytes(result)
+
+
 def torch_autograd_impl(
     name: str,
     label: str,

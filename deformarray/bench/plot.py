@@ -29,6 +29,7 @@ CONTENDERS = {
     "ours": ("deformarray", ("#aec7e8", "#1f77b4")),
     "torchvision": ("torchvision", ("#98df8a", "#2ca02c")),
     "dense": ("dense", ("#c7c7c7", "#7f7f7f")),
+    "composition": ("torch", ("#ffbb78", "#ff7f0e")),
 }
 PHASES = (("fwd", "fwd"), ("fwdbwd", "fwd+bwd"))
 

@@ -1,17 +1,17 @@
 """The operator families of ``deformarray bench``, in the order they run and are reported.
 
-A family is a module with the names of ``common.Family`` (``conv.py``, ``roi.py``). Adding
-one: write its module on the model of ``roi.py`` (it imports ``common`` only) and add it to
-``FAMILIES`` below. The command line (``--op``, its shape options and help), the run, the
+A family is a module with the names of ``common.Family`` (``conv.py``, ``roi.py``,
+``msda.py``). Adding one: write its module on the model of ``roi.py`` (it imports ``common``
+only) and add it to ``FAMILIES`` below. The command line (``--op``, its shape options and help), the run, the
 tables, the JSON and the chart pick it up from here.
 """
 
 from __future__ import annotations
 
-from . import conv, roi
+from . import conv, msda, roi
 from .common import Family
 
-FAMILIES: tuple[Family, ...] = (conv, roi)
+FAMILIES: tuple[Family, ...] = (conv, roi, msda)
 
 NAMES = tuple(family.NAME for family in FAMILIES)  # the --op values; --op all runs them in this order
 
