@@ -202,7 +202,8 @@ CASES = {
     "2x2": dict(kernel_size=2, padding=0, h=4, w=5),
     "5x5_rc": dict(kernel_size=5, padding=2, remove_center=True, n=1),
     "3x5_stride2": dict(kernel_size=(3, 5), stride=2, padding=(1, 2), h=6, w=7),
-    "dilation2_scale": dict(dilation=2, padding=2, offset_scale=0.75, h=6, w=5),
+    "dilation2_scale": dict(dilation=(2, 1), padding=(2, 1), offset_scale=1 / 3, h=6, w=5),
+    "5x3_rc": dict(kernel_size=(5, 3), padding=(2, 1), remove_center=True, h=6, w=5, group=1),
     "odd_groups_rc_scale2": dict(group=3, group_channels=5, remove_center=True, offset_scale=2.0, n=3, h=3, w=4),
     "far_outside": dict(spread=6.0),
 }
@@ -294,6 +295,21 @@ def test_point_at_minus_one_has_zero_gradients(be):
             assert np.abs(out).max() < 1e-14
         else:
             assert not out.any() and not g_mask.any()
+
+
+@MODES
+def test_nan_masks_of_points_just_outside(be, deterministic):
+    """Points on or just beyond the window (-1 < y < H, -1 < x < W: every corner outside
+    the image) with NaN masks: zero output and gradients, where m * 0 would be NaN."""
+    targets = [(-1.5, 1), (-1, 1), (1, -1.5), (1, -1), (1, 3), (3, 1), (1, 3.5), (-1.75, -1.25), (3, 3)]
+    ho, wo = np.divmod(np.arange(9), 3)
+    offset = np.stack([[t[1] for t in targets] - wo, [t[0] for t in targets] - ho], -1).reshape(1, 3, 3, 2)
+    c = dict(input=np.ones((1, 3, 3, 2)), offset=offset.astype(np.float64), mask=np.full((1, 3, 3, 1), np.nan))
+    c.update(kernel_size=1, stride=1, padding=0, dilation=1, group=1, offset_scale=1.0, remove_center=False)
+    out, grads = emulated(be, c, np.ones((1, 3, 3, 2)), np.float64, deterministic)
+    assert np.isfinite(out).all() and not out.any()
+    for gname, g in zip(grad_names(c), grads):
+        assert np.isfinite(g).all() and not g.any(), gname
 
 
 @OPS
