@@ -23,6 +23,11 @@
 //    by the element's only writer (scatter_owned, for the deterministic paths).
 //  * Sums over channels are always taken channel 0 first, in one thread (point_backward):
 //    their bits do not depend on the scheduling of threads.
+//  * Rounding: only the coordinates are computed one rounding per operation (they choose
+//    the corners). The sums of products above may be contracted into fused multiply-adds
+//    (NVRTC's default --fmad=true, kept for speed), so on a GPU they can differ from the
+//    CPU backend (which never fuses) in the last bits; the emulation's host build does not
+//    fuse, and the tests compare with a tolerance where a GPU could.
 #pragma once
 
 namespace dfa {
