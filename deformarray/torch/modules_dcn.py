@@ -65,7 +65,70 @@ def _center_feature_scale(query: Tensor, weight: Tensor, bias: Tensor, group_cha
     return scale[..., None].repeat(1, 1, 1, 1, group_channels).flatten(-2)
 
 
-class DCNv3(nn.Module):
+class _DcnModule(nn.Module):
+    """What InternImage's DCNv3 and DCNv4's modules share: the geometry attributes, the
+    centre-feature-scale parameters (registered on the module itself, so their keys come
+    first, as theirs), the blend, and the operator's geometry arguments."""
+
+    def _setup(
+        self,
+        channels: int,
+        kernel_size: int,
+        stride: int,
+        pad: int,
+        dilation: int,
+        group: int,
+        offset_scale: float,
+        center_feature_scale: bool,
+        remove_center: bool,
+        warn: bool,
+    ) -> None:
+        self.group_channels = _group_channels(channels, group, warn=warn)
+        if remove_center and kernel_size % 2 == 0:
+            raise ValueError("remove_center is only compatible with an odd kernel size")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.pad = pad
+        self.dilation = dilation
+        self.group = group
+        self.offset_scale = offset_scale
+        self.center_feature_scale = center_feature_scale
+        self.remove_center = int(remove_center)
+        if center_feature_scale:
+            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros((group, channels), dtype=torch.float))
+            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group, dtype=torch.float))
+
+    def _geometry(self) -> tuple:
+        """The operator's arguments after the arrays."""
+        return (
+            self.kernel_size,
+            self.stride,
+            self.pad,
+            self.dilation,
+            self.group,
+            self.group_channels,
+            self.offset_scale,
+            bool(self.remove_center),
+        )
+
+    def _blend(self, x: Tensor, x_proj: Tensor, query: Tensor) -> Tensor:
+        """With ``center_feature_scale``: ``x*(1 - s) + x_proj*s``, s per group from ``query``."""
+        if not self.center_feature_scale:
+            return x
+        scale = _center_feature_scale(
+            query, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias, self.group_channels
+        )
+        return x * (1 - scale) + x_proj * scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, pad={self.pad}, "
+            f"dilation={self.dilation}, group={self.group}, offset_scale={self.offset_scale}"
+        )
+
+
+class DCNv3(_DcnModule):
     """InternImage's ``DCNv3`` module (also its ``DCNv3_pytorch``: same weights).
 
     input and output ``(N, H, W, C)``. Keys: ``dw_conv.0.*`` (depthwise conv),
@@ -92,20 +155,20 @@ class DCNv3(nn.Module):
         remove_center: bool = False,
     ):
         super().__init__()
-        self.group_channels = _group_channels(channels, group, warn=True)
-        if remove_center and kernel_size % 2 == 0:
-            raise ValueError("remove_center is only compatible with an odd kernel size")
+        self._setup(
+            channels,
+            kernel_size,
+            stride,
+            pad,
+            dilation,
+            group,
+            offset_scale,
+            center_feature_scale,
+            remove_center,
+            warn=True,
+        )
         dw_kernel_size = dw_kernel_size if dw_kernel_size is not None else kernel_size
-        self.channels = channels
-        self.kernel_size = kernel_size
         self.dw_kernel_size = dw_kernel_size
-        self.stride = stride
-        self.pad = pad
-        self.dilation = dilation
-        self.group = group
-        self.offset_scale = offset_scale
-        self.center_feature_scale = center_feature_scale
-        self.remove_center = int(remove_center)
         points = kernel_size * kernel_size - self.remove_center
         self.dw_conv = nn.Sequential(
             nn.Conv2d(channels, channels, dw_kernel_size, 1, (dw_kernel_size - 1) // 2, groups=channels),
@@ -116,9 +179,6 @@ class DCNv3(nn.Module):
         self.mask = nn.Linear(channels, group * points)
         self.input_proj = nn.Linear(channels, channels)
         self.output_proj = nn.Linear(channels, channels)
-        if center_feature_scale:
-            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros((group, channels), dtype=torch.float))
-            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group, dtype=torch.float))
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -138,34 +198,11 @@ class DCNv3(nn.Module):
         x1 = self.dw_conv(input.permute(0, 3, 1, 2))
         offset = self.offset(x1)
         mask = self.mask(x1).reshape(n, h, w, self.group, -1).softmax(-1).reshape(n, h, w, -1).type(x.dtype)
-        x = dcnv3(
-            x,
-            offset,
-            mask,
-            self.kernel_size,
-            self.stride,
-            self.pad,
-            self.dilation,
-            self.group,
-            self.group_channels,
-            self.offset_scale,
-            bool(self.remove_center),
-        )
-        if self.center_feature_scale:
-            scale = _center_feature_scale(
-                x1, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias, self.group_channels
-            )
-            x = x * (1 - scale) + x_proj * scale
+        x = self._blend(dcnv3(x, offset, mask, *self._geometry()), x_proj, x1)
         return self.output_proj(x)
 
-    def extra_repr(self) -> str:
-        return (
-            f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, pad={self.pad}, "
-            f"dilation={self.dilation}, group={self.group}, offset_scale={self.offset_scale}"
-        )
 
-
-class DCNv4(nn.Module):
+class DCNv4(_DcnModule):
     """DCNv4's ``DCNv4`` module: input and output ``(N, L, C)`` with ``shape=(H, W)`` (or
     a square L). Keys: ``offset_mask`` (``ceil(3*G*P/8)*8`` outputs, as theirs),
     ``offset_mask_dw`` (when ``dw_kernel_size``), ``value_proj``, ``output_proj`` (unless
@@ -190,19 +227,19 @@ class DCNv4(nn.Module):
         **kwargs: Any,
     ):
         super().__init__()
-        self.group_channels = _group_channels(channels, group, warn=False)
-        if remove_center and kernel_size % 2 == 0:
-            raise ValueError("remove_center is only compatible with an odd kernel size")
-        self.channels = channels
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.pad = pad
-        self.dilation = dilation
-        self.group = group
-        self.offset_scale = offset_scale
+        self._setup(
+            channels,
+            kernel_size,
+            stride,
+            pad,
+            dilation,
+            group,
+            offset_scale,
+            center_feature_scale,
+            remove_center,
+            warn=False,
+        )
         self.dw_kernel_size = dw_kernel_size
-        self.center_feature_scale = center_feature_scale
-        self.remove_center = int(remove_center)
         self.without_pointwise = without_pointwise
         self.K = group * (kernel_size * kernel_size - self.remove_center)
         if dw_kernel_size is not None:
@@ -213,9 +250,6 @@ class DCNv4(nn.Module):
         if not without_pointwise:
             self.value_proj = nn.Linear(channels, channels)
             self.output_proj = nn.Linear(channels, channels, bias=output_bias)
-        if center_feature_scale:
-            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros((group, channels), dtype=torch.float))
-            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group, dtype=torch.float))
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -247,30 +281,9 @@ class DCNv4(nn.Module):
             om_input = input
         offset_mask = self.offset_mask(om_input).reshape(n, h, w, -1)
         x_proj = x
-        x = dcnv4(
-            x,
-            offset_mask,
-            self.kernel_size,
-            self.stride,
-            self.pad,
-            self.dilation,
-            self.group,
-            self.group_channels,
-            self.offset_scale,
-            bool(self.remove_center),
-        )
-        if self.center_feature_scale:
-            scale = _center_feature_scale(
-                x, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias, self.group_channels
-            )
-            x = x * (1 - scale) + x_proj * scale
+        x = dcnv4(x, offset_mask, *self._geometry())
+        x = self._blend(x, x_proj, x)  # DCNv4's query is the operator's output
         x = x.reshape(n, -1, x.shape[-1])
         if not self.without_pointwise:
             x = self.output_proj(x)
         return x
-
-    def extra_repr(self) -> str:
-        return (
-            f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, pad={self.pad}, "
-            f"dilation={self.dilation}, group={self.group}, offset_scale={self.offset_scale}"
-        )
