@@ -104,7 +104,8 @@ def parse_dcn_shapes(text: str) -> list[DcnShape]:
         values = [int(p) for p in parts]
         if min(values) < 1:
             raise ValueError(f"every size must be at least 1, got {item!r}")
-        shape = DcnShape(*values)
+        n, h, w, c, g = values[:5]
+        shape = DcnShape(n, h, w, c, g, values[5] if len(values) > 5 else DEFAULT_K)
         if shape.c % shape.g:
             raise ValueError(f"C must be a multiple of G (C = G*D), got {item!r}")
         shapes.append(shape)
@@ -338,6 +339,7 @@ def composition_impl(
     offset and mask (``dcnv3``) or input and offset_mask (``dcnv4``)."""
     device = "CUDA" if t.input.is_cuda else "CPU"
     label = f"grid_sample composition (torch {torch.__version__}, {device})"
+    args: tuple
     if op == DCNV3:
         fn, args = grid_sample_composition(torch, shape), (t.input, t.offset, t.mask)
     else:
