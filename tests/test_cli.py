@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--shapes", "1,2,5,5,3;2,3,6,4,2", "--repeat", "1"]
 TINY_ROI = ["--roi-shapes", "1,4,8,8,3", "--psroi-shapes", "2,1,6,5,2"]  # C = 1*49 score maps
 TINY_MSDA = ["--msda-shapes", "1,5,2,4,2,2,32,48"]  # levels 4x6 and 2x3 (tests/test_bench_msda.py has more)
+TINY_DCN = ["--dcn-shapes", "1,6,5,8,2"]  # a dcnv3 and a dcnv4 row (tests/test_bench_dcn.py has more)
 RATIO = re.compile(r"\s\d+\.\d\dx(?=\s|$)")  # a ratio cell of a table row
 ROI_ROWS = [
     ("deform_roi_pool", "offset"),
@@ -169,7 +170,9 @@ def test_python_dash_m_deformarray():
 
 
 def test_bench_prints_table(capsys):
-    assert cli.main(["bench", *TINY, *TINY_ROI, *TINY_MSDA, "--backend", "numpy"]) == 0  # --op all: the default
+    assert (
+        cli.main(["bench", *TINY, *TINY_ROI, *TINY_MSDA, *TINY_DCN, "--backend", "numpy"]) == 0
+    )  # --op all: the default
     captured = capsys.readouterr()
     out = captured.out
     for header in (
@@ -185,7 +188,7 @@ def test_bench_prints_table(capsys):
         assert header in out
     assert "1,2,5,5,3" in out and "2,3,6,4,2" in out
     assert "error" not in out
-    assert "[1/7]" in captured.err  # progress: step lines when stderr is not a terminal
+    assert "[1/9]" in captured.err  # progress: step lines when stderr is not a terminal
     # the RoI table comes after the conv table, one row per operator and variant
     conv_at, roi_at = out.index("deform_conv2d (mask + bias"), out.index("RoI pooling (7x7 bins")
     assert conv_at < roi_at
@@ -195,10 +198,11 @@ def test_bench_prints_table(capsys):
         shape = "1,4,8,8,3" if op == "deform_roi_pool" else "2,1x49,6,5,2"
         row = next(line for line in lines if line.startswith(f"{op} ") and f" {variant} " in line)
         assert shape in row and row.split()[-2] == "yes", row
-    assert captured.err.index("[6/7] numpy deform_psroi_pool (no offset)") > captured.err.index("[2/7] numpy 2,3,6,4,2")
-    # the multi-scale deformable attention table comes last
-    assert roi_at < out.index("Multi-scale deformable attention (ms_deform_attn")
-    assert "[7/7] numpy ms_deform_attn (decoder) 1,5,2,4,2,2,32x48 float32" in captured.err
+    assert captured.err.index("[6/9] numpy deform_psroi_pool (no offset)") > captured.err.index("[2/9] numpy 2,3,6,4,2")
+    # then the multi-scale deformable attention table, and the DCNv3 / DCNv4 one last
+    assert roi_at < out.index("Multi-scale deformable attention (ms_deform_attn") < out.index("DCNv3 / DCNv4 (dcnv3")
+    assert "[7/9] numpy ms_deform_attn (decoder) 1,5,2,4,2,2,32x48 float32" in captured.err
+    assert "[9/9] numpy dcnv4 (given) 1,6x5,8,2,3x3 float32" in captured.err
 
 
 def test_bench_roi_without_torchvision_says_why(monkeypatch, capsys):
@@ -216,22 +220,26 @@ def test_bench_roi_without_torchvision_says_why(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
-    "op, conv, roi, msda",
+    "op, conv, roi, msda, dcn",
     [
-        ("conv", True, False, False),
-        ("roi", False, True, False),
-        ("msda", False, False, True),
-        ("all", True, True, True),
+        ("conv", True, False, False, False),
+        ("roi", False, True, False, False),
+        ("msda", False, False, True, False),
+        ("dcn", False, False, False, True),
+        ("all", True, True, True, True),
     ],
 )
-def test_bench_op_selects_the_rows(op, conv, roi, msda, capsys):
+def test_bench_op_selects_the_rows(op, conv, roi, msda, dcn, capsys):
     argv = ["bench", "--op", op, "--repeat", "1", "--backend", "numpy", "--json"]
     argv += (TINY[:2] if conv else []) + (TINY_ROI if roi else []) + (TINY_MSDA if msda else [])
+    argv += TINY_DCN if dcn else []
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     ops = [row["op"] for row in report["results"]]
-    assert ops == ["deform_conv2d"] * (2 * conv) + [name for name, _ in ROI_ROWS] * roi + ["ms_deform_attn"] * msda
-    assert report["settings"]["ops"] == [name for name, on in (("conv", conv), ("roi", roi), ("msda", msda)) if on]
+    expected = ["deform_conv2d"] * (2 * conv) + [name for name, _ in ROI_ROWS] * roi + ["ms_deform_attn"] * msda
+    assert ops == expected + ["dcnv3", "dcnv4"] * dcn
+    families = (("conv", conv), ("roi", roi), ("msda", msda), ("dcn", dcn))
+    assert report["settings"]["ops"] == [name for name, on in families if on]
 
 
 def test_bench_roi_json(capsys):
@@ -293,7 +301,7 @@ def test_bench_json(capsys):
 
 def test_bench_without_torch_uses_numpy_dense(monkeypatch, capsys):
     _hide(monkeypatch, "torch", "torchvision")
-    assert cli.main(["bench", *TINY, *TINY_ROI, *TINY_MSDA, "--backend", "numpy"]) == 0
+    assert cli.main(["bench", *TINY, *TINY_ROI, *TINY_MSDA, *TINY_DCN, "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "NumPy im2col+matmul" in out
     assert "note: torch not installed: no grid_sample composition for the CPU ms_deform_attn rows" in out
@@ -307,10 +315,10 @@ def test_bench_gpu_section_skips_without_gpu(capsys):
     cupy, reason = bench_common.gpu_status()
     if cupy is not None:
         pytest.skip("a GPU is present: the section runs instead (see the stand-in test below)")
-    assert cli.main(["bench", *TINY, *TINY_ROI, *TINY_MSDA, "--backend", "all"]) == 0
+    assert cli.main(["bench", *TINY, *TINY_ROI, *TINY_MSDA, *TINY_DCN, "--backend", "all"]) == 0
     out = capsys.readouterr().out
     assert f"GPU section skipped: {reason}" in out
-    assert cli.main(["bench", *TINY, *TINY_ROI, *TINY_MSDA, "--backend", "cupy"]) == 1  # nothing could run
+    assert cli.main(["bench", *TINY, *TINY_ROI, *TINY_MSDA, *TINY_DCN, "--backend", "cupy"]) == 1  # nothing could run
 
 
 def test_bench_reports_a_failing_call_without_traceback(monkeypatch, capsys):
@@ -627,7 +635,7 @@ def test_roi_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
 
-    argv = ["bench", "--shapes", "1,2,5,5,3", *TINY_ROI, *TINY_MSDA, "--repeat", "1", "--backend", "cupy"]
+    argv = ["bench", "--shapes", "1,2,5,5,3", *TINY_ROI, *TINY_MSDA, *TINY_DCN, "--repeat", "1", "--backend", "cupy"]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     out = captured.out
@@ -635,7 +643,7 @@ def test_roi_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
     roi_at = out.index("RoI pooling (7x7 bins")
     msda_at = out.index("Multi-scale deformable attention (ms_deform_attn")
     assert conv_at < roi_at < out.index("GPU (Stand-in GPU), cupy arrays; tv = torchvision.ops.ps_roi_align") < msda_at
-    assert "[12/12]" in captured.err  # 2 dtypes x (1 conv + 4 RoI + 1 msda rows)
+    assert "[16/16]" in captured.err  # 2 dtypes x (1 conv + 4 RoI + 1 msda + 2 dcn rows)
     roi = out[roi_at:msda_at].splitlines()
     for header in ("dtype", "tv fwd", "/tv fwd", "tv f+b", "/tv f+b", "peak MiB", "tv peak MiB"):
         assert header in roi[1]
@@ -650,7 +658,15 @@ def test_roi_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY_PLOT = ["bench", *TINY, *TINY_ROI, *TINY_MSDA, "--backend", "numpy"]  # 2 conv + 4 RoI + 1 msda rows
+TINY_PLOT = [
+    "bench",
+    *TINY,
+    *TINY_ROI,
+    *TINY_MSDA,
+    *TINY_DCN,
+    "--backend",
+    "numpy",
+]  # 2 conv + 4 RoI + 1 msda + 2 dcn rows
 
 
 def _no_benchmark(monkeypatch):
@@ -712,12 +728,14 @@ def test_plot_report_draws_one_group_per_row(tmp_path, monkeypatch, capsys):
         "psroi cls offs\n2,1x49,6,5,2\nCPU f32",
         "psroi no offset\n2,1x49,6,5,2\nCPU f32",
         "msda dec\n1,5,2,4,2,2,32x48\nCPU f32",
+        "dcnv3\n1,6x5,8,2,3x3\nCPU f32",
+        "dcnv4\n1,6x5,8,2,3x3\nCPU f32",
     ]
     assert ax.get_yscale() == "log"
-    # ours fwd and fwd+bwd in all 7 rows, the dense conv in the 2 conv rows, the grid_sample
-    # composition in the msda row (with torch), nothing else
+    # ours fwd and fwd+bwd in all 9 rows, the dense conv in the 2 conv rows, the grid_sample
+    # composition in the msda and dcn rows (with torch), nothing else
     comp = "composition" in rows[6]
-    assert len(ax.patches) == 7 * 2 + 2 * 2 + 2 * comp
+    assert len(ax.patches) == 9 * 2 + 2 * 2 + 3 * 2 * comp
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     per_phase = 2 + comp
     assert legend[0] == "fwd: deformarray" and legend[per_phase] == "fwd+bwd: deformarray"
@@ -736,8 +754,8 @@ def test_plot_report_draws_one_group_per_row(tmp_path, monkeypatch, capsys):
         for ph in ("fwd", "fwdbwd")
     ]
     np.testing.assert_allclose(heights, sorted(expected))
-    by_group = [sum(round(c) == i for c in centre) for i in range(7)]
-    assert by_group == [4, 4, 2, 2, 2, 2, 2 + 2 * comp]
+    by_group = [sum(round(c) == i for c in centre) for i in range(9)]
+    assert by_group == [4, 4, 2, 2, 2, 2] + [2 + 2 * comp] * 3
     threads = report["environment"]["threads"]["numba"]
     assert f"median of 1 interleaved runs\nCPU, {threads} threads" in ax.get_title()
 
@@ -757,10 +775,10 @@ def test_plot_report_skips_errors_and_missing_references(tmp_path, monkeypatch, 
     fig = bench_plot.plot_report(report, str(path))
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     ax = fig.axes[0]
-    assert len(ax.get_xticklabels()) == 8 and ax.get_xticklabels()[7].get_text() == "roi offset\n1,4,8,8,3\nGPU f16"
-    # row 0: dense 2; row 1: ours 2 + dense fwd; RoI rows: ours 2 each; msda row: ours 2 (+ composition 2
-    # with torch); GPU row: ours 2 + tv fwd
-    assert len(ax.patches) == 2 + 3 + 4 * 2 + 2 + 2 * ("composition" in rows[6]) + 3
+    assert len(ax.get_xticklabels()) == 10 and ax.get_xticklabels()[9].get_text() == "roi offset\n1,4,8,8,3\nGPU f16"
+    # row 0: dense 2; row 1: ours 2 + dense fwd; RoI rows: ours 2 each; msda and 2 dcn rows: ours 2
+    # (+ composition 2 with torch); GPU row: ours 2 + tv fwd
+    assert len(ax.patches) == 2 + 3 + 4 * 2 + 3 * (2 + 2 * ("composition" in rows[6])) + 3
     errors = [t for t in ax.texts if t.get_text() == "error"]
     assert sorted(round(t.get_position()[0]) for t in errors) == [0, 0, 1]  # ours twice in row 0, dense f+b in row 1
     assert "GPU: Stand-in GPU, 1 GiB" in ax.get_title()

@@ -440,7 +440,8 @@ def row_label(row: dict) -> str:
 
 
 def chart_label(row: dict) -> tuple[str, str]:
-    return f"{row['op']} {row['variant']}", shape_text(row)
+    variant = {"given": "", "DCNv4 bench": "v4 bench"}.get(row["variant"], row["variant"])
+    return f"{row['op']} {variant}".strip(), shape_text(row)
 
 
 _LEAD = [("case", lambda r: r["variant"]), ("op", lambda r: r["op"]), ("N,HxW,C,G,KxK", shape_text)]

@@ -8,10 +8,10 @@ tables, the JSON and the chart pick it up from here.
 
 from __future__ import annotations
 
-from . import conv, msda, roi
+from . import conv, dcn, msda, roi
 from .common import Family
 
-FAMILIES: tuple[Family, ...] = (conv, roi, msda)
+FAMILIES: tuple[Family, ...] = (conv, roi, msda, dcn)
 
 NAMES = tuple(family.NAME for family in FAMILIES)  # the --op values; --op all runs them in this order
 
