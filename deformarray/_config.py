@@ -1,7 +1,9 @@
-"""Process-wide settings: the workspace bound and the deterministic-backward default.
+"""Process-wide settings: the workspace bound, the deterministic-backward default and
+whether float32 products may use TF32 tensor cores (CUDA).
 
-Both can be set from the environment before import (``DEFORMARRAY_WORKSPACE_MB``,
-``DEFORMARRAY_DETERMINISTIC``) or at run time with the setters below.
+Each can be set from the environment before import (``DEFORMARRAY_WORKSPACE_MB``,
+``DEFORMARRAY_DETERMINISTIC``, ``DEFORMARRAY_ALLOW_TF32``) or at run time with the setters
+below.
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ def _env_workspace() -> int:
 _state = {
     "workspace_bytes": _env_workspace(),
     "deterministic": os.environ.get("DEFORMARRAY_DETERMINISTIC", "0").lower() in ("1", "true", "yes"),
+    "allow_tf32": os.environ.get("DEFORMARRAY_ALLOW_TF32", "0").lower() in ("1", "true", "yes"),
 }
 # workspace_limit() blocks: an override per thread (and asyncio task), so that two threads
 # each in their own block neither lose nor leak each other's value
 _scoped_workspace: ContextVar[int | None] = ContextVar("deformarray_workspace_bytes", default=None)
+# allow_tf32() blocks (the torch adapter's: it follows torch.backends.cuda.matmul.allow_tf32
+# for the duration of one operator call), per thread like the workspace bound
+_scoped_tf32: ContextVar[bool | None] = ContextVar("deformarray_allow_tf32", default=None)
 
 
 def _checked_bytes(nbytes: object) -> int:
@@ -97,3 +103,28 @@ def get_deterministic() -> bool:
 def set_deterministic(flag: bool) -> None:
     """Set the default of the backward functions' ``deterministic`` keyword."""
     _state["deterministic"] = bool(flag)
+
+
+def get_allow_tf32() -> bool:
+    """Whether float32 matrix products on CUDA may round their operands to TF32 (tensor
+    cores, about 10 mantissa bits): the innermost ``allow_tf32`` block of the calling thread,
+    else the process-wide value (default False: strict float32). float16, bfloat16 and float64
+    are not affected (16-bit products always run on tensor cores with float32 accumulation)."""
+    scoped = _scoped_tf32.get()
+    return bool(_state["allow_tf32"]) if scoped is None else scoped
+
+
+def set_allow_tf32(flag: bool) -> None:
+    """Allow (True) or forbid (False, the default) TF32 in the CUDA backend's float32 matrix
+    products, process-wide. The CPU backend never uses TF32."""
+    _state["allow_tf32"] = bool(flag)
+
+
+@contextmanager
+def allow_tf32(flag: bool) -> Iterator[None]:
+    """``set_allow_tf32(flag)`` for the duration of a block, in the calling thread only."""
+    token = _scoped_tf32.set(bool(flag))
+    try:
+        yield
+    finally:
+        _scoped_tf32.reset(token)

@@ -1,325 +1,498 @@
 // Deformable convolution v1/v2 (deformarray.deform_conv2d) kernels.
 //
 // Launch code: deformarray/cuda/deform_conv.py. Every kernel is a template on the element
-// type T (float, double, dfa::half, dfa::bfloat16) and computes in acc_t<T> (float for the
-// 16-bit types); the loader instantiates them by name, e.g. "deform_conv_im2col<float>".
+// type T (float, double, dfa::half, dfa::bfloat16) and computes in A = acc_t<T> (float for
+// the 16-bit types). Kernels with an _i32 / _i64 suffix are the same code with 32-bit or
+// 64-bit index arithmetic (I = int or i64, as aggregate.cuh); the launch code takes _i32
+// when every array, buffer and work range of the launch has fewer than 2**31 elements.
+// Every scalar parameter is an i64 on both paths (the kernels narrow them).
 //
-// The launch code processes the flattened (image, output pixel) index q = n*P + p
-// (P = H_out*W_out) in chunks q0 .. q0+L-1 that fit the workspace bound; a chunk is either
-// whole images or part of one image. Column buffers are (C_in*K, L) matrices, row
-// r = c*K + k (K = kh*kw, k = i*kw + j, the weight's own flattening), column l = q - q0:
+// Design (DCNv4-style sampling; docs/cuda.md, "deform_conv2d"):
+//  * the input is read channels-last: deform_conv_to_channels_last copies the chunk's
+//    images (nb, C, H, W) to xcl (nb, H*W, C) in T once per image;
+//  * one thread per sample point (og, k, l) (offset group, kernel point, chunk pixel; l
+//    fastest, so the reads of offset and mask coalesce) computes the point, its corners and
+//    their weights once, then loops over the offset group's channels: contiguous loads of
+//    xcl and contiguous stores of the columns, no division in the channel loop;
+//  * the columns are stored transposed and in T: colsT (L, CK) with CK = C*K, row l, the
+//    block of conv group g at g*K*Cg (Cg = C/groups), inside it column k*Cg + (c - g*Cg).
+//    The weight is permuted to the same order, wp (C_out, K, Cg), so the products are
+//      forward:  res (L, C_out)[:, g] = colsT[:, g] @ wp[g]^T          (cuBLAS GemmEx)
+//      backward: gw[g] += goutT[:, g]^T @ colsT[:, g];  gcolsT[:, g] = goutT[:, g] @ wp[g]
+//    with 16-bit inputs and float32 accumulation / results for float16 and bfloat16;
+//  * the input gradient is accumulated channels-last, gacc (nb, H*W, C) in A, and written to
+//    grad_input (N, C, H, W) by deform_conv_from_channels_last when an image is complete:
+//      atomic mode: deform_conv_col2im_atomic, one thread per point as the forward, float
+//        atomicAdd on the four corners of each channel (contiguous addresses);
+//      deterministic mode: deform_conv_col2im_owned, one thread per (sub-chunk s, channel c)
+//        is the only writer of channel c of partial buffer s and adds its sub-chunk's points
+//        in the order (l, k, corner); deform_conv_sum_partials adds the partials to gacc in
+//        order s = 0, 1, ... (no atomics, no sort: the same bits on every run);
+//  * offset and mask gradients: deform_conv_coord_grad, one thread per point summing over
+//    its offset group's channels from the first (a fixed order in both modes).
 //
-//   forward:  cols = im2col(input, offset, mask); acc[g] = W[g] @ cols[g] (cuBLAS);
-//             out = acc + bias (store_output)
-//   backward: gout = gather_grad_output(grad_output); grad W[g] += gout[g] @ cols[g]^T;
-//             gcols[g] = W[g]^T @ gout[g]; grad input = col2im(gcols) (atomic, or the
-//             deterministic coo + gather pair); grad offset, grad mask = coord_grad(gcols)
-//
-// Layouts (all C-contiguous): input (N, C, H, W); offset (N, 2*OG*K, Ho, Wo), channel
+// Layouts (C-contiguous): input (N, C, H, W); offset (N, 2*OG*K, Ho, Wo), channel
 // 2*(og*K + k) = dy, 2*(og*K + k) + 1 = dx; mask (N, OG*K, Ho, Wo), channel og*K + k.
-// Input channel c belongs to offset group og = c / (C / OG).
+// Input channel c belongs to offset group og = c / (C / OG). A chunk is the flattened
+// (image, output pixel) range q = n*P + p (P = Ho*Wo) from q0 to q0 + L - 1; its images
+// start at n_base (the xcl / gacc buffers hold images n_base .. n_base + nb - 1).
+//
+// Numbers (SPEC, the CPU backend's): h = (ho*sh - ph + i*dh) + dy, w likewise (the integer
+// part exact in A, the offset added last); a point is used iff -1 < h < H and -1 < w < W
+// (aggregate.cuh's point_used with lower = -1: at exactly -1 value and gradient are 0);
+// corners and weights as aggregate.cuh's bilinear_point.
+//   cols = m * S_c;  grad input corner += w_corner * (m * gcol);
+//   grad dy = m * sum_c gcol_c * dS_c/dh, grad dx = m * sum_c gcol_c * dS_c/dw,
+//   grad m = sum_c gcol_c * S_c (sums over the group's channels from the first).
 
 #include "common.cuh"
+#include "aggregate.cuh"
 
 using dfa::acc_t;
 using dfa::i64;
 
+// Every sampling kernel's geometry, in this order (the launch code's _geom_args).
+#define DFA_GEOM_PARAMS                                                                    \
+    i64 C_, i64 H_, i64 W_, i64 KH_, i64 KW_, i64 SH_, i64 SW_, i64 PH_, i64 PW_, i64 DH_,   \
+        i64 DW_, i64 HO_, i64 WO_, i64 OG_, i64 GROUPS_
+#define DFA_GEOM_ARGS C_, H_, W_, KH_, KW_, SH_, SW_, PH_, PW_, DH_, DW_, HO_, WO_, OG_, GROUPS_
+
 namespace dfa {
 
-// Geometry of one call: the fields of deformarray._validate.ConvParams the kernels need.
-struct ConvGeom {
-    i64 C, H, W;             // input channels and size
-    i64 KW, K;               // kernel width, K = kh*kw
-    i64 sh, sw, ph, pw, dh, dw;
-    i64 Wo, P;               // output width, P = Ho*Wo
-    i64 OG, Cpg;             // offset groups, input channels per offset group
+// The geometry of one launch in the index type I.
+template <typename I> struct ConvGeom {
+    I C, H, W, HW, KW, K, sh, sw, ph, pw, dh, dw, Wo, P, OG, Cpo, Cg, CK, KCg;
 };
 
-// Every kernel takes the geometry as these scalars, in this order (the launch code's
-// _geom_args builds the same tuple).
-#define DFA_GEOM_PARAMS                                                                    \
-    i64 C, i64 H, i64 W, i64 KH, i64 KW, i64 sh, i64 sw, i64 ph, i64 pw, i64 dh, i64 dw,     \
-        i64 Ho, i64 Wo, i64 OG
-#define DFA_GEOM_ARGS C, H, W, KH, KW, sh, sw, ph, pw, dh, dw, Ho, Wo, OG
-
-__device__ __forceinline__ ConvGeom make_geom(DFA_GEOM_PARAMS) {
-    ConvGeom g;
-    g.C = C; g.H = H; g.W = W;
-    g.KW = KW; g.K = KH * KW;
-    g.sh = sh; g.sw = sw; g.ph = ph; g.pw = pw; g.dh = dh; g.dw = dw;
-    g.Wo = Wo; g.P = Ho * Wo;
-    g.OG = OG; g.Cpg = C / OG;
+template <typename I> __device__ __forceinline__ ConvGeom<I> conv_geom(DFA_GEOM_PARAMS) {
+    ConvGeom<I> g;
+    g.C = static_cast<I>(C_);
+    g.H = static_cast<I>(H_);
+    g.W = static_cast<I>(W_);
+    g.HW = g.H * g.W;
+    g.KW = static_cast<I>(KW_);
+    g.K = static_cast<I>(KH_) * g.KW;
+    g.sh = static_cast<I>(SH_);
+    g.sw = static_cast<I>(SW_);
+    g.ph = static_cast<I>(PH_);
+    g.pw = static_cast<I>(PW_);
+    g.dh = static_cast<I>(DH_);
+    g.dw = static_cast<I>(DW_);
+    g.Wo = static_cast<I>(WO_);
+    g.P = static_cast<I>(HO_) * g.Wo;
+    g.OG = static_cast<I>(OG_);
+    g.Cpo = g.C / g.OG;                        // channels per offset group
+    g.Cg = g.C / static_cast<I>(GROUPS_);      // channels per conv group
+    g.CK = g.C * g.K;
+    g.KCg = g.K * g.Cg;
     return g;
 }
 
-// Sample point (h, w) and modulation m of kernel point k of offset group og for output
-// pixel p of image n: h = ho*sh - ph + i*dh + dy, w = wo*sw - pw + j*dw + dx (SPEC).
-// m = 1 without a mask (v1).
-template <typename T> struct SamplePoint {
+// Sample point of (offset group og, kernel point k, chunk pixel q = n*P + p). The tap
+// position ho*sh - ph + i*dh is formed in 64-bit (it may be negative or exceed I's range only
+// for absurd paddings; 64-bit costs nothing here, once per point).
+template <typename T, typename I> struct ConvPoint {
     acc_t<T> h, w, m;
+    I n;  // image
+    bool used;
 };
 
-template <typename T>
-__device__ __forceinline__ SamplePoint<T> sample_point(const ConvGeom& g, const T* offset,
-                                                       const T* mask, i64 n, i64 og, i64 k,
-                                                       i64 p) {
+template <typename T, typename I>
+__device__ __forceinline__ ConvPoint<T, I> conv_point(const ConvGeom<I>& g, const T* offset, const T* mask,
+                                                      I og, I k, I q) {
     typedef acc_t<T> A;
-    const i64 ho = p / g.Wo, wo = p - ho * g.Wo;
-    const i64 i = k / g.KW, j = k - i * g.KW;
-    const T* off = offset + (n * 2 * g.OG * g.K + 2 * (og * g.K + k)) * g.P + p;
-    SamplePoint<T> s;
+    ConvPoint<T, I> s;
+    s.n = q / g.P;
+    const I p = q - s.n * g.P;
+    const I ho = p / g.Wo, wo = p - ho * g.Wo;
+    const I i = k / g.KW, j = k - i * g.KW;
+    const I ok = og * g.K + k;
+    const T* off = offset + (s.n * 2 * g.OG * g.K + 2 * ok) * g.P + p;
+    const i64 th = static_cast<i64>(ho) * g.sh - g.ph + static_cast<i64>(i) * g.dh;
+    const i64 tw = static_cast<i64>(wo) * g.sw - g.pw + static_cast<i64>(j) * g.dw;
     // The integer part is exact in A; adding the offset last matches the CPU backend.
-    s.h = static_cast<A>(ho * g.sh - g.ph + i * g.dh) + to_acc(off[0]);
-    s.w = static_cast<A>(wo * g.sw - g.pw + j * g.dw) + to_acc(off[g.P]);
-    s.m = mask != nullptr ? to_acc(mask[(n * g.OG * g.K + og * g.K + k) * g.P + p]) : A(1);
+    s.h = static_cast<A>(th) + to_acc(off[0]);
+    s.w = static_cast<A>(tw) + to_acc(off[g.P]);
+    s.m = mask != nullptr ? to_acc(mask[(s.n * g.OG * g.K + ok) * g.P + p]) : A(1);
+    s.used = point_used(s.h, s.w, g.H, g.W, A(-1));
     return s;
+}
+
+// Corner rows of a used point in a channels-last image (row stride C): pointers to channel 0
+// of each corner (a corner outside the image points at row 0 and is masked by in[q]).
+template <typename T, typename A, typename I> struct CornerRows {
+    const T* row[4];
+    bool in[4];
+};
+
+template <typename T, typename A, typename I>
+__device__ __forceinline__ CornerRows<T, A, I> corner_rows(const BilinearPoint<A, I>& bp, const T* img, I C) {
+    CornerRows<T, A, I> r;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        r.in[q] = bp.idx[q] >= 0;
+        r.row[q] = img + (r.in[q] ? bp.idx[q] * C : I(0));
+    }
+    return r;
+}
+
+// Split a point index t = (og*K + k)*L + l (l fastest).
+template <typename I>
+__device__ __forceinline__ void split_point(const ConvGeom<I>& g, I t, I L, I* og, I* k, I* l) {
+    const I ok = t / L;
+    *l = t - ok * L;
+    *og = ok / g.K;
+    *k = ok - *og * g.K;
+}
+
+// ---------------------------------------------------------------------------------------
+// Channels-last copy of images n_base .. n_base + nb - 1: xcl[(nl*HW + r)*C + c] =
+// input[((n_base + nl)*C + c)*HW + r]. Thread t = (nl*HW + r)*C + c (the write index).
+template <typename T, typename I>
+__device__ __forceinline__ void to_channels_last_impl(const T* __restrict__ input, T* __restrict__ xcl, i64 C_,
+                                                      i64 HW_, i64 n_base, i64 nb) {
+    const I C = static_cast<I>(C_), HW = static_cast<I>(HW_);
+    const T* src = input + n_base * C_ * HW_;
+    DFA_GRID_STRIDE_LOOP(t64, nb * HW_ * C_) {
+        const I t = static_cast<I>(t64);
+        const I nr = t / C;
+        const I c = t - nr * C;
+        const I nl = nr / HW;
+        const I r = nr - nl * HW;
+        xcl[t] = src[(nl * C + c) * HW + r];
+    }
+}
+
+// The inverse, with the conversion to T: out[((n_base + nl)*C + c)*HW + r] =
+// from_acc(gacc[(nl*HW + r)*C + c]). Thread t = (nl*C + c)*HW + r (the write index).
+template <typename T, typename I>
+__device__ __forceinline__ void from_channels_last_impl(const acc_t<T>* __restrict__ gacc, T* __restrict__ out,
+                                                        i64 C_, i64 HW_, i64 n_base, i64 nb) {
+    const I C = static_cast<I>(C_), HW = static_cast<I>(HW_);
+    T* dst = out + n_base * C_ * HW_;
+    DFA_GRID_STRIDE_LOOP(t64, nb * HW_ * C_) {
+        const I t = static_cast<I>(t64);
+        const I nc = t / HW;
+        const I r = t - nc * HW;
+        const I nl = nc / C;
+        const I c = nc - nl * C;
+        dst[t] = from_acc<T>(gacc[(nl * HW + r) * C + c]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward and backward: the transposed columns colsT (L, CK) in T (layout above). One thread
+// per point; an unused point writes zeros.
+template <typename T, typename I>
+__device__ __forceinline__ void im2col_impl(const T* __restrict__ xcl, const T* __restrict__ offset,
+                                            const T* __restrict__ mask, T* __restrict__ colsT, DFA_GEOM_PARAMS,
+                                            i64 q0, i64 L_, i64 n_base) {
+    typedef acc_t<T> A;
+    const ConvGeom<I> g = conv_geom<I>(DFA_GEOM_ARGS);
+    const I L = static_cast<I>(L_), Q0 = static_cast<I>(q0), NB = static_cast<I>(n_base);
+    DFA_GRID_STRIDE_LOOP(t64, OG_ * KH_ * KW_ * L_) {
+        I og, k, l;
+        split_point(g, static_cast<I>(t64), L, &og, &k, &l);
+        const ConvPoint<T, I> s = conv_point(g, offset, mask, og, k, Q0 + l);
+        T* row = colsT + l * g.CK;
+        I c = og * g.Cpo;
+        const I c_end = c + g.Cpo;
+        if (!s.used) {
+            while (c < c_end) {  // one conv group's run of channels at a time
+                const I gr = c / g.Cg;
+                const I seg_end = c_end < (gr + 1) * g.Cg ? c_end : (gr + 1) * g.Cg;
+                T* dst = row + gr * g.KCg + k * g.Cg - gr * g.Cg;
+                for (; c < seg_end; ++c) dst[c] = from_acc<T>(A(0));
+            }
+            continue;
+        }
+        const BilinearPoint<A, I> bp = bilinear_point(s.h, s.w, g.H, g.W);
+        const CornerRows<T, A, I> cr = corner_rows<T, A, I>(bp, xcl + (s.n - NB) * g.HW * g.C, g.C);
+        while (c < c_end) {
+            const I gr = c / g.Cg;
+            const I seg_end = c_end < (gr + 1) * g.Cg ? c_end : (gr + 1) * g.Cg;
+            T* dst = row + gr * g.KCg + k * g.Cg - gr * g.Cg;
+            for (; c < seg_end; ++c) {
+                A v[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q) v[q] = cr.in[q] ? to_acc(cr.row[q][c]) : A(0);
+                dst[c] = from_acc<T>(s.m * combine(bp, v));
+            }
+        }
+    }
+}
+
+// Forward: out[n, o, p] = res[l, o] + bias[o] for q = q0 + l = n*P + p (res (L, C_out) in A,
+// the product). Thread t = o*L + l (l fastest: the writes coalesce). bias may be null.
+template <typename T, typename I>
+__device__ __forceinline__ void store_output_impl(const acc_t<T>* __restrict__ res, const T* __restrict__ bias,
+                                                  T* __restrict__ out, i64 C_out_, i64 P_, i64 q0, i64 L_) {
+    typedef acc_t<T> A;
+    const I C_out = static_cast<I>(C_out_), P = static_cast<I>(P_), L = static_cast<I>(L_);
+    const I Q0 = static_cast<I>(q0);
+    DFA_GRID_STRIDE_LOOP(t64, C_out_ * L_) {
+        const I t = static_cast<I>(t64);
+        const I o = t / L;
+        const I l = t - o * L;
+        const I q = Q0 + l;
+        const I n = q / P, p = q - n * P;
+        A v = res[l * C_out + o];
+        if (bias != nullptr) v += to_acc(bias[o]);
+        out[(n * C_out + o) * P + p] = from_acc<T>(v);
+    }
+}
+
+// Backward: goutT[l, o] = grad_output[n, o, p] for q = q0 + l = n*P + p, in T (the inverse
+// of store_output). Thread t = o*L + l (the reads coalesce).
+template <typename T, typename I>
+__device__ __forceinline__ void gather_grad_output_impl(const T* __restrict__ grad_output, T* __restrict__ goutT,
+                                                        i64 C_out_, i64 P_, i64 q0, i64 L_) {
+    const I C_out = static_cast<I>(C_out_), P = static_cast<I>(P_), L = static_cast<I>(L_);
+    const I Q0 = static_cast<I>(q0);
+    DFA_GRID_STRIDE_LOOP(t64, C_out_ * L_) {
+        const I t = static_cast<I>(t64);
+        const I o = t / L;
+        const I l = t - o * L;
+        const I q = Q0 + l;
+        const I n = q / P, p = q - n * P;
+        goutT[l * C_out + o] = grad_output[(n * C_out + o) * P + p];
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: input gradient, atomic mode. One thread per point adds w_corner * (m * gcol_c)
+// to channel c of each corner inside the image in gacc (nb, HW, C) (float atomics: the order
+// of the additions, so the last bits, is the scheduler's).
+template <typename T, typename I>
+__device__ __forceinline__ void col2im_atomic_impl(const T* __restrict__ offset, const T* __restrict__ mask,
+                                                   const acc_t<T>* __restrict__ gcolsT, acc_t<T>* __restrict__ gacc,
+                                                   DFA_GEOM_PARAMS, i64 q0, i64 L_, i64 n_base) {
+    typedef acc_t<T> A;
+    const ConvGeom<I> g = conv_geom<I>(DFA_GEOM_ARGS);
+    const I L = static_cast<I>(L_), Q0 = static_cast<I>(q0), NB = static_cast<I>(n_base);
+    DFA_GRID_STRIDE_LOOP(t64, OG_ * KH_ * KW_ * L_) {
+        I og, k, l;
+        split_point(g, static_cast<I>(t64), L, &og, &k, &l);
+        const ConvPoint<T, I> s = conv_point(g, offset, mask, og, k, Q0 + l);
+        if (!s.used) continue;  // zero value, zero gradient
+        const BilinearPoint<A, I> bp = bilinear_point(s.h, s.w, g.H, g.W);
+        A* img = gacc + (s.n - NB) * g.HW * g.C;
+        const A* row = gcolsT + l * g.CK;
+        I c = og * g.Cpo;
+        const I c_end = c + g.Cpo;
+        while (c < c_end) {
+            const I gr = c / g.Cg;
+            const I seg_end = c_end < (gr + 1) * g.Cg ? c_end : (gr + 1) * g.Cg;
+            const A* src = row + gr * g.KCg + k * g.Cg - gr * g.Cg;
+            for (; c < seg_end; ++c) {
+                const A gv = s.m * src[c];
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    if (bp.idx[q] >= 0) atomicAdd(img + bp.idx[q] * g.C + c, bp.wt[q] * gv);
+            }
+        }
+    }
+}
+
+// Backward: input gradient, deterministic mode. The chunk's L pixels are cut into S
+// sub-chunks of LS pixels (the last may be shorter). Thread t = s*C + c (c fastest: the
+// reads of gcolsT and the writes of partial coalesce, and the threads of one offset group
+// read the same offsets) owns channel c of partial buffer s, partial (S, nb, HW, C) in A,
+// and adds to it, in the order l (of sub-chunk s), k, corner, w_corner * (m * gcol) of every
+// used point. No other thread writes that channel of that buffer, so the result does not
+// depend on the order of the threads. With S = 1 the launch code passes gacc itself.
+template <typename T, typename I>
+__device__ __forceinline__ void col2im_owned_impl(const T* __restrict__ offset, const T* __restrict__ mask,
+                                                  const acc_t<T>* __restrict__ gcolsT,
+                                                  acc_t<T>* __restrict__ partial, DFA_GEOM_PARAMS, i64 q0, i64 L_,
+                                                  i64 n_base, i64 nb, i64 S_, i64 LS_) {
+    typedef acc_t<T> A;
+    const ConvGeom<I> g = conv_geom<I>(DFA_GEOM_ARGS);
+    const I L = static_cast<I>(L_), Q0 = static_cast<I>(q0), NB = static_cast<I>(n_base);
+    const I LS = static_cast<I>(LS_), per_buffer = static_cast<I>(nb) * g.HW * g.C;
+    DFA_GRID_STRIDE_LOOP(t64, S_ * C_) {
+        const I t = static_cast<I>(t64);
+        const I sc = t / g.C;
+        const I c = t - sc * g.C;
+        const I og = c / g.Cpo;
+        const I gr = c / g.Cg;
+        A* buf = partial + sc * per_buffer + c;
+        const I col = gr * g.KCg - gr * g.Cg + c;  // + k*Cg: column of (k, c) in a row of gcolsT
+        const I l0 = sc * LS;
+        const I l_end = LS < L - l0 ? l0 + LS : L;
+        for (I l = l0; l < l_end; ++l) {
+            const A* row = gcolsT + l * g.CK + col;
+            for (I k = 0; k < g.K; ++k) {
+                const ConvPoint<T, I> s = conv_point(g, offset, mask, og, k, Q0 + l);
+                if (!s.used) continue;
+                const BilinearPoint<A, I> bp = bilinear_point(s.h, s.w, g.H, g.W);
+                A* img = buf + (s.n - NB) * g.HW * g.C;
+                const A gv = s.m * row[k * g.Cg];
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    if (bp.idx[q] >= 0) img[bp.idx[q] * g.C] += bp.wt[q] * gv;
+            }
+        }
+    }
+}
+
+// gacc[i] += partial[0*count + i] + partial[1*count + i] + ... (left to right, S >= 2).
+template <typename T, typename I>
+__device__ __forceinline__ void sum_partials_impl(const acc_t<T>* __restrict__ partial,
+                                                  acc_t<T>* __restrict__ gacc, i64 count, i64 S) {
+    typedef acc_t<T> A;
+    const I n = static_cast<I>(count), s_n = static_cast<I>(S);
+    DFA_GRID_STRIDE_LOOP(t64, count) {
+        const I i = static_cast<I>(t64);
+        A v = partial[i];
+        for (I s = 1; s < s_n; ++s) v += partial[s * n + i];
+        gacc[i] += v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: offset and mask gradients. One thread per point sums over the channels of its
+// offset group from the first (a fixed order, no atomics: deterministic in both modes); all
+// zero for an unused point. grad_mask may be null (no mask).
+template <typename T, typename I>
+__device__ __forceinline__ void coord_grad_impl(const T* __restrict__ xcl, const T* __restrict__ offset,
+                                                const T* __restrict__ mask, const acc_t<T>* __restrict__ gcolsT,
+                                                T* __restrict__ grad_offset, T* __restrict__ grad_mask,
+                                                DFA_GEOM_PARAMS, i64 q0, i64 L_, i64 n_base) {
+    typedef acc_t<T> A;
+    const ConvGeom<I> g = conv_geom<I>(DFA_GEOM_ARGS);
+    const I L = static_cast<I>(L_), Q0 = static_cast<I>(q0), NB = static_cast<I>(n_base);
+    DFA_GRID_STRIDE_LOOP(t64, OG_ * KH_ * KW_ * L_) {
+        I og, k, l;
+        split_point(g, static_cast<I>(t64), L, &og, &k, &l);
+        const ConvPoint<T, I> s = conv_point(g, offset, mask, og, k, Q0 + l);
+        A g_h = A(0), g_w = A(0), g_m = A(0);
+        if (s.used) {
+            const BilinearPoint<A, I> bp = bilinear_point(s.h, s.w, g.H, g.W);
+            const CornerRows<T, A, I> cr = corner_rows<T, A, I>(bp, xcl + (s.n - NB) * g.HW * g.C, g.C);
+            const A* row = gcolsT + l * g.CK;
+            I c = og * g.Cpo;
+            const I c_end = c + g.Cpo;
+            while (c < c_end) {
+                const I gr = c / g.Cg;
+                const I seg_end = c_end < (gr + 1) * g.Cg ? c_end : (gr + 1) * g.Cg;
+                const A* src = row + gr * g.KCg + k * g.Cg - gr * g.Cg;
+                for (; c < seg_end; ++c) {
+                    A v[4];
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) v[q] = cr.in[q] ? to_acc(cr.row[q][c]) : A(0);
+                    const A gv = src[c];
+                    g_h += gv * (bp.hw * (v[2] - v[0]) + bp.lw * (v[3] - v[1]));
+                    g_w += gv * (bp.hh * (v[1] - v[0]) + bp.lh * (v[3] - v[2]));
+                    g_m += gv * combine(bp, v);
+                }
+            }
+            g_h *= s.m;
+            g_w *= s.m;
+        }
+        const I p = Q0 + l - s.n * g.P;
+        const I ok = og * g.K + k;
+        T* go = grad_offset + (s.n * 2 * g.OG * g.K + 2 * ok) * g.P + p;
+        go[0] = from_acc<T>(g_h);
+        go[g.P] = from_acc<T>(g_w);
+        if (grad_mask != nullptr) grad_mask[(s.n * g.OG * g.K + ok) * g.P + p] = from_acc<T>(g_m);
+    }
 }
 
 }  // namespace dfa
 
 // ---------------------------------------------------------------------------------------
-// Forward and backward: columns.
-// cols[(c*K + k)*L + l] = m * X_c(h, w) for q = q0 + l. One thread per entry, l fastest,
-// so that the writes and the reads of offset and mask are coalesced.
-template <typename T>
-__global__ void deform_conv_im2col(const T* __restrict__ input, const T* __restrict__ offset,
-                                   const T* __restrict__ mask, acc_t<T>* __restrict__ cols,
-                                   DFA_GEOM_PARAMS, i64 q0, i64 L) {
-    typedef acc_t<T> A;
-    const dfa::ConvGeom g = dfa::make_geom(DFA_GEOM_ARGS);
-    const i64 total = g.C * g.K * L;
-    DFA_GRID_STRIDE_LOOP(idx, total) {
-        const i64 l = idx % L;
-        const i64 ck = idx / L;  // c*K + k
-        const i64 k = ck % g.K;
-        const i64 c = ck / g.K;
-        const i64 q = q0 + l;
-        const i64 n = q / g.P, p = q - n * g.P;
-        const dfa::SamplePoint<T> s = dfa::sample_point(g, offset, mask, n, c / g.Cpg, k, p);
-        A v = A(0);
-        if (dfa::point_valid(s.h, s.w, g.H, g.W)) {
-            v = s.m * dfa::bilinear_sample(input + (n * g.C + c) * g.H * g.W, g.H, g.W, s.h, s.w);
-        }
-        cols[idx] = v;
-    }
-}
+// The kernels: thin entry points, the 32-bit and 64-bit instantiations of the code above.
 
-// Forward: out[n, o, p] = acc[o, l] + bias[o] for q = q0 + l = n*P + p (acc is the (C_out, L)
-// product of the matmuls). bias may be null.
-template <typename T>
-__global__ void deform_conv_store_output(const acc_t<T>* __restrict__ acc,
-                                         const T* __restrict__ bias, T* __restrict__ out,
-                                         i64 C_out, i64 P, i64 q0, i64 L) {
-    typedef acc_t<T> A;
-    const i64 total = C_out * L;
-    DFA_GRID_STRIDE_LOOP(idx, total) {
-        const i64 l = idx % L;
-        const i64 o = idx / L;
-        const i64 q = q0 + l;
-        const i64 n = q / P, p = q - n * P;
-        A v = acc[idx];
-        if (bias != nullptr) v += dfa::to_acc(bias[o]);
-        out[(n * C_out + o) * P + p] = dfa::from_acc<T>(v);
-    }
-}
+#define DFA_TWO_PATHS(name, impl, PARAMS, ARGS)                                                       \
+    template <typename T> __global__ void name##_i32 PARAMS { dfa::impl<T, int> ARGS; }              \
+    template <typename T> __global__ void name##_i64 PARAMS { dfa::impl<T, i64> ARGS; }
 
-// Backward: the chunk's grad_output as a (C_out, L) matrix in the accumulator type,
-// gout[o, l] = grad_output[n, o, p] for q = q0 + l = n*P + p (the inverse of store_output).
-template <typename T>
-__global__ void deform_conv_gather_grad_output(const T* __restrict__ grad_output,
-                                               acc_t<T>* __restrict__ gout, i64 C_out, i64 P,
-                                               i64 q0, i64 L) {
-    const i64 total = C_out * L;
-    DFA_GRID_STRIDE_LOOP(idx, total) {
-        const i64 l = idx % L;
-        const i64 o = idx / L;
-        const i64 q = q0 + l;
-        const i64 n = q / P, p = q - n * P;
-        gout[idx] = dfa::to_acc(grad_output[(n * C_out + o) * P + p]);
-    }
-}
+DFA_TWO_PATHS(deform_conv_to_channels_last, to_channels_last_impl,
+              (const T* __restrict__ input, T* __restrict__ xcl, i64 C_, i64 HW_, i64 n_base, i64 nb),
+              (input, xcl, C_, HW_, n_base, nb))
+
+DFA_TWO_PATHS(deform_conv_from_channels_last, from_channels_last_impl,
+              (const acc_t<T>* __restrict__ gacc, T* __restrict__ out, i64 C_, i64 HW_, i64 n_base, i64 nb),
+              (gacc, out, C_, HW_, n_base, nb))
+
+DFA_TWO_PATHS(deform_conv_im2col, im2col_impl,
+              (const T* __restrict__ xcl, const T* __restrict__ offset, const T* __restrict__ mask,
+               T* __restrict__ colsT, DFA_GEOM_PARAMS, i64 q0, i64 L_, i64 n_base),
+              (xcl, offset, mask, colsT, DFA_GEOM_ARGS, q0, L_, n_base))
+
+DFA_TWO_PATHS(deform_conv_store_output, store_output_impl,
+              (const acc_t<T>* __restrict__ res, const T* __restrict__ bias, T* __restrict__ out, i64 C_out_,
+               i64 P_, i64 q0, i64 L_),
+              (res, bias, out, C_out_, P_, q0, L_))
+
+DFA_TWO_PATHS(deform_conv_gather_grad_output, gather_grad_output_impl,
+              (const T* __restrict__ grad_output, T* __restrict__ goutT, i64 C_out_, i64 P_, i64 q0, i64 L_),
+              (grad_output, goutT, C_out_, P_, q0, L_))
+
+DFA_TWO_PATHS(deform_conv_col2im_atomic, col2im_atomic_impl,
+              (const T* __restrict__ offset, const T* __restrict__ mask, const acc_t<T>* __restrict__ gcolsT,
+               acc_t<T>* __restrict__ gacc, DFA_GEOM_PARAMS, i64 q0, i64 L_, i64 n_base),
+              (offset, mask, gcolsT, gacc, DFA_GEOM_ARGS, q0, L_, n_base))
+
+DFA_TWO_PATHS(deform_conv_col2im_owned, col2im_owned_impl,
+              (const T* __restrict__ offset, const T* __restrict__ mask, const acc_t<T>* __restrict__ gcolsT,
+               acc_t<T>* __restrict__ partial, DFA_GEOM_PARAMS, i64 q0, i64 L_, i64 n_base, i64 nb, i64 S_,
+               i64 LS_),
+              (offset, mask, gcolsT, partial, DFA_GEOM_ARGS, q0, L_, n_base, nb, S_, LS_))
+
+DFA_TWO_PATHS(deform_conv_sum_partials, sum_partials_impl,
+              (const acc_t<T>* __restrict__ partial, acc_t<T>* __restrict__ gacc, i64 count, i64 S),
+              (partial, gacc, count, S))
+
+DFA_TWO_PATHS(deform_conv_coord_grad, coord_grad_impl,
+              (const T* __restrict__ xcl, const T* __restrict__ offset, const T* __restrict__ mask,
+               const acc_t<T>* __restrict__ gcolsT, T* __restrict__ grad_offset, T* __restrict__ grad_mask,
+               DFA_GEOM_PARAMS, i64 q0, i64 L_, i64 n_base),
+              (xcl, offset, mask, gcolsT, grad_offset, grad_mask, DFA_GEOM_ARGS, q0, L_, n_base))
 
 // ---------------------------------------------------------------------------------------
-// Backward: input gradient (col2im), fast path. Each column entry scatters
-// m * gcols[c*K + k, l] times the four bilinear weights into the input planes with atomicAdd
-// on the accumulator type (float or double). grad_in points at image n_base, (nb, C, H, W).
-// Floating-point atomics make the summation order, so the last bits, vary from run to run.
+// Weight-sized conversions (64-bit indices: weight-sized work).
+// wp[(o*K + k)*Cg + cg] = w[(o*Cg + cg)*K + k]: the weight in the columns' order, in T.
 template <typename T>
-__global__ void deform_conv_col2im_atomic(const T* __restrict__ offset,
-                                          const T* __restrict__ mask,
-                                          const acc_t<T>* __restrict__ gcols,
-                                          acc_t<T>* __restrict__ grad_in, DFA_GEOM_PARAMS,
-                                          i64 q0, i64 L, i64 n_base) {
-    typedef acc_t<T> A;
-    const dfa::ConvGeom g = dfa::make_geom(DFA_GEOM_ARGS);
-    const i64 total = g.C * g.K * L;
-    DFA_GRID_STRIDE_LOOP(idx, total) {
-        const i64 l = idx % L;
-        const i64 ck = idx / L;
-        const i64 k = ck % g.K;
-        const i64 c = ck / g.K;
-        const i64 q = q0 + l;
-        const i64 n = q / g.P, p = q - n * g.P;
-        const dfa::SamplePoint<T> s = dfa::sample_point(g, offset, mask, n, c / g.Cpg, k, p);
-        if (!dfa::point_valid(s.h, s.w, g.H, g.W)) continue;  // zero value, zero gradient
-        const A gv = s.m * gcols[idx];
-        const dfa::Corners<A> cr = dfa::bilinear_corners(s.h, s.w, g.H, g.W);
-        A* plane = grad_in + ((n - n_base) * g.C + c) * g.H * g.W;
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            if (cr.idx[t] >= 0) atomicAdd(plane + cr.idx[t], cr.wt[t] * gv);
-        }
+__global__ void deform_conv_permute_weight(const T* __restrict__ w, T* __restrict__ wp, i64 C_out, i64 Cg, i64 K) {
+    DFA_GRID_STRIDE_LOOP(t, C_out * Cg * K) {
+        const i64 okk = t / Cg;
+        const i64 cg = t - okk * Cg;
+        const i64 o = okk / K;
+        const i64 k = okk - o * K;
+        wp[t] = w[(o * Cg + cg) * K + k];
     }
 }
 
-// Backward: input gradient, deterministic path, step 1 of 2.
-// col2im is a sparse matrix product: for offset group og, the input plane of channel c is
-// S_og @ gcols[c], where S_og has one row per input pixel of the chunk's images and one
-// column per (k, l). This kernel lists S_og's entries, four per (og, k, l), as
-//   e = ((og*K + k)*L + l)*4 + t        (t = corner)
-//   keys[e] = row ((og*nb + n - n_base)*H + y)*W + x, or `rows` = OG*nb*H*W (sorts after
-//             every real row) for an invalid point or a corner outside the image,
-//   vals[e] = m * bilinear weight,
-// and counts the entries of each row with integer atomics (whose result does not depend on
-// the order). The launch code then sorts e by key with a stable sort (cupy.argsort) and
-// takes the exclusive prefix sum of the counts as each row's start.
+// grad_w[(o*Cg + cg)*K + k] = from_acc(gwp[(o*K + k)*Cg + cg]): the inverse, cast to T.
 template <typename T>
-__global__ void deform_conv_col2im_coo(const T* __restrict__ offset, const T* __restrict__ mask,
-                                       i64* __restrict__ keys, acc_t<T>* __restrict__ vals,
-                                       unsigned long long* __restrict__ counts, DFA_GEOM_PARAMS,
-                                       i64 q0, i64 L, i64 n_base, i64 nb) {
-    typedef acc_t<T> A;
-    const dfa::ConvGeom g = dfa::make_geom(DFA_GEOM_ARGS);
-    const i64 plane = g.H * g.W;
-    const i64 rows = g.OG * nb * plane;
-    const i64 total = g.OG * g.K * L;
-    DFA_GRID_STRIDE_LOOP(idx, total) {
-        const i64 l = idx % L;
-        const i64 ok = idx / L;  // og*K + k
-        const i64 k = ok % g.K;
-        const i64 og = ok / g.K;
-        const i64 q = q0 + l;
-        const i64 n = q / g.P, p = q - n * g.P;
-        const dfa::SamplePoint<T> s = dfa::sample_point(g, offset, mask, n, og, k, p);
-        if (!dfa::point_valid(s.h, s.w, g.H, g.W)) {  // zero gradient: no entries
-#pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                keys[idx * 4 + t] = rows;
-                vals[idx * 4 + t] = A(0);
-            }
-            continue;
-        }
-        const dfa::Corners<A> cr = dfa::bilinear_corners(s.h, s.w, g.H, g.W);
-        const i64 row0 = (og * nb + (n - n_base)) * plane;
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            const i64 e = idx * 4 + t;
-            if (cr.idx[t] >= 0) {
-                const i64 row = row0 + cr.idx[t];
-                keys[e] = row;
-                vals[e] = s.m * cr.wt[t];
-                atomicAdd(counts + row, 1ull);
-            } else {
-                keys[e] = rows;
-                vals[e] = A(0);
-            }
-        }
+__global__ void deform_conv_unpermute_weight(const acc_t<T>* __restrict__ gwp, T* __restrict__ grad_w, i64 C_out,
+                                             i64 Cg, i64 K) {
+    DFA_GRID_STRIDE_LOOP(t, C_out * Cg * K) {
+        const i64 ock = t / K;
+        const i64 k = t - ock * K;
+        const i64 o = ock / Cg;
+        const i64 cg = ock - o * Cg;
+        grad_w[t] = dfa::from_acc<T>(gwp[(o * K + k) * Cg + cg]);
     }
 }
 
-// Backward: input gradient, deterministic path, step 2 of 2. One thread per input element
-// (n, c, y, x) of the chunk's images (grad_in points at image n_base, (nb, C, H, W)) sums
-// its row's entries in sorted order, which is increasing e (the sort is stable): the same
-// order, hence the same bits, on every run. Each element has exactly one writer, and
-// chunks run one after another, so adding to grad_in needs no atomics.
-//   order: entry numbers e sorted by key; row_start: (rows + 1) row starts into order.
-template <typename T>
-__global__ void deform_conv_col2im_gather(const i64* __restrict__ order,
-                                          const i64* __restrict__ row_start,
-                                          const acc_t<T>* __restrict__ vals,
-                                          const acc_t<T>* __restrict__ gcols,
-                                          acc_t<T>* __restrict__ grad_in, DFA_GEOM_PARAMS,
-                                          i64 L, i64 nb) {
-    typedef acc_t<T> A;
-    const dfa::ConvGeom g = dfa::make_geom(DFA_GEOM_ARGS);
-    const i64 plane = g.H * g.W;
-    const i64 total = nb * g.C * plane;
-    DFA_GRID_STRIDE_LOOP(idx, total) {
-        const i64 yx = idx % plane;
-        const i64 nc = idx / plane;  // (n - n_base)*C + c
-        const i64 c = nc % g.C;
-        const i64 n_local = nc / g.C;
-        const i64 og = c / g.Cpg;
-        const i64 row = (og * nb + n_local) * plane + yx;
-        const i64 r0 = row_start[row], r1 = row_start[row + 1];
-        if (r0 == r1) continue;  // untouched by this chunk (common when it is part of an image)
-        const A* gcol_c = gcols + c * g.K * L;
-        const i64 first_col = og * g.K * L;  // e/4 - first_col = k*L + l
-        A acc = A(0);
-        for (i64 r = r0; r < r1; ++r) {
-            const i64 e = order[r];
-            acc += vals[e] * gcol_c[e / 4 - first_col];
-        }
-        grad_in[idx] += acc;
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Backward: offset and mask gradients. One thread per (og, k, l) gathers over the channels
-// of offset group og (no atomics, so deterministic in both modes):
-//   grad dy = m * sum_c gcols[c*K + k, l] * dX_c/dh,  grad dx likewise with dX_c/dw,
-//   grad m  =     sum_c gcols[c*K + k, l] * X_c(h, w),
-// all zero for an invalid point. grad_mask may be null (no mask).
-template <typename T>
-__global__ void deform_conv_coord_grad(const T* __restrict__ input, const T* __restrict__ offset,
-                                       const T* __restrict__ mask,
-                                       const acc_t<T>* __restrict__ gcols,
-                                       T* __restrict__ grad_offset, T* __restrict__ grad_mask,
-                                       DFA_GEOM_PARAMS, i64 q0, i64 L) {
-    typedef acc_t<T> A;
-    const dfa::ConvGeom g = dfa::make_geom(DFA_GEOM_ARGS);
-    const i64 plane = g.H * g.W;
-    const i64 total = g.OG * g.K * L;
-    DFA_GRID_STRIDE_LOOP(idx, total) {
-        const i64 l = idx % L;
-        const i64 ok = idx / L;  // og*K + k
-        const i64 k = ok % g.K;
-        const i64 og = ok / g.K;
-        const i64 q = q0 + l;
-        const i64 n = q / g.P, p = q - n * g.P;
-        const dfa::SamplePoint<T> s = dfa::sample_point(g, offset, mask, n, og, k, p);
-        A g_h = A(0), g_w = A(0), g_m = A(0);
-        if (dfa::point_valid(s.h, s.w, g.H, g.W)) {
-            for (i64 ci = 0; ci < g.Cpg; ++ci) {
-                const i64 c = og * g.Cpg + ci;
-                const A gv = gcols[(c * g.K + k) * L + l];
-                A val, d_h, d_w;
-                dfa::bilinear_sample_grad(input + (n * g.C + c) * plane, g.H, g.W, s.h, s.w,
-                                          &val, &d_h, &d_w);
-                g_h += gv * d_h;
-                g_w += gv * d_w;
-                g_m += gv * val;
-            }
-            g_h *= s.m;
-            g_w *= s.m;
-        }
-        T* go = grad_offset + (n * 2 * g.OG * g.K + 2 * ok) * g.P + p;
-        go[0] = dfa::from_acc<T>(g_h);
-        go[g.P] = dfa::from_acc<T>(g_w);
-        if (grad_mask != nullptr) grad_mask[(n * g.OG * g.K + ok) * g.P + p] = dfa::from_acc<T>(g_m);
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Elementwise conversions between the element and the accumulator type (weight in,
-// gradients out), written here so that no CuPy elementwise kernel ever has to handle a
-// 16-bit type (CuPy's need cuda_fp16.h / cuda_bf16.h at run time).
-template <typename T>
-__global__ void deform_conv_to_acc(const T* __restrict__ src, acc_t<T>* __restrict__ dst, i64 n) {
-    DFA_GRID_STRIDE_LOOP(i, n) { dst[i] = dfa::to_acc(src[i]); }
-}
-
+// Elementwise conversion from the accumulator type (grad bias), written here so that no
+// CuPy elementwise kernel ever has to handle a 16-bit type (CuPy's need cuda_fp16.h /
+// cuda_bf16.h at run time).
 template <typename T>
 __global__ void deform_conv_from_acc(const acc_t<T>* __restrict__ src, T* __restrict__ dst, i64 n) {
     DFA_GRID_STRIDE_LOOP(i, n) { dst[i] = dfa::from_acc<T>(src[i]); }
+}
+
+// grad_bias[o] += sum over l of goutT[l, o], l = 0 first (one thread per o: a fixed order).
+template <typename T>
+__global__ void deform_conv_bias_grad(const T* __restrict__ goutT, acc_t<T>* __restrict__ gb, i64 C_out, i64 L) {
+    typedef acc_t<T> A;
+    DFA_GRID_STRIDE_LOOP(o, C_out) {
+        A s = A(0);
+        for (i64 l = 0; l < L; ++l) s += dfa::to_acc(goutT[l * C_out + o]);
+        gb[o] += s;
+    }
 }

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _config
 from . import _loader
 
 BLOCK = 256
@@ -42,6 +43,112 @@ class CupyBackend:
 
     def to_host(self, a: Any) -> np.ndarray:
         return self.xp.asnumpy(a)  # synchronises with the current stream
+
+    def gemm(self, a: Any, b: Any, c: Any, trans_a: bool = False, trans_b: bool = False, beta: float = 0.0) -> None:
+        """``c = op(a) @ op(b) + beta * c`` by cuBLAS GemmEx on the current stream (see :func:`gemm`)."""
+        import cupy
+        from cupy.cuda import cublas
+
+        m, n = c.shape
+        k = a.shape[0] if trans_a else a.shape[1]
+        compute = _compute_type(a.dtype, c.dtype)
+        scalar = np.float64 if compute == _CUBLAS_COMPUTE_64F else np.float32
+        alpha_h = np.array(1.0, dtype=scalar)
+        beta_h = np.array(beta, dtype=scalar)
+        handle = cupy.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+        mode = cublas.getPointerMode(handle)
+        cublas.setPointerMode(handle, _CUBLAS_POINTER_MODE_HOST)
+        try:
+            # Row-major c (m, n) is column-major c^T (n, m) = op(b)^T @ op(a)^T: b and a swap
+            # places, and a row-major operand read column-major is its own transpose.
+            cublas.gemmEx(
+                handle,
+                _CUBLAS_OP_T if trans_b else _CUBLAS_OP_N,
+                _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N,
+                n,
+                m,
+                k,
+                alpha_h.ctypes.data,
+                b.data.ptr,
+                _CUDA_DATA_TYPES[b.dtype.name],
+                _ld(b),
+                a.data.ptr,
+                _CUDA_DATA_TYPES[a.dtype.name],
+                _ld(a),
+                beta_h.ctypes.data,
+                c.data.ptr,
+                _CUDA_DATA_TYPES[c.dtype.name],
+                _ld(c),
+                compute,
+                _CUBLAS_GEMM_DEFAULT,
+            )
+        finally:
+            cublas.setPointerMode(handle, mode)
+
+
+# cuBLAS / CUDA enumerators (stable ABI values of cublas_api.h and library_types.h).
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
+_CUBLAS_POINTER_MODE_HOST = 0
+_CUBLAS_GEMM_DEFAULT = -1
+_CUBLAS_COMPUTE_32F, _CUBLAS_COMPUTE_32F_FAST_TF32, _CUBLAS_COMPUTE_64F = 68, 77, 70
+_CUDA_DATA_TYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 14}
+
+
+def _compute_type(operand: Any, result: Any) -> int:
+    """cuBLAS compute type of a product of ``operand``-typed matrices into ``result``: float64
+    in float64; float16 / bfloat16 operands (tensor cores) and float32 ones accumulate in
+    float32, float32 operands rounded to TF32 only when ``_config.get_allow_tf32()``."""
+    name = np.dtype(operand).name
+    if name == "float64":
+        return _CUBLAS_COMPUTE_64F
+    if name == "float32" and _config.get_allow_tf32():
+        return _CUBLAS_COMPUTE_32F_FAST_TF32
+    return _CUBLAS_COMPUTE_32F
+
+
+def _ld(a: Any) -> int:
+    """Leading dimension (row stride in elements) of a row-major 2-D operand with unit inner stride."""
+    if a.ndim != 2 or a.strides[1] != a.itemsize or a.strides[0] % a.itemsize:
+        raise ValueError(f"GEMM operand must be 2-D with unit inner stride, got strides {a.strides}")
+    return max(a.strides[0] // a.itemsize, a.shape[1], 1)
+
+
+def _round_tf32(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to TF32 (10 mantissa bits, nearest even), as tensor cores read them."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    finite = (u & 0x7F800000) != 0x7F800000
+    r = np.where(finite, (u + 0xFFF + ((u >> 13) & 1)) & 0xFFFFE000, u).astype(np.uint32)
+    return r.view(np.float32)
+
+
+def host_gemm(a: Any, b: Any, c: Any, trans_a: bool = False, trans_b: bool = False, beta: float = 0.0) -> None:
+    """The NumPy stand-in of :meth:`CupyBackend.gemm` (the tests' emulation has no cuBLAS):
+    the same dtype semantics, 16-bit operands widened exactly to float32 and multiplied with
+    float32 accumulation into ``c`` (float32), float32 operands rounded to TF32 first when
+    allowed."""
+    x = a.T if trans_a else a
+    y = b.T if trans_b else b
+    acc = np.float64 if np.dtype(a.dtype) == np.float64 else np.float32
+    x = np.asarray(x, dtype=acc)
+    y = np.asarray(y, dtype=acc)
+    if acc == np.float32 and np.dtype(a.dtype) == np.float32 and _config.get_allow_tf32():
+        x, y = _round_tf32(x), _round_tf32(y)
+    prod = np.matmul(x, y)
+    if beta == 0.0:
+        c[...] = prod
+    else:
+        c[...] = prod + c * c.dtype.type(beta)
+
+
+def gemm(be: Any, a: Any, b: Any, c: Any, trans_a: bool = False, trans_b: bool = False, beta: float = 0.0) -> None:
+    """``c = op(a) @ op(b) + beta * c`` for row-major 2-D views with unit inner stride: ``a``
+    and ``b`` of one dtype (float16 / bfloat16 / float32 / float64), ``c`` of the accumulator
+    type (float32, or float64 for float64). cuBLAS GemmEx on CuPy (tensor cores for the
+    16-bit types, fp32 accumulation; TF32 for float32 only when allowed), the NumPy stand-in
+    on a backend without ``gemm``."""
+    fn = getattr(be, "gemm", None)
+    (fn or host_gemm)(a, b, c, trans_a, trans_b, beta)
 
 
 _backends: dict[str, CupyBackend] = {}

@@ -35,14 +35,26 @@ CTYPES: dict[str, str] = {
 # Kernel templates of each file (each is instantiated once per dtype in CTYPES).
 KERNELS: dict[str, tuple[str, ...]] = {
     "deform_conv.cu": (
-        "deform_conv_im2col",
-        "deform_conv_store_output",
-        "deform_conv_gather_grad_output",
-        "deform_conv_col2im_atomic",
-        "deform_conv_col2im_coo",
-        "deform_conv_col2im_gather",
-        "deform_conv_coord_grad",
-        "deform_conv_to_acc",
+        "deform_conv_to_channels_last_i32",
+        "deform_conv_to_channels_last_i64",
+        "deform_conv_from_channels_last_i32",
+        "deform_conv_from_channels_last_i64",
+        "deform_conv_im2col_i32",
+        "deform_conv_im2col_i64",
+        "deform_conv_store_output_i32",
+        "deform_conv_store_output_i64",
+        "deform_conv_gather_grad_output_i32",
+        "deform_conv_gather_grad_output_i64",
+        "deform_conv_col2im_atomic_i32",
+        "deform_conv_col2im_atomic_i64",
+        "deform_conv_col2im_owned_i32",
+        "deform_conv_col2im_owned_i64",
+        "deform_conv_sum_partials_i32",
+        "deform_conv_sum_partials_i64",
+        "deform_conv_coord_grad_i32",
+        "deform_conv_coord_grad_i64",
+        "deform_conv_permute_weight",
+        "deform_conv_unpermute_weight",
         "deform_conv_from_acc",
     ),
     "roi_pool.cu": (
@@ -198,6 +210,19 @@ def get_module(filename: str, dtype: Any):
     return module
 
 
+_kernels: dict[tuple[int, str, str, str], Any] = {}
+
+
 def get_kernel(filename: str, kernel: str, dtype: Any):
-    """The ``cupy.RawKernel`` of template ``kernel`` in ``filename`` instantiated for ``dtype``."""
-    return get_module(filename, dtype).get_function(name_expression(kernel, dtype_name(dtype)))
+    """The ``cupy.RawKernel`` of template ``kernel`` in ``filename`` instantiated for ``dtype``
+    on the current device, memoised per ``(device, file, kernel, dtype)``: a launch costs a
+    dictionary look-up, not a new kernel object."""
+    import cupy
+
+    key = (cupy.cuda.runtime.getDevice(), filename, kernel, getattr(dtype, "name", None) or dtype_name(dtype))
+    fn = _kernels.get(key)
+    if fn is None:
+        name = dtype_name(dtype)
+        fn = get_module(filename, name).get_function(name_expression(kernel, name))
+        _kernels[key] = fn
+    return fn

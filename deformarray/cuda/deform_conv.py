@@ -1,45 +1,49 @@
 """CUDA deformable convolution: launch code for the kernels of ``kernels_cu/deform_conv.cu``.
 
 Called by ``deformarray._api`` with arguments that ``_validate.conv_params`` has already
-checked. Same algorithm as the CPU backend, on the GPU:
+checked. The kernel file's header describes the design; in short:
 
 * The flattened (image, output pixel) range ``q = n*P + p`` (``P = H_out*W_out``) is cut
   into chunks whose temporary buffers fit ``_config.get_workspace_limit()`` bytes: whole
-  images when at least one fits, otherwise pieces of one image (down to one output pixel).
-* Forward, per chunk of ``L`` pixels: ``deform_conv_im2col`` samples the ``(C_in*kh*kw, L)``
-  column matrix; one cuBLAS GEMM per group (``cupy.matmul``) gives ``(C_out, L)``;
-  ``deform_conv_store_output`` adds the bias and writes the ``(N, C_out, H_out, W_out)``
-  output.
-* Backward, per chunk: the columns are recomputed; ``grad_weight += grad_out @ cols^T`` and
-  ``grad_bias += sum(grad_out)`` (cuBLAS / CuPy reductions); the same buffer then receives
-  ``grad_cols = W^T @ grad_out``; ``deform_conv_coord_grad`` gathers the offset and mask
-  gradients over the channels of each offset group (one thread per output value: no
-  atomics); the input gradient is scattered back by col2im:
+  images when at least one fits, otherwise pieces of one image (at least 512 pixels, see
+  ``_chunking``).
+* Each image is copied channels-last once (``deform_conv_to_channels_last``); one thread per
+  sample point computes the point and its corner weights once and loops over its offset
+  group's channels (``deform_conv_im2col``), writing the transposed columns ``(L, C_in*K)``
+  in the input's dtype. Products are cuBLAS GemmEx calls (``_launch.gemm``): float16 /
+  bfloat16 operands on tensor cores with float32 accumulation and results; float32 in strict
+  fp32 unless ``deformarray.set_allow_tf32(True)`` (the torch adapter follows
+  ``torch.backends.cuda.matmul.allow_tf32``); float64 in float64.
+* Forward per chunk: im2col, one GEMM per group into ``(L, C_out)``,
+  ``deform_conv_store_output`` (bias, layout, cast).
+* Backward per chunk: ``grad_out^T`` gathered in the input's dtype; ``grad_bias += 1 @ grad_out^T``
+  and ``grad_weight += grad_out^T' @ cols`` (GEMMs accumulating in float32 / float64); the
+  columns' memory then receives ``grad_cols = grad_out^T @ W`` in the accumulator type;
+  ``deform_conv_coord_grad`` (one thread per point, channels in order: deterministic in both
+  modes) gives the offset and mask gradients; the input gradient is accumulated
+  channels-last in the accumulator type and written out when an image is complete:
 
-  - ``deterministic=False`` (default): ``deform_conv_col2im_atomic``, floating-point
-    ``atomicAdd`` of each sample's four bilinear contributions (float32 for float16 /
-    bfloat16 inputs, into a float32 buffer cast at the end). Fast; the order of the
-    additions, so the last bits of ``grad_input``, varies from run to run.
-  - ``deterministic=True``: col2im as a sparse-matrix product evaluated in a fixed order.
-    ``deform_conv_col2im_coo`` lists the (input pixel, column entry, weight) triples of each
-    offset group, ``cupy.argsort`` (a stable radix sort) groups them by input pixel keeping
-    the entry order, a prefix sum of integer counts gives each pixel's range, and
-    ``deform_conv_col2im_gather`` has one thread per input element add its range in that
-    order. Same bits on every run (on the same GPU model and CUDA/CuPy versions, which
-    cuBLAS's own reproducibility guarantee also assumes), with the same rounding as a
-    sequential sum. Cost: the sort and the index buffers; expect the col2im step to take a
-    few times longer than the atomic version and the whole backward roughly 1.3-2x (an
-    estimate: not yet measured on a GPU), and ``4*G*kh*kw*(48 + itemsize)`` more workspace
-    bytes per output pixel (G = offset groups), which shrinks the chunks.
+  - ``deterministic=False`` (default): ``deform_conv_col2im_atomic``, one thread per point,
+    floating-point ``atomicAdd`` on the corners of each channel. The order of the additions,
+    so the last bits of ``grad_input``, varies from run to run.
+  - ``deterministic=True``: the chunk's pixels are cut into ``S`` sub-chunks; one thread per
+    (sub-chunk, channel) is the only writer of that channel of a partial buffer and adds its
+    points in a fixed order (``deform_conv_col2im_owned``); ``deform_conv_sum_partials`` adds
+    the partials in order. No atomics, no sort, nothing read back: the same bits on every run
+    for the same inputs, workspace bound and device (cuBLAS's own reproducibility
+    assumption). ``S`` is the smallest giving about ``_DET_THREADS`` threads, with at least
+    ``_DET_MIN_PIXELS`` pixels each, within what the bound leaves after the chunk (``S = 1``
+    needs no buffer). Cost model: docs/cuda.md.
 
-  Everything else in the backward (GEMMs, reductions, coordinate gradients) is
-  deterministic in both modes.
+Workspace per chunk of ``L`` pixels and ``nb`` images (``t`` = the dtype's bytes, ``a`` = the
+accumulator's): forward ``L*(C_in*K*t + C_out*a) + nb*C_in*H*W*t``; backward
+``L*(C_in*K*a + C_out*t) + nb*C_in*H*W*(t + a)`` (plus ``L*(t + a)`` with a bias) and, in
+deterministic mode, ``S - 1`` more accumulators when they fit; the permuted weight and the
+weight gradient's accumulator (weight-sized) are not counted.
 
-dtypes: float32, float64 compute in their own type; float16 and bfloat16 are loaded and
-stored as 16-bit and computed in float32 (columns, GEMMs and accumulators are float32).
-All kernels run on CuPy's current stream of the inputs' device, with no host
-synchronisation. Indices are 64-bit throughout; the only 32-bit limit is cuBLAS's (a GEMM
-dimension below 2**31), which the chunking respects.
+Index arithmetic is 32-bit when every array, buffer and work range of a launch has fewer
+than 2**31 elements (kernels ``*_i32``), else 64-bit (``*_i64``). All kernels run on CuPy's
+current stream of the inputs' device, with no host synchronisation.
 
 Nothing in this module or in deform_conv.cu has been run on a GPU yet: see docs/cuda.md.
 """
@@ -56,18 +60,21 @@ from .._chunking import pixels_per_chunk
 from ._launch import acc_dtype as _acc_dtype
 from ._launch import backend as _launch_backend
 from ._launch import contiguous as _contiguous
+from ._launch import gemm as _gemm
 from ._launch import i64 as _i64
 from ._launch import same_device as _same_device
 
 _FILE = "deform_conv.cu"
 _MAX_GEMM_DIM = 2**31 - 1  # cuBLAS takes int dimensions
-# Bytes per col2im entry in deterministic mode, beyond its value: int64 key, plus what
-# cupy.argsort allocates (a copy of the keys, the int64 result, and the radix sort's double
-# buffers of keys and indices), rounded up.
-_DET_BYTES_PER_ENTRY = 48
-# Bytes per row (input pixel of an offset group) in deterministic mode: int64 counts, int64
-# row starts and the prefix sum's temporary.
-_DET_BYTES_PER_ROW = 24
+# Largest element count that the kernels' 32-bit index path takes (a test lowers it to run
+# the 64-bit path on small arrays).
+_INDEX32_MAX = 2**31 - 1
+# Deterministic input gradient: sub-chunks are added until about this many threads run (one
+# per (sub-chunk, channel)), as far as the workspace bound leaves room for their buffers.
+_DET_THREADS = 1 << 17
+# ... but each sub-chunk has at least this many pixels (or the chunk's all): fewer would add
+# partial buffers (an image-sized accumulator each) for little work.
+_DET_MIN_PIXELS = 64
 
 
 def _backend() -> Any:
@@ -78,10 +85,15 @@ def _backend() -> Any:
 # Helpers
 
 
+def _suffix(*sizes: int) -> str:
+    """``_i32`` when every size fits 32-bit index arithmetic, else ``_i64``."""
+    return "_i32" if max(sizes) <= _INDEX32_MAX else "_i64"
+
+
 def _geom_args(p: Any) -> tuple:
     """The kernels' DFA_GEOM_PARAMS, in order."""
     (sh, sw), (ph, pw), (dh, dw) = p.stride, p.padding, p.dilation
-    return _i64(p.c_in, p.h, p.w, p.kh, p.kw, sh, sw, ph, pw, dh, dw, p.h_out, p.w_out, p.offset_groups)
+    return _i64(p.c_in, p.h, p.w, p.kh, p.kw, sh, sw, ph, pw, dh, dw, p.h_out, p.w_out, p.offset_groups, p.groups)
 
 
 class _Chunk(NamedTuple):
@@ -124,14 +136,13 @@ def _check_sizes(p: Any) -> None:
         )
 
 
-def _weight_acc(be: Any, weight: Any, acc: np.dtype, p: Any) -> Any:
-    """The weight as a (groups, C_out/groups, C_in/groups*kh*kw) array of the accumulator type."""
-    shape = (p.groups, p.c_out // p.groups, (p.c_in // p.groups) * p.k)
-    if weight.dtype == acc:
-        return weight.reshape(shape)
-    w = be.xp.empty(shape, dtype=acc)
-    be.launch("deform_conv_to_acc", weight.dtype, weight.size, (weight, w, np.int64(weight.size)))
-    return w
+def _permuted_weight(be: Any, weight: Any, p: Any) -> Any:
+    """The weight as ``(C_out, kh*kw*C_in/groups)`` in its own dtype, column ``k*Cg + cg``:
+    the order of the columns' rows (deform_conv.cu)."""
+    cg = p.c_in // p.groups
+    wp = be.xp.empty((p.c_out, p.k * cg), dtype=weight.dtype)
+    be.launch("deform_conv_permute_weight", weight.dtype, weight.size, (weight, wp) + _i64(p.c_out, cg, p.k))
+    return wp
 
 
 def _from_acc(be: Any, src: Any, dtype: Any) -> Any:
@@ -141,6 +152,21 @@ def _from_acc(be: Any, src: Any, dtype: Any) -> Any:
     out = be.xp.empty(src.shape, dtype=dtype)
     be.launch("deform_conv_from_acc", dtype, src.size, (src, out, np.int64(src.size)))
     return out
+
+
+def _channels_last(be: Any, input: Any, p: Any, ch: _Chunk, sfx: str) -> Any:
+    """Images ``n0 .. n0+nb-1`` of ``input`` as ``(nb, H*W, C)`` in their own dtype."""
+    plane = p.h * p.w
+    xcl = be.xp.empty((ch.nb, plane, p.c_in), dtype=input.dtype)
+    be.launch(
+        "deform_conv_to_channels_last" + sfx, input.dtype, xcl.size, (input, xcl) + _i64(p.c_in, plane, ch.n0, ch.nb)
+    )
+    return xcl
+
+
+def _block(a: Any, g: int, width: int) -> Any:
+    """Columns ``g*width .. (g+1)*width - 1`` of a 2-D array (a strided view)."""
+    return a[:, g * width : (g + 1) * width]
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,24 +190,41 @@ def _forward(be, p, input, offset, weight, bias, mask):
     if p.n == 0:
         return out
     input, offset, weight, bias, mask = (_contiguous(be, a) for a in (input, offset, weight, bias, mask))
-    w = _weight_acc(be, weight, acc, p)
+    wp = _permuted_weight(be, weight, p)
     geom = _geom_args(p)
     pixels = p.h_out * p.w_out
     ck = p.c_in * p.k
-    ckg = ck // p.groups
+    kcg = ck // p.groups
     og = p.c_out // p.groups
-    per_pixel = (ck + p.c_out) * acc.itemsize  # columns + GEMM result
+    per_pixel = ck * dtype.itemsize + p.c_out * acc.itemsize  # columns + GEMM result
+    per_image = p.c_in * p.h * p.w * dtype.itemsize  # the channels-last copy
     mask_arg = mask if mask is not None else be.null
     bias_arg = bias if bias is not None else be.null
-    for ch in _plan(p.n, pixels, per_pixel, 0, _config.get_workspace_limit()):
+    chunks = list(_plan(p.n, pixels, per_pixel, per_image, _config.get_workspace_limit(), "the channels-last copy"))
+    longest = max(c.length for c in chunks)
+    sizes = (input.size, offset.size, mask.size if mask is not None else 0, out.size)
+    sfx = _suffix(*sizes, longest * ck, longest * p.c_out, p.offset_groups * p.k * longest)
+    xcl = None
+    for ch in chunks:
         L = ch.length
-        cols = xp.empty((ck, L), dtype=acc)
-        be.launch("deform_conv_im2col", dtype, ck * L, (input, offset, mask_arg, cols) + geom + _i64(ch.q0, L))
-        res = xp.empty((p.c_out, L), dtype=acc)
-        for g in range(p.groups):
-            xp.matmul(w[g], cols[g * ckg : (g + 1) * ckg], out=res[g * og : (g + 1) * og])
+        if ch.starts_image:
+            xcl = None
+            xcl = _channels_last(be, input, p, ch, sfx)
+        cols = xp.empty((L, ck), dtype=dtype)
         be.launch(
-            "deform_conv_store_output", dtype, p.c_out * L, (res, bias_arg, out) + _i64(p.c_out, pixels, ch.q0, L)
+            "deform_conv_im2col" + sfx,
+            dtype,
+            p.offset_groups * p.k * L,
+            (xcl, offset, mask_arg, cols) + geom + _i64(ch.q0, L, ch.n0),
+        )
+        res = xp.empty((L, p.c_out), dtype=acc)
+        for g in range(p.groups):
+            _gemm(be, _block(cols, g, kcg), wp[g * og : (g + 1) * og], _block(res, g, og), trans_b=True)
+        be.launch(
+            "deform_conv_store_output" + sfx,
+            dtype,
+            p.c_out * L,
+            (res, bias_arg, out) + _i64(p.c_out, pixels, ch.q0, L),
         )
         # free before the next chunk allocates its own (a rebinding frees only after it)
         del cols, res
@@ -195,9 +238,10 @@ def _forward(be, p, input, offset, weight, bias, mask):
 def backward(p, grad_output, input, offset, weight, bias, mask, deterministic=False):
     """Gradients ``(input, offset, weight, bias or None, mask or None)`` on CuPy arrays.
 
-    ``deterministic=True`` computes the input gradient by a fixed-order sparse gather
-    instead of floating-point atomics (same bits on every run; see the module docstring
-    for the method and its cost). The other gradients are deterministic in both modes.
+    ``deterministic=True`` computes the input gradient with one owner per (sub-chunk,
+    channel) instead of floating-point atomics (same bits on every run; see the module
+    docstring for the method and its cost). The other gradients are deterministic in both
+    modes.
     """
     be = _backend()
     _same_device(dict(grad_output=grad_output, input=input, offset=offset, weight=weight, bias=bias, mask=mask))
@@ -205,137 +249,140 @@ def backward(p, grad_output, input, offset, weight, bias, mask, deterministic=Fa
         return _backward(be, p, grad_output, input, offset, weight, bias, mask, bool(deterministic))
 
 
-def _zeros(xp, shape, dtype):
-    # cupy.zeros is a memset (no elementwise kernel), so it is safe for 16-bit types too.
-    return xp.zeros(shape, dtype=dtype)
-
-
 def _backward(be, p, grad_output, input, offset, weight, bias, mask, deterministic):
     xp = be.xp
     _check_sizes(p)
     dtype = input.dtype
     acc = _acc_dtype(dtype)
-    half = acc != dtype
     ck = p.c_in * p.k
-    ckg = ck // p.groups
+    kcg = ck // p.groups
     og = p.c_out // p.groups
     pixels = p.h_out * p.w_out
     plane = p.h * p.w
+    image = p.c_in * plane
 
-    grad_input = _zeros(xp, (p.n, p.c_in, p.h, p.w), dtype)
+    grad_input = xp.empty((p.n, p.c_in, p.h, p.w), dtype=dtype)
     grad_offset = xp.empty(offset.shape, dtype=dtype)
     grad_mask = xp.empty(mask.shape, dtype=dtype) if mask is not None else None
-    gw = _zeros(xp, (p.groups, og, ckg), acc)
-    gb = _zeros(xp, (p.c_out,), acc) if bias is not None else None
+    gwp = xp.zeros((p.c_out, kcg), dtype=acc)  # grad weight in the permuted order
+    gb = xp.zeros((1, p.c_out), dtype=acc) if bias is not None else None
 
     if p.n > 0:
         grad_output, input, offset, weight, mask = (
             _contiguous(be, a) for a in (grad_output, input, offset, weight, mask)
         )
-        w = _weight_acc(be, weight, acc, p)
+        wp = _permuted_weight(be, weight, p)
         geom = _geom_args(p)
         mask_arg = mask if mask is not None else be.null
         grad_mask_arg = grad_mask if grad_mask is not None else be.null
-        entries_per_pixel = 4 * p.offset_groups * p.k  # col2im entries (deterministic mode)
-        per_pixel = (ck + p.c_out) * acc.itemsize  # columns / grad columns + grad_out
-        per_image = 0
-        if half:
-            per_image += p.c_in * plane * 4  # float32 input-gradient accumulator
-        if deterministic:
-            per_pixel += entries_per_pixel * (acc.itemsize + _DET_BYTES_PER_ENTRY)
-            per_image += p.offset_groups * plane * _DET_BYTES_PER_ROW
-        gin_acc = None
-        parts = ["the image's float32 input-gradient accumulator"] if half else []
-        parts += ["the image's deterministic row offsets"] if deterministic else []
-        what = " and ".join(parts) or "no per-image buffer"
-        for ch in _plan(p.n, pixels, per_pixel, per_image, _config.get_workspace_limit(), what):
+        # columns, then (same memory) grad columns in A; grad_out^T; the bias' ones vector
+        per_pixel = ck * acc.itemsize + p.c_out * dtype.itemsize
+        per_pixel += (dtype.itemsize + acc.itemsize) if bias is not None else 0
+        per_image = image * (dtype.itemsize + acc.itemsize)  # channels-last input, grad accumulator
+        limit = _config.get_workspace_limit()
+        what = "the image's channels-last copy and input-gradient accumulator"
+        chunks = list(_plan(p.n, pixels, per_pixel, per_image, limit, what))
+        longest = max(c.length for c in chunks)
+        nb_max = max(c.nb for c in chunks)
+        sizes = (input.size, offset.size, mask.size if mask is not None else 0, grad_output.size)
+        sfx = _suffix(*sizes, longest * ck, longest * p.c_out, p.offset_groups * p.k * longest, nb_max * image)
+        ones = None
+        if bias is not None:
+            ones = _from_acc(be, xp.ones((1, longest), dtype=acc), dtype)
+        xcl = gacc = None
+        for ch in chunks:
             L = ch.length
-            q_args = _i64(ch.q0, L)
-            # grad_out as (C_out, L) in the accumulator type
-            gout = xp.empty((p.c_out, L), dtype=acc)
+            q_args = _i64(ch.q0, L, ch.n0)
+            if ch.starts_image:
+                xcl = gacc = None
+                xcl = _channels_last(be, input, p, ch, sfx)
+                gacc = xp.zeros((ch.nb, plane, p.c_in), dtype=acc)
+            # grad_out^T (L, C_out) in T; grad bias += ones @ grad_out^T
+            gout = xp.empty((L, p.c_out), dtype=dtype)
             be.launch(
-                "deform_conv_gather_grad_output",
+                "deform_conv_gather_grad_output" + sfx,
                 dtype,
                 p.c_out * L,
                 (grad_output, gout) + _i64(p.c_out, pixels, ch.q0, L),
             )
             if gb is not None:
-                gb += gout.sum(axis=1)
-            # columns -> grad weight; then the same buffer holds the grad columns
-            cols = xp.empty((ck, L), dtype=acc)
-            be.launch("deform_conv_im2col", dtype, ck * L, (input, offset, mask_arg, cols) + geom + q_args)
-            for g in range(p.groups):
-                gw[g] += xp.matmul(gout[g * og : (g + 1) * og], cols[g * ckg : (g + 1) * ckg].T)
-            gcols = cols
-            for g in range(p.groups):
-                xp.matmul(w[g].T, gout[g * og : (g + 1) * og], out=gcols[g * ckg : (g + 1) * ckg])
-            del gout
-            # offset / mask gradients: gather over channels, one writer per value
+                _gemm(be, ones[:, :L], gout, gb, beta=1.0)
+            # columns in T -> grad weight; the same memory then holds the grad columns in A
+            buf = xp.empty((L * ck * acc.itemsize,), dtype=np.uint8)
+            cols = buf[: L * ck * dtype.itemsize].view(dtype).reshape(L, ck)
             be.launch(
-                "deform_conv_coord_grad",
+                "deform_conv_im2col" + sfx,
                 dtype,
                 p.offset_groups * p.k * L,
-                (input, offset, mask_arg, gcols, grad_offset, grad_mask_arg) + geom + q_args,
+                (xcl, offset, mask_arg, cols) + geom + q_args,
             )
-            # input gradient, accumulated in the accumulator type over images n0 .. n0+nb-1
-            if half:
-                if ch.starts_image:
-                    gin_acc = _zeros(xp, (ch.nb, p.c_in, p.h, p.w), np.float32)
-                target = gin_acc
-            else:
-                target = grad_input[ch.n0 : ch.n0 + ch.nb]
+            for g in range(p.groups):
+                gw_g = gwp[g * og : (g + 1) * og]
+                _gemm(be, _block(gout, g, og), _block(cols, g, kcg), gw_g, trans_a=True, beta=1.0)
+            del cols
+            gcols = buf.view(acc).reshape(L, ck)
+            for g in range(p.groups):
+                _gemm(be, _block(gout, g, og), wp[g * og : (g + 1) * og], _block(gcols, g, kcg))
+            del gout
+            # offset / mask gradients: one thread per point, channels in order
+            be.launch(
+                "deform_conv_coord_grad" + sfx,
+                dtype,
+                p.offset_groups * p.k * L,
+                (xcl, offset, mask_arg, gcols, grad_offset, grad_mask_arg) + geom + q_args,
+            )
+            # input gradient, channels-last in A over images n0 .. n0+nb-1
             if deterministic:
-                _col2im_deterministic(be, p, dtype, acc, offset, mask_arg, gcols, target, geom, ch)
+                used = per_pixel * L + per_image * ch.nb
+                _col2im_deterministic(be, p, dtype, acc, offset, mask_arg, gcols, gacc, geom, ch, limit - used, sfx)
             else:
                 be.launch(
-                    "deform_conv_col2im_atomic",
+                    "deform_conv_col2im_atomic" + sfx,
                     dtype,
-                    ck * L,
-                    (offset, mask_arg, gcols, target) + geom + q_args + _i64(ch.n0),
+                    p.offset_groups * p.k * L,
+                    (offset, mask_arg, gcols, gacc) + geom + q_args,
                 )
-            # target may hold the last image's accumulator: let it go before the next one
-            del cols, gcols, target
-            if half and ch.ends_image:
+            del buf, gcols
+            if ch.ends_image:
                 be.launch(
-                    "deform_conv_from_acc",
+                    "deform_conv_from_channels_last" + sfx,
                     dtype,
-                    gin_acc.size,
-                    (gin_acc, grad_input[ch.n0 : ch.n0 + ch.nb], np.int64(gin_acc.size)),
+                    gacc.size,
+                    (gacc, grad_input) + _i64(p.c_in, plane, ch.n0, ch.nb),
                 )
-                gin_acc = None
+                xcl = gacc = None
 
-    grad_weight = _from_acc(be, gw.reshape(weight.shape), dtype)
-    grad_bias = _from_acc(be, gb, dtype) if gb is not None else None
+    grad_weight = xp.empty(weight.shape, dtype=dtype)
+    cg = p.c_in // p.groups
+    be.launch("deform_conv_unpermute_weight", dtype, gwp.size, (gwp, grad_weight) + _i64(p.c_out, cg, p.k))
+    grad_bias = _from_acc(be, gb.reshape(p.c_out), dtype) if gb is not None else None
     return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
 
 
-def _col2im_deterministic(be, p, dtype, acc, offset, mask_arg, gcols, target, geom, ch):
-    """Input gradient of one chunk as a sparse product summed in a fixed order (see the
-    comments of deform_conv_col2im_coo / deform_conv_col2im_gather)."""
-    xp = be.xp
+def _col2im_deterministic(be, p, dtype, acc, offset, mask_arg, gcols, gacc, geom, ch, room, sfx):
+    """Input gradient of one chunk with one owner per (sub-chunk, channel) (see
+    deform_conv_col2im_owned): ``S`` sub-chunks, as many as give about ``_DET_THREADS``
+    threads with sub-chunks of at least ``_DET_MIN_PIXELS`` pixels and whose partial buffers
+    fit ``room`` bytes (``S = 1`` adds to ``gacc`` directly, with no buffer)."""
     L = ch.length
-    rows = p.offset_groups * ch.nb * p.h * p.w
-    entries = 4 * p.offset_groups * p.k * L
-    keys = xp.empty((entries,), dtype=np.int64)
-    vals = xp.empty((entries,), dtype=acc)
-    counts = _zeros(xp, (rows,), np.int64)
+    count = gacc.size  # nb * H*W * C
+    fit = max(room, 0) // (count * acc.itemsize)
+    s = max(1, min(-(-L // _DET_MIN_PIXELS), -(-_DET_THREADS // p.c_in), fit))
+    if s < 2:
+        s = 1
+    ls = -(-L // s)
+    s = -(-L // ls)
+    partial = gacc if s == 1 else be.xp.zeros((s,) + gacc.shape, dtype=acc)
+    if s * count > _INDEX32_MAX:
+        sfx = "_i64"
     be.launch(
-        "deform_conv_col2im_coo",
+        "deform_conv_col2im_owned" + sfx,
         dtype,
-        p.offset_groups * p.k * L,
-        (offset, mask_arg, keys, vals, counts) + geom + _i64(ch.q0, L, ch.n0, ch.nb),
+        s * p.c_in,
+        (offset, mask_arg, gcols, partial) + geom + _i64(ch.q0, L, ch.n0, ch.nb, s, ls),
     )
-    order = be.argsort_stable(keys)  # entries of each row stay in increasing entry order
-    del keys
-    row_start = _zeros(xp, (rows + 1,), np.int64)
-    row_start[1:] = xp.cumsum(counts)  # exclusive prefix sum: row r is order[start[r]:start[r+1]]
-    del counts
-    be.launch(
-        "deform_conv_col2im_gather",
-        dtype,
-        ch.nb * p.c_in * p.h * p.w,
-        (order, row_start, vals, gcols, target) + geom + _i64(L, ch.nb),
-    )
+    if s > 1:
+        be.launch("deform_conv_sum_partials" + sfx, dtype, count, (partial, gacc) + _i64(count, s))
 
 
 __all__ = ["forward", "backward"]
