@@ -529,3 +529,171 @@ def test_launch_code_allocates_within_the_workspace_bound(backend, deterministic
             assert bwd.peak - results <= limit + weight_acc + grad_weight_acc, (limit, bwd.peak, results)
     # unbounded (256 MiB) takes the whole batch at once: the bound is what kept them small
     assert min(peaks[None]) > 3.5 * 100_000, peaks
+
+
+# ---------------------------------------------------------------------------------------
+# The kernels of issue 14: index paths, deterministic sub-chunks, GemmEx dtypes, TF32.
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_index_paths_are_bitwise_equal(backend, dtype, deterministic, monkeypatch):
+    """The _i64 kernels (taken here for every launch by lowering the 32-bit limit) give the
+    bits of the _i32 ones; a recording shows which path each launch took."""
+    rng = np.random.default_rng(41)
+    arrays, geometry = _case(rng, spread=3.0)
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape)
+    launched = []
+    real = backend.launch
+
+    def recording(kernel, *args):
+        launched.append(kernel)
+        return real(kernel, *args)
+
+    monkeypatch.setattr(backend, "launch", recording)
+    out32, grads32 = _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dtype), deterministic)
+    assert any(k.endswith("_i32") for k in launched) and not any(k.endswith("_i64") for k in launched)
+    launched.clear()
+    monkeypatch.setattr(cuda_deform_conv, "_INDEX32_MAX", 0)
+    out64, grads64 = _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dtype), deterministic)
+    assert any(k.endswith("_i64") for k in launched) and not any(k.endswith("_i32") for k in launched)
+    assert out32.tobytes() == out64.tobytes()
+    for name, a, b in zip(NAMES, grads32, grads64):
+        if a is not None:
+            assert a.tobytes() == b.tobytes(), name
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_deterministic_sub_chunks(backend, dtype, monkeypatch):
+    """Many sub-chunks (partial buffers summed in order) and one (no buffer): the same
+    numbers up to rounding, each independent of the thread order, bitwise repeatable."""
+    monkeypatch.setattr(_chunking, "MIN_CHUNK_PIXELS", 1)
+    rng = np.random.default_rng(43)
+    arrays, geometry = _case(rng, n=2, c=6, h=6, w=7, kh=3, kw=3, padding=(1, 1), groups=3, og=3, spread=2.5)
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape)
+    partials = []
+    real = backend.launch
+
+    def recording(kernel, dt, total, args):
+        if kernel.startswith("deform_conv_col2im_owned"):
+            partials.append(int(args[-2]))  # S
+        return real(kernel, dt, total, args)
+
+    monkeypatch.setattr(backend, "launch", recording)
+    run = lambda: _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dtype), True)  # noqa: E731
+    _, one = run()
+    assert partials and max(partials) == 1
+    monkeypatch.setattr(cuda_deform_conv, "_DET_MIN_PIXELS", 1)
+    monkeypatch.setattr(cuda_deform_conv, "_DET_THREADS", 1 << 30)
+    for limit in (None, 16000):  # whole images; pieces of an image (8000 bytes left: 3 partials)
+        partials.clear()
+        with cuda_emulation.workspace_bound(limit):
+            cuda_emulation.assert_thread_order_free(backend, run, NAMES)
+            _, many = run()
+            _, again = run()
+        assert max(partials) >= 3, partials
+        tol = 1e-12 if dtype == "float64" else 2e-3
+        for name, a, b, c in zip(NAMES, one, many, again):
+            if a is not None:
+                assert b.tobytes() == c.tobytes(), name
+                _assert_close(b, a.astype(np.float64), tol, tol * max(1.0, np.abs(a).max()), name)
+
+
+def _round_to(a, dtype):
+    return a.astype(dtype).astype(np.float64) if a is not None else None
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_16_bit_products_against_float32(backend, half, deterministic):
+    """16-bit columns and operands with float32 accumulation (the GemmEx path, here its NumPy
+    stand-in) against the float32 path on the same rounded inputs: within the 16-bit type's
+    rounding of the columns and the results."""
+    if half == "bfloat16":
+        half = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    half = np.dtype(half)
+    rng = np.random.default_rng(47)
+    arrays, geometry = _case(rng, groups=2, og=2)
+    arrays = {k: _round_to(v, half) for k, v in arrays.items()}
+    p = _params(arrays, geometry)
+    grad_out = _round_to(rng.standard_normal(p.out_shape), half)
+    out16, grads16 = _run_emulated(backend, arrays, geometry, grad_out, half, deterministic)
+    out32, grads32 = _run_emulated(backend, arrays, geometry, grad_out, np.float32, deterministic)
+    tol = 2.0**-7 if half.name == "bfloat16" else 2.0**-9
+    assert out16.dtype == half
+    _assert_close(out16, out32.astype(np.float64), tol, tol * np.abs(out32).max(), "output")
+    for name, g16, g32 in zip(NAMES, grads16, grads32):
+        assert g16.dtype == half, name
+        _assert_close(g16, g32.astype(np.float64), tol, tol * np.abs(g32).max(), f"grad {name}")
+
+
+def test_gemm_stand_in_dtype_semantics():
+    """_launch.gemm without cuBLAS: 16-bit operands widened exactly, float32 accumulation
+    into a float32 result, beta accumulates, op() transposes."""
+    from deformarray.cuda import _launch
+
+    class NoBlas:
+        pass
+
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 4)).astype(np.float16)
+    b = rng.standard_normal((5, 4)).astype(np.float16)
+    c = np.ones((3, 5), dtype=np.float32)
+    _launch.gemm(NoBlas(), a, b, c, trans_b=True, beta=1.0)
+    want = a.astype(np.float32) @ b.astype(np.float32).T + 1
+    np.testing.assert_array_equal(c, want)
+    assert c.dtype == np.float32
+    e = rng.standard_normal((3, 5)).astype(np.float16)
+    d = np.empty((4, 5), dtype=np.float32)
+    _launch.gemm(NoBlas(), a, e, d, trans_a=True)
+    np.testing.assert_array_equal(d, a.astype(np.float32).T @ e.astype(np.float32))
+
+
+def test_tf32_switch(backend, monkeypatch):
+    """Off by default; deformarray.set_allow_tf32 / allow_tf32 (scoped) switch it; the cuBLAS
+    compute type follows it for float32 only; in the emulation's stand-in it rounds float32
+    operands to 10 mantissa bits, so float32 results move (a little) and the others do not."""
+    from deformarray import _config
+    from deformarray.cuda import _launch
+
+    assert deformarray.get_allow_tf32() is False
+    assert _launch._compute_type(np.float32, np.float32) == _launch._CUBLAS_COMPUTE_32F
+    assert _launch._compute_type(np.float16, np.float32) == _launch._CUBLAS_COMPUTE_32F
+    assert _launch._compute_type(np.float64, np.float64) == _launch._CUBLAS_COMPUTE_64F
+    rng = np.random.default_rng(53)
+    arrays, geometry = _case(rng)
+    p = _params(arrays, geometry)
+    grad_out = rng.standard_normal(p.out_shape)
+    strict = {
+        dt: _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dt), True) for dt in ("float32", "float64")
+    }
+    with deformarray.allow_tf32(True):
+        assert deformarray.get_allow_tf32() is True
+        assert _launch._compute_type(np.float32, np.float32) == _launch._CUBLAS_COMPUTE_32F_FAST_TF32
+        assert _launch._compute_type(np.float16, np.float32) == _launch._CUBLAS_COMPUTE_32F
+        assert _launch._compute_type(np.float64, np.float64) == _launch._CUBLAS_COMPUTE_64F
+        tf32 = {
+            dt: _run_emulated(backend, arrays, geometry, grad_out, np.dtype(dt), True) for dt in ("float32", "float64")
+        }
+    assert deformarray.get_allow_tf32() is False
+    assert strict["float64"][0].tobytes() == tf32["float64"][0].tobytes()
+    assert strict["float32"][0].tobytes() != tf32["float32"][0].tobytes()
+    _assert_close(tf32["float32"][0], strict["float32"][0].astype(np.float64), 2e-3, 2e-2, "tf32 output")
+    monkeypatch.setitem(_config._state, "allow_tf32", False)
+    deformarray.set_allow_tf32(True)
+    assert deformarray.get_allow_tf32() is True
+    with deformarray.allow_tf32(False):
+        assert deformarray.get_allow_tf32() is False
+    deformarray.set_allow_tf32(False)
+    assert deformarray.get_allow_tf32() is False
+
+
+def test_round_tf32():
+    from deformarray.cuda import _launch
+
+    x = np.array([1.0, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-10, np.inf, -np.inf, 3.0], dtype=np.float32)
+    r = _launch._round_tf32(x)
+    np.testing.assert_array_equal(r, [1.0, 1.0, 1.0 + 2.0**-9, 1.0 + 2.0**-10, np.inf, -np.inf, 3.0])
+    assert np.isnan(_launch._round_tf32(np.array([np.nan], dtype=np.float32)))[0]

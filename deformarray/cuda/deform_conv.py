@@ -33,7 +33,8 @@ checked. The kernel file's header describes the design; in short:
     for the same inputs, workspace bound and device (cuBLAS's own reproducibility
     assumption). ``S`` is the smallest giving about ``_DET_THREADS`` threads, with at least
     ``_DET_MIN_PIXELS`` pixels each, within what the bound leaves after the chunk (``S = 1``
-    needs no buffer). Cost model: docs/cuda.md.
+    needs no buffer); in this mode chunks are planned within half of the bound when they
+    fit there, to leave the other half to the partial buffers. Cost model: docs/cuda.md.
 
 Workspace per chunk of ``L`` pixels and ``nb`` images (``t`` = the dtype's bytes, ``a`` = the
 accumulator's): forward ``L*(C_in*K*t + C_out*a) + nb*C_in*H*W*t``; backward
@@ -281,7 +282,16 @@ def _backward(be, p, grad_output, input, offset, weight, bias, mask, determinist
         per_image = image * (dtype.itemsize + acc.itemsize)  # channels-last input, grad accumulator
         limit = _config.get_workspace_limit()
         what = "the image's channels-last copy and input-gradient accumulator"
-        chunks = list(_plan(p.n, pixels, per_pixel, per_image, limit, what))
+        chunks = None
+        if deterministic:
+            # half of the bound for the chunk, so that the rest can hold partial buffers
+            # (more owner threads); the whole bound when half is too small for a chunk
+            try:
+                chunks = list(_plan(p.n, pixels, per_pixel, per_image, limit // 2, what))
+            except ValueError:
+                pass
+        if chunks is None:
+            chunks = list(_plan(p.n, pixels, per_pixel, per_image, limit, what))
         longest = max(c.length for c in chunks)
         nb_max = max(c.nb for c in chunks)
         sizes = (input.size, offset.size, mask.size if mask is not None else 0, grad_output.size)
