@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _config
 from .._validate import check_int_range
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -59,18 +60,77 @@ def _to_tensor(a: Any) -> Tensor:
         return torch.from_dlpack(a.view(cupy.int16)).view(torch.bfloat16)
 
 
+def _op_tags() -> tuple:
+    """Tags for every ``deformarray`` custom operator: ``cudagraph_unsafe`` where this
+    PyTorch has it (the CUDA operators allocate from PyTorch's caching allocator through
+    CuPy and refuse CUDA-graph capture, see ``_on_device``), so that torch.compile's CUDA
+    graphs leave them out instead of capturing them."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    return (tag,) if tag is not None else ()
+
+
+OP_TAGS = _op_tags()
+
+
+def _torch_allows_tf32() -> bool:
+    """Whether PyTorch lets float32 CUDA matmuls use TF32: ``torch.backends.cuda.matmul``'s
+    ``fp32_precision`` ("tf32" / "ieee") where set, else ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision == "tf32":
+        return True
+    if precision == "ieee":
+        return False
+    return bool(matmul.allow_tf32)
+
+
+def _check_not_capturing() -> None:
+    """RuntimeError while the current CUDA stream is capturing a CUDA graph: the operators
+    allocate their workspace per call (and some read back to the host), which a graph replay
+    would not redo."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "deformarray.torch operators cannot be captured in a CUDA graph (they allocate their "
+            "workspace on every call): run them outside torch.cuda.graph / make_graphed_callables, "
+            "or let torch.compile split the graph around them (they carry the cudagraph_unsafe tag)"
+        )
+
+
+def _torch_allocator(index: int, stream: Any) -> Callable:
+    """A CuPy allocator that takes memory from PyTorch's caching allocator on device
+    ``index`` and ``stream``, so that ``torch.cuda.memory_allocated`` and friends see the
+    operators' workspace and outputs and PyTorch reuses the memory after them."""
+    import cupy
+
+    def malloc(size: int, device_id: int) -> int:
+        return int(torch.cuda.caching_allocator_alloc(size, device_id, stream))
+
+    def free(ptr: int, device_id: int) -> None:
+        torch.cuda.caching_allocator_delete(ptr)
+
+    return cupy.cuda.memory.PythonFunctionAllocator(malloc, free).malloc
+
+
 @contextmanager
 def _on_device(device: torch.device) -> Iterator[None]:
     """On CUDA: make the tensor's device and PyTorch's current stream CuPy's current ones,
-    so the kernels are ordered with the surrounding PyTorch work, with no synchronisation."""
+    so the kernels are ordered with the surrounding PyTorch work, with no synchronisation;
+    allocate from PyTorch's caching allocator on that stream; follow PyTorch's TF32 setting
+    for float32 products; refuse CUDA-graph capture."""
     if device.type != "cuda":
         yield
         return
     import cupy
 
+    _check_not_capturing()
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+    with (
+        cupy.cuda.Device(index),
+        cupy.cuda.ExternalStream(stream.cuda_stream, index),
+        cupy.cuda.using_allocator(_torch_allocator(index, stream)),
+        _config.allow_tf32(_torch_allows_tf32()),
+    ):
         yield
 
 

@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 from .. import _api
+from . import _onnx_nodes
 from ._glue import (
+    OP_TAGS,
     _call_array_api,
     _cast_back,
     _common_dtype,
@@ -53,7 +55,7 @@ def _conv_memory_format(input: Tensor, weight: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-@torch.library.custom_op("deformarray::deform_conv2d", mutates_args=())
+@torch.library.custom_op("deformarray::deform_conv2d", mutates_args=(), tags=OP_TAGS)
 def _deform_conv2d_op(
     input: Tensor,
     offset: Tensor,
@@ -95,7 +97,7 @@ def _(input, offset, weight, bias, stride, padding, dilation, mask):
     return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
 
 
-@torch.library.custom_op("deformarray::deform_conv2d_backward", mutates_args=())
+@torch.library.custom_op("deformarray::deform_conv2d_backward", mutates_args=(), tags=OP_TAGS)
 def _deform_conv2d_backward_op(
     grad_output: Tensor,
     input: Tensor,
@@ -187,7 +189,7 @@ def deform_conv2d(
     weight ``(C_out, C_in // groups, kh, kw)``, bias ``(C_out,)``,
     mask ``(N, G*kh*kw, H_out, W_out)``. Returns ``(N, C_out, H_out, W_out)``.
     """
-    out = _deform_conv2d_op(
+    args = (
         input,
         offset,
         weight,
@@ -197,4 +199,7 @@ def deform_conv2d(
         _pair_list(dilation, "dilation", 1),
         mask,
     )
-    return _cast_back(out, input)
+    if _onnx_nodes.exporting():  # torch.onnx.export: the ONNX DeformConv node (docs/deployment.md)
+        _common_dtype(dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask))
+        return _onnx_nodes.emit(_onnx_nodes.deform_conv2d_node, _conv_out_shape(*args), *args)
+    return _cast_back(_deform_conv2d_op(*args), input)
