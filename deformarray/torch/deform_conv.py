@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from .. import _api
-from . import _onnx_nodes
 from ._glue import (
     OP_TAGS,
     _call_array_api,
@@ -189,7 +188,7 @@ def deform_conv2d(
     weight ``(C_out, C_in // groups, kh, kw)``, bias ``(C_out,)``,
     mask ``(N, G*kh*kw, H_out, W_out)``. Returns ``(N, C_out, H_out, W_out)``.
     """
-    args = (
+    out = _deform_conv2d_op(
         input,
         offset,
         weight,
@@ -199,7 +198,4 @@ def deform_conv2d(
         _pair_list(dilation, "dilation", 1),
         mask,
     )
-    if _onnx_nodes.exporting():  # torch.onnx.export: the ONNX DeformConv node (docs/deployment.md)
-        _common_dtype(dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask))
-        return _onnx_nodes.emit(_onnx_nodes.deform_conv2d_node, _conv_out_shape(*args), *args)
-    return _cast_back(_deform_conv2d_op(*args), input)
+    return _cast_back(out, input)
