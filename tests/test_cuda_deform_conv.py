@@ -279,3 +279,70 @@ def test_input_past_2_31_elements():
     np.testing.assert_array_equal(g_last, expect)
     assert float(abs(grads.input[0, :-1]).max()) == 0.0
     del grads, x
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_64_bit_index_path_is_bitwise_equal(rng, dtype, deterministic, monkeypatch):
+    """The _i64 kernels give the bits of the _i32 ones (the forward and the non-atomic
+    gradients; the atomic input gradient within rounding)."""
+    from deformarray.cuda import deform_conv as cuda_deform_conv
+
+    case = make_case(rng, **CASES["wider"], dtype=np.float64)
+    kw = _geometry_kwargs(case)
+    grad_out = _to_gpu(rng.standard_normal(case.out_shape()), dtype)
+    x, off, w, b, m = (_to_gpu(a, dtype) for a in _arrays(case))
+
+    def run():
+        out = da.deform_conv2d(x, off, w, b, mask=m, **kw)
+        return out, da.deform_conv2d_backward(grad_out, x, off, w, b, mask=m, deterministic=deterministic, **kw)
+
+    out32, g32 = run()
+    monkeypatch.setattr(cuda_deform_conv, "_INDEX32_MAX", 0)
+    out64, g64 = run()
+    assert cupy.asnumpy(out32).tobytes() == cupy.asnumpy(out64).tobytes()
+    for name, a, c in zip(GRAD_NAMES, g32, g64):
+        if a is None:
+            continue
+        if name == "input" and not deterministic:
+            np.testing.assert_allclose(
+                cupy.asnumpy(a).astype(np.float64), cupy.asnumpy(c).astype(np.float64), 1e-2, 1e-2
+            )
+        else:
+            assert cupy.asnumpy(a).tobytes() == cupy.asnumpy(c).tobytes(), name
+
+
+def test_tf32_switch_changes_only_float32_products(rng):
+    """With TF32 allowed the float32 forward moves within TF32's rounding; float64 does not."""
+    case = make_case(rng, **CASES["wider"], dtype=np.float64)
+    kw = _geometry_kwargs(case)
+    for dtype, moves in (("float32", None), ("float64", False)):
+        x, off, w, b, m = (_to_gpu(a, dtype) for a in _arrays(case))
+        strict = cupy.asnumpy(da.deform_conv2d(x, off, w, b, mask=m, **kw))
+        with da.allow_tf32(True):
+            fast = cupy.asnumpy(da.deform_conv2d(x, off, w, b, mask=m, **kw))
+        if moves is False:
+            assert strict.tobytes() == fast.tobytes()
+        else:
+            np.testing.assert_allclose(fast, strict, 2e-3, 2e-3 * np.abs(strict).max())
+
+
+def test_torch_sees_the_memory_and_refuses_capture():
+    """Inside deformarray.torch, CuPy allocates from torch's caching allocator (the output
+    is counted by torch.cuda.memory_allocated) and CUDA-graph capture raises."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    import deformarray.torch as dat
+
+    x = torch.randn(2, 8, 16, 16, device="cuda")
+    off = torch.randn(2, 18, 16, 16, device="cuda")
+    w = torch.randn(8, 8, 3, 3, device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = dat.deform_conv2d(x, off, w, padding=1)
+    assert torch.cuda.memory_allocated() - before >= out.numel() * out.element_size()
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        with torch.cuda.graph(g):
+            dat.deform_conv2d(x, off, w, padding=1)
