@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _api
+from . import _onnx_nodes
 from ._glue import (
     _call_array_api,
     _cast_back,
@@ -165,6 +166,10 @@ def dcnv3(
     args = _normalised(
         kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, input.shape[-1]
     )
+    if _onnx_nodes.exporting():  # torch.onnx.export: a deformarray::DCNv3 node (docs/deployment.md)
+        _common_dtype(dict(input=input, offset=offset, mask=mask))
+        shape = _out_shape(input, *args[:4])
+        return _onnx_nodes.emit(_onnx_nodes.dcnv3_node, shape, input, offset, mask, *args)
     return _cast_back(_dcnv3_op(input, offset, mask, *args), input)
 
 
@@ -262,4 +267,8 @@ def dcnv4(
     args = _normalised(
         kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, input.shape[-1]
     )
+    if _onnx_nodes.exporting():  # torch.onnx.export: a deformarray::DCNv4 node (docs/deployment.md)
+        _common_dtype(dict(input=input, offset_mask=offset_mask))
+        shape = _out_shape(input, *args[:4])
+        return _onnx_nodes.emit(_onnx_nodes.dcnv4_node, shape, input, offset_mask, *args)
     return _cast_back(_dcnv4_op(input, offset_mask, *args), input)

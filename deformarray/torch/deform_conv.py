@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _api
+from . import _onnx_nodes
 from ._glue import (
     OP_TAGS,
     _call_array_api,
@@ -188,7 +189,7 @@ def deform_conv2d(
     weight ``(C_out, C_in // groups, kh, kw)``, bias ``(C_out,)``,
     mask ``(N, G*kh*kw, H_out, W_out)``. Returns ``(N, C_out, H_out, W_out)``.
     """
-    out = _deform_conv2d_op(
+    args = (
         input,
         offset,
         weight,
@@ -198,4 +199,7 @@ def deform_conv2d(
         _pair_list(dilation, "dilation", 1),
         mask,
     )
-    return _cast_back(out, input)
+    if _onnx_nodes.exporting():  # torch.onnx.export: the ONNX DeformConv node (docs/deployment.md)
+        _common_dtype(dict(input=input, offset=offset, weight=weight, bias=bias, mask=mask))
+        return _onnx_nodes.emit(_onnx_nodes.deform_conv2d_node, _conv_out_shape(*args), *args)
+    return _cast_back(_deform_conv2d_op(*args), input)

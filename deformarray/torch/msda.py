@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _api
+from . import _onnx_nodes
 from ._glue import _call_array_api, _cast_back, _common_dtype, _deterministic_flag, _register_autocast
 
 
@@ -146,11 +147,15 @@ def ms_deform_attn(
     ``(N, Lq, M, L, P, 2)`` in [0, 1] (x, y); attention_weights ``(N, Lq, M, L, P)``.
     Returns ``(N, Lq, M*D)``. See docs/ms_deform_attn.md.
     """
-    out = _ms_deform_attn_op(
+    args = (
         value,
         _as_geometry(spatial_shapes, "spatial_shapes"),
         _as_geometry(level_start_index, "level_start_index"),
         sampling_locations,
         attention_weights,
     )
-    return _cast_back(out, value)
+    if _onnx_nodes.exporting():  # torch.onnx.export: a deformarray::MultiScaleDeformableAttention node
+        _common_dtype(dict(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights))
+        shape = _msda_out_shape(value, sampling_locations, attention_weights)
+        return _onnx_nodes.emit(_onnx_nodes.ms_deform_attn_node, shape, *args)
+    return _cast_back(_ms_deform_attn_op(*args), value)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import _api
 from .._validate import MAX_SAMPLES_PER_SIDE
+from . import _onnx_nodes
 from ._glue import (
     _call_array_api,
     _cast_back,
@@ -148,7 +149,7 @@ def deform_psroi_pool(
     ``(R, 2*num_classes, part_size, part_size)``. Returns
     ``(R, output_dim, pooled_size, pooled_size)``. See docs/deform_psroi_pool.md.
     """
-    out = _deform_psroi_pool_op(
+    args = (
         input,
         rois,
         offset,
@@ -160,4 +161,8 @@ def deform_psroi_pool(
         float(trans_std),
         float(spatial_scale),
     )
-    return _cast_back(out, input)
+    if _onnx_nodes.exporting():  # torch.onnx.export: a deformarray::DeformPSRoIPool node (docs/deployment.md)
+        _common_dtype(dict(input=input, rois=rois, offset=offset))
+        r, _, ph, pw = _roi_out_shape(input, rois, args[5], args[5])
+        return _onnx_nodes.emit(_onnx_nodes.deform_psroi_pool_node, (r, args[3], ph, pw), *args)
+    return _cast_back(_deform_psroi_pool_op(*args), input)

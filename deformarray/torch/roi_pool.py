@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import _api
 from .._validate import MAX_SAMPLES_PER_SIDE
+from . import _onnx_nodes
 from ._glue import (
     _call_array_api,
     _cast_back,
@@ -125,7 +126,7 @@ def deform_roi_pool(
     same dtype; offset ``(R, 2, ph, pw)`` (channel 0 = x, 1 = y); mask ``(R, 1, ph, pw)``.
     Returns ``(R, C, ph, pw)``. See docs/deform_roi_pool.md.
     """
-    out = _deform_roi_pool_op(
+    args = (
         input,
         rois,
         offset,
@@ -135,4 +136,8 @@ def deform_roi_pool(
         float(gamma),
         mask,
     )
-    return _cast_back(out, input)
+    if _onnx_nodes.exporting():  # torch.onnx.export: a deformarray::DeformRoIPool node (docs/deployment.md)
+        _common_dtype(dict(input=input, rois=rois, offset=offset, mask=mask))
+        shape = _roi_out_shape(input, rois, *args[3])
+        return _onnx_nodes.emit(_onnx_nodes.deform_roi_pool_node, shape, *args)
+    return _cast_back(_deform_roi_pool_op(*args), input)
