@@ -1,48 +1,32 @@
 #!/usr/bin/env bash
-# The GPU checks, for a session lent a GPU machine: one device call each (10 minutes at most).
+# The GPU verdict in one command, for a session lent a GPU machine (one device call:
+# timeout_s 600, the default budget of 540 s leaves the rest of a 15-minute lease for a rerun).
 #
-#   bash benchmarks/gpu_session.sh tests   # pytest -m gpu: CuPy vs NumPy, torchvision, determinism, 2**31
-#   bash benchmarks/gpu_session.sh bench   # deformarray bench --backend cupy: GPU rows, JSON, table, chart
-#   bash benchmarks/gpu_session.sh all     # both, one after the other
+#   bash benchmarks/gpu_session.sh                 # every step, in order, within 540 s
+#   bash benchmarks/gpu_session.sh --budget 300    # a shorter deadline (each step capped to what is left)
+#   bash benchmarks/gpu_session.sh --dry-run       # CPU stand-ins for the GPU steps (CI: tests/test_gpu_session_dryrun.py)
+#   bash benchmarks/gpu_session.sh tests | bench   # only pytest -m gpu / only the timings (the old modes)
+#   bash benchmarks/gpu_session.sh --only smoke,torch
 #
-# It runs from the repository root without installing anything (PYTHONPATH), because the
-# GPU machine has no network but its image already holds every dependency (numpy, numba,
-# threadpoolctl, cupy, ml_dtypes, torch, torchvision, jax, pytest, hypothesis). The logs
-# go to $OUT (the device tool's folder that comes back) or to ./gpu-out. The exit status
-# is non-zero if a test or a deformarray call failed.
+# Steps (benchmarks/gpu_verdict/harness.py runs them; docs/cuda.md "GPU verdict: one command"):
+#   1 env        nvidia-smi, CuPy's config, the TF32 flags, deformarray info, the commit
+#   2 smoke      every operator x dtype x backward mode vs float64 CPU references (gpu_verdict/refs.npz)
+#   3 torch      the torch adapter: fp32/fp16/bf16, channels_last, side stream, torch.compile, graph capture
+#   4 memcheck   compute-sanitizer memcheck on the float32 smoke run (skipped where it is not installed)
+#   5 timings    deformarray bench --backend cupy --op conv (CUDA events): ours vs torchvision vs cuDNN,
+#                TF32 off and on, deterministic mode, peak memory; JSON in $OUT/5_timings.json
+#   6 pytest_gpu pytest -m gpu (per-test timeout where pytest-timeout is installed), the slowest last
+#
+# Results in $OUT (the device tool's folder that comes back) or ./gpu-out: summary.txt (rewritten
+# after every step), <n>_<step>.log per step, 5_timings.json: 8 files, the most the tool returns.
+# Nothing is installed: the GPU machine's image holds numpy, numba, cupy, torch, torchvision,
+# ml_dtypes, pytest. The exit status is 0 only if every step passed or was skipped.
 set -uo pipefail
-
-what=${1:-all}
-case $what in
-  tests | bench | all) ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh [tests|bench|all]" >&2; exit 2 ;;
-esac
-out=${OUT:-gpu-out}
-py=${PYTHON:-python3}
-mkdir -p "$out"
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
-  git rev-parse HEAD 2>/dev/null || echo "commit: no .git in this copy"
-  "$py" -m deformarray.cli info
-} > "$out/device.txt" 2>&1
-cat "$out/device.txt"
-
-status=0
-if [[ $what != bench ]]; then
-  # -rfEs: a line per failure, error and skip (a skipped gpu test on a GPU machine is news)
-  "$py" -m pytest -m gpu -q -p no:cacheprovider -rfEs --durations=10 tests 2>&1 | tee "$out/pytest_gpu.log" | tail -60
-  status=$((status | PIPESTATUS[0]))
-fi
-if [[ $what != tests ]]; then
-  "$py" -m deformarray.cli bench --backend cupy --repeat 9 --json --plot "$out/bench_gpu.png" \
-    > "$out/bench_gpu.json" 2> "$out/bench_gpu.err"
-  status=$((status | $?))
-  tail -5 "$out/bench_gpu.err"
-  # the table, from the JSON (one run gives both)
-  "$py" -c 'import json, sys; from deformarray.bench.report import format_report; print(format_report(json.load(open(sys.argv[1]))))' \
-    "$out/bench_gpu.json" | tee "$out/bench_gpu.txt"
-fi
-exit "$status"
+args=()
+case ${1:-} in
+  tests) shift; args=(--only pytest_gpu) ;;
+  bench) shift; args=(--only env,timings) ;;
+  all) shift ;;
+esac
+exec "${PYTHON:-python3}" benchmarks/gpu_verdict/harness.py "${args[@]}" "$@"
