@@ -19,6 +19,8 @@ deformarray imports torch). What it provides:
 * Multi-scale deformable attention: ``ms_deform_attn`` (``torch.ops.deformarray.ms_deform_attn``),
   mmcv's ``MultiScaleDeformableAttention`` module, transformers' kernel layer
   (``MultiScaleDeformableAttentionKernel``) and ``use_in_transformers(model)``.
+* ONNX export with plain ``torch.onnx.export``: ``deform_conv2d`` as the standard
+  ``DeformConv``, the others as nodes of a ``deformarray`` domain (docs/deployment.md).
 
 This package holds no maths. Tensors cross to NumPy (CPU) or CuPy (CUDA) through DLPack
 without copying, any strides included; results come back the same way. On CUDA the work
@@ -52,15 +54,21 @@ Layout (one module per operator family, so a new family is new files, not edits 
   the functional wrappers; ``modules_msda.py``: those of multi-scale deformable attention
   (mmcv's module, transformers' kernel layer and the swap helper); ``modules_dcn.py``:
   InternImage's ``DCNv3`` and DCNv4's ``DCNv4``.
+* ``_onnx_nodes.py``: the ONNX node of each operator, which the public functions put into
+  the graph under ``torch.onnx.export`` (docs/deployment.md); ``onnx.py``: the public
+  ``deformarray.torch.onnx`` (``export`` of ``ExportedProgram`` s, ``DECOMPOSITIONS``),
+  imported by whoever needs it, not by this file.
 * ``__init__.py`` (this file): re-exports the public names and says, at import, what a first
   call costs (``_warmup.notice_torch_import``).
 
-Imports go one way: ``_glue`` <- the family modules <- ``modules*`` <- ``__init__``; a
-family module imports nothing of this package but ``_glue`` (tests/test_repository.py fails
-on an import cycle). Adding a family: its operators in a module of its own on the model of
-``roi_pool.py`` or ``msda.py`` (never named like a public function, which would shadow
-the module), its ``nn.Module`` s in ``modules.py`` or, as ``modules_msda.py``, a modules
-file of its own, and its public names imported and listed here.
+Imports go one way: ``_glue``, ``_onnx_nodes`` <- the family modules <- ``modules*`` <-
+``__init__`` (``onnx`` imports the family modules, and nothing of the package imports it); a
+family module imports nothing of this package but ``_glue`` and ``_onnx_nodes``
+(tests/test_repository.py fails on an import cycle). Adding a family: its operators in a
+module of its own on the model of ``roi_pool.py`` or ``msda.py`` (never named like a public
+function, which would shadow the module), its ONNX node in ``_onnx_nodes.py`` (and its
+entry in ``onnx.DECOMPOSITIONS``), its ``nn.Module`` s in ``modules.py`` or, as
+``modules_msda.py``, a modules file of its own, and its public names imported and listed here.
 """
 
 from .. import _warmup

@@ -41,8 +41,8 @@ Node = tuple[str, str, int, list[Any], dict[str, Any]]
 def exporting() -> bool:
     """True while ``torch.onnx.export`` traces the model (its torch.export capture).
 
-    ``torch.onnx`` is not imported on purpose (about 0.1 s): when nobody imported it, no
-    ONNX export is running. Under ``torch.compile`` (and a strict ``torch.export``, which
+    ``torch.onnx`` is not imported here (about 0.1 s): when nobody imported it, no ONNX
+    export is running. Under ``torch.compile`` (and a strict ``torch.export``, which
     runs TorchDynamo) it is False, as TorchDynamo itself folds ``is_in_onnx_export``."""
     if torch.compiler.is_dynamo_compiling():
         return False
