@@ -6,8 +6,9 @@ example). A block that sets ``--xla_force_host_platform_device_count`` (JAX with
 host devices, which must be set before JAX starts) runs on its own in a fresh interpreter
 with a timeout, so that a hang fails the test instead of stalling CI.
 
-Skipped, with the reason: blocks that import cupy when no GPU is usable, torch or jax when
-they are not installed (and blocks after them in the same file that use their names).
+Skipped, with the reason: blocks that import cupy when no GPU is usable, torch, jax or
+onnxruntime when they are not installed, ONNX exports without onnx and onnxscript (and
+blocks after them in the same file that use their names).
 
 Not run: ```bash blocks (install commands, minutes-long benchmarks, the GPU session script),
 and blocks of other languages or none (output samples, kernel excerpts, signatures, marked
@@ -84,11 +85,13 @@ def _imports(code: str) -> set[str]:
 
 def skip_reason(block: Block) -> str | None:
     needs = _imports(block.code)
+    if "torch.onnx.export(" in block.code:  # the TorchDynamo exporter builds with these
+        needs |= {"onnx", "onnxscript"}
     if "cupy" in needs:
         reason = gpu_unavailable_reason()
         if reason is not None:
             return f"needs a GPU: {reason}"
-    for name in ("torch", "jax", "sklearn"):
+    for name in ("torch", "jax", "sklearn", "onnx", "onnxscript", "onnxruntime"):
         if name in needs and importlib.util.find_spec(name) is None:
             return f"needs {name}, which is not installed"
     return None
