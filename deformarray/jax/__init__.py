@@ -4,30 +4,36 @@ Each operator is a ``jax.custom_vjp`` whose forward calls the array API's ``op``
 backward calls ``op_backward`` (this module holds no maths). How the arrays reach the
 array API depends on where they are and whether JAX is tracing:
 
-* traced (``jax.jit``, ``jax.vmap``, ``shard_map``, ...), or concrete arrays on the CPU:
-  ``jax.pure_callback`` hands the operands to Python as host arrays, which are viewed as
-  NumPy arrays and run by the Numba CPU backend; on the CPU platform there is no device
-  transfer, the results are handed back to XLA (at most a host copy).
 * concrete (eager, not traced) arrays on a GPU, when CuPy is importable: zero-copy through
   DLPack (``cupy.from_dlpack``) into the CUDA backend, and back with ``jax.dlpack``.
-* traced arrays on a GPU (or eager ones without CuPy): ``jax.pure_callback``, i.e. a
-  host round-trip. XLA copies every operand to the host, the Numba CPU backend computes,
-  and the result is copied back to the device: cost = device->host and host->device
-  transfers of all operands and results, plus CPU compute, on every call (forward and
-  backward). There is no GPU lowering (XLA custom call) yet.
-  UNVERIFIED: no GPU was available when this was written; both GPU paths are unrun.
+* everything else (traced: ``jax.jit``, ``jax.vmap``, ``shard_map``, ...; or eager on the
+  CPU), with JAX >= 0.6.1: ``jax.experimental.buffer_callback``, which hands the callback
+  XLA's own buffers. On the CPU they are host memory: NumPy views of the inputs, the Numba
+  CPU backend, the results copied into the output buffers (no device transfer). On a GPU
+  (CUDA, with CuPy) they are device memory: CuPy arrays on the same memory (no copy), the
+  CUDA backend launched on XLA's stream (``ctx.stream`` as a ``cupy.cuda.ExternalStream``),
+  the results copied device to device into the output buffers on that stream: no host
+  round trip and no synchronisation.
+  UNVERIFIED: no GPU was available when this was written; the GPU paths are unrun.
+* ``jax.pure_callback`` (host arrays) where JAX has no buffer_callback (< 0.6.1), or on a
+  machine with a GPU but no CuPy: on a GPU a host round trip (every operand copied to the
+  host, the CPU backend, the results copied back), forward and backward alike.
 
-``vmap``: the callbacks use ``vmap_method="expand_dims"`` and the host side handles the
-extra leading axes: when only the per-image arrays (input, offset, mask of a convolution)
-are batched, the vmapped axes are folded into N and the operator runs once; otherwise
-(batched weights, RoI pooling, every backward) it loops over the vmapped elements in
-NumPy, one array-API call each.
+dtypes: float32 and float64 everywhere; float16 and bfloat16 run natively on a GPU, and on
+the CPU (whose kernels have no half types) are computed in float32 and returned in the
+input's dtype, as in the torch adapter.
+
+``vmap``: the callbacks use ``vmap_method="expand_dims"`` and handle the extra leading axes
+themselves: when only the per-image arrays (input, offset, mask of a convolution) are
+batched, the vmapped axes are folded into N and the operator runs once; otherwise (batched
+weights, RoI pooling, every backward) it loops over the vmapped elements, one array-API call
+each.
 
 Validation: shapes and dtypes are checked when the function is traced, with the array
 API's own messages (``ValueError`` / ``TypeError``). Checks on *values* (the RoIs' batch
 indices and coordinates) can only run on concrete arrays: eagerly they raise as usual;
 under ``jit`` they run inside the callback, where JAX reports the failure as a runtime
-error carrying the same message.
+error (``jax.errors.JaxRuntimeError``) carrying the same message.
 
 RoI pooling: ``rois`` gets a zero gradient (as in torchvision and mmcv).
 

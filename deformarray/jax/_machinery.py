@@ -1,8 +1,10 @@
 """The machinery every JAX operator shares: an operator description (``Op``), the call
-paths (DLPack for eager GPU arrays, ``jax.pure_callback`` otherwise, with vmap's extra axes
-handled on the host), the ``custom_vjp`` built once per operator, and ``shard_map``'s
-varying axes. Operator modules describe their operator and call ``apply``; no maths here.
-See the package docstring for the paths."""
+paths (DLPack for eager GPU arrays; ``jax.experimental.buffer_callback`` otherwise, on XLA's
+own buffers: NumPy views on the CPU, CuPy views on XLA's stream on a GPU; ``jax.pure_callback``
+where JAX has no buffer_callback or a GPU has no CuPy; vmap's extra axes handled in the
+callback), the ``custom_vjp`` built once per operator, and ``shard_map``'s varying axes.
+Operator modules describe their operator and call ``apply``; no maths here. See the package
+docstring for the paths."""
 
 from __future__ import annotations
 
