@@ -15,7 +15,8 @@
 #   4 memcheck   compute-sanitizer memcheck on the float32 smoke run (skipped where it is not installed)
 #   5 timings    deformarray bench --backend cupy --op conv (CUDA events): ours vs torchvision vs cuDNN,
 #                TF32 off and on, deterministic mode, peak memory; JSON in $OUT/5_timings.json
-#   6 pytest_gpu pytest -m gpu (per-test timeout where pytest-timeout is installed), the slowest last
+#   6 pytest_gpu pytest -m gpu (per-test timeout where pytest-timeout is installed), the slowest last;
+#                first tests/test_jax_gpu.py alone (XLA_PYTHON_CLIENT_PREALLOCATE=false, 120 s at most)
 #
 # Results in $OUT (the device tool's folder that comes back) or ./gpu-out: summary.txt (rewritten
 # after every step), <n>_<step>.log per step, 5_timings.json: 8 files, the most the tool returns.

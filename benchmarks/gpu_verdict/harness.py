@@ -141,7 +141,13 @@ def steps() -> list[Step]:
         Step(
             "pytest_gpu",
             240,
-            [f"{py} -m pytest -m gpu -q -p no:cacheprovider -rfEs --durations=15 {timeout_opt} tests"],
+            [
+                # the JAX adapter first, in its own process, with JAX not taking 75 % of the GPU up front
+                f"XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 {py} -m pytest -q -m gpu -p no:cacheprovider -rfEs "
+                "tests/test_jax_gpu.py",
+                f"{py} -m pytest -m gpu -q -p no:cacheprovider -rfEs --durations=15 {timeout_opt} "
+                "--ignore=tests/test_jax_gpu.py tests",
+            ],
             ["echo 'dry run: pytest -m gpu skipped'"],
         ),
     ]
