@@ -4,13 +4,14 @@ so that the installed command works from a wheel. Private: its names may change.
 Modules, and the only direction their imports go (tests/test_repository.py fails on a
 cycle, function-level imports included):
 
-    common  <-  conv, roi, msda  <-  registry  <-  report, plot  <-  deformarray.cli
+    common  <-  conv, roi, msda, dcn  <-  registry  <-  report, plot  <-  deformarray.cli
 
 * ``common.py``: what every family shares: the interleaved measurement (``measure_all``,
   ``ratios_of``), memory meters, optional imports and the GPU, machine load, progress,
   ``Options``, ``Step``, the table helpers, and ``Family``, the interface of a family.
 * ``conv.py`` (deform_conv2d), ``roi.py`` (deform_roi_pool and deform_psroi_pool),
-  ``msda.py`` (ms_deform_attn against the torch grid_sample composition): one operator
+  ``msda.py`` (ms_deform_attn against the torch grid_sample composition), ``dcn.py``
+  (dcnv3 / dcnv4 against InternImage's grid_sample composition): one operator
   family each: its shapes and command-line sizes, inputs, contenders, rows and
   tables.
 * ``registry.py``: ``FAMILIES``, the families in the order they run and are reported.
