@@ -24,9 +24,10 @@
 //    grad_input (N, C, H, W) by deform_conv_from_channels_last when an image is complete:
 //      atomic mode: deform_conv_col2im_atomic, one thread per point as the forward, float
 //        atomicAdd on the four corners of each channel (contiguous addresses);
-//      deterministic mode: deform_conv_col2im_owned, one thread per (sub-chunk s, channel c)
-//        is the only writer of channel c of partial buffer s and adds its sub-chunk's points
-//        in the order (l, k, corner); deform_conv_sum_partials adds the partials to gacc in
+//      deterministic mode: deform_conv_col2im_owned, one thread per (sub-chunk s, offset
+//        group og, j < J) is the only writer of channels og*Cpo + j, + J, + 2J ... of partial
+//        buffer s: it computes each point of its sub-chunk once, in the order (l, k), and
+//        adds it to its channels, corners in order; deform_conv_sum_partials adds the partials to gacc in
 //        order s = 0, 1, ... (no atomics, no sort: the same bits on every run);
 //  * offset and mask gradients: deform_conv_coord_grad, one thread per point summing over
 //    its offset group's channels from the first (a fixed order in both modes).
@@ -97,25 +98,33 @@ template <typename T, typename I> struct ConvPoint {
     bool used;
 };
 
+// The point of (og, k) at pixel p = ho*Wo + wo of image n, kernel tap k = i*KW + j.
 template <typename T, typename I>
-__device__ __forceinline__ ConvPoint<T, I> conv_point(const ConvGeom<I>& g, const T* offset, const T* mask,
-                                                      I og, I k, I q) {
+__device__ __forceinline__ ConvPoint<T, I> conv_point_at(const ConvGeom<I>& g, const T* offset, const T* mask, I og,
+                                                         I k, I n, I p, I ho, I wo, I i, I j) {
     typedef acc_t<T> A;
     ConvPoint<T, I> s;
-    s.n = q / g.P;
-    const I p = q - s.n * g.P;
-    const I ho = p / g.Wo, wo = p - ho * g.Wo;
-    const I i = k / g.KW, j = k - i * g.KW;
+    s.n = n;
     const I ok = og * g.K + k;
-    const T* off = offset + (s.n * 2 * g.OG * g.K + 2 * ok) * g.P + p;
+    const T* off = offset + (n * 2 * g.OG * g.K + 2 * ok) * g.P + p;
     const i64 th = static_cast<i64>(ho) * g.sh - g.ph + static_cast<i64>(i) * g.dh;
     const i64 tw = static_cast<i64>(wo) * g.sw - g.pw + static_cast<i64>(j) * g.dw;
     // The integer part is exact in A; adding the offset last matches the CPU backend.
     s.h = static_cast<A>(th) + to_acc(off[0]);
     s.w = static_cast<A>(tw) + to_acc(off[g.P]);
-    s.m = mask != nullptr ? to_acc(mask[(s.n * g.OG * g.K + ok) * g.P + p]) : A(1);
+    s.m = mask != nullptr ? to_acc(mask[(n * g.OG * g.K + ok) * g.P + p]) : A(1);
     s.used = point_used(s.h, s.w, g.H, g.W, A(-1));
     return s;
+}
+
+template <typename T, typename I>
+__device__ __forceinline__ ConvPoint<T, I> conv_point(const ConvGeom<I>& g, const T* offset, const T* mask,
+                                                      I og, I k, I q) {
+    const I n = q / g.P;
+    const I p = q - n * g.P;
+    const I ho = p / g.Wo, wo = p - ho * g.Wo;
+    const I i = k / g.KW, j = k - i * g.KW;
+    return conv_point_at<T, I>(g, offset, mask, og, k, n, p, ho, wo, i, j);
 }
 
 // Corner rows of a used point in a channels-last image (row stride C): pointers to channel 0
@@ -147,36 +156,37 @@ __device__ __forceinline__ void split_point(const ConvGeom<I>& g, I t, I L, I* o
 
 // ---------------------------------------------------------------------------------------
 // Channels-last copy of images n_base .. n_base + nb - 1: xcl[(nl*HW + r)*C + c] =
-// input[((n_base + nl)*C + c)*HW + r]. Thread t = (nl*HW + r)*C + c (the write index).
+// input[((n_base + nl)*C + c)*HW + r]. Thread t = nl*HW + r (one row of xcl; the reads of
+// neighbouring threads coalesce) loops over the channels: one division per row, none in the
+// channel loop.
 template <typename T, typename I>
 __device__ __forceinline__ void to_channels_last_impl(const T* __restrict__ input, T* __restrict__ xcl, i64 C_,
                                                       i64 HW_, i64 n_base, i64 nb) {
     const I C = static_cast<I>(C_), HW = static_cast<I>(HW_);
     const T* src = input + n_base * C_ * HW_;
-    DFA_GRID_STRIDE_LOOP(t64, nb * HW_ * C_) {
-        const I t = static_cast<I>(t64);
-        const I nr = t / C;
-        const I c = t - nr * C;
+    DFA_GRID_STRIDE_LOOP(t64, nb * HW_) {
+        const I nr = static_cast<I>(t64);
         const I nl = nr / HW;
-        const I r = nr - nl * HW;
-        xcl[t] = src[(nl * C + c) * HW + r];
+        const T* s = src + (nl * (C - 1) * HW + nr);  // channel 0 of (nl, r); channel c at + c*HW
+        T* d = xcl + nr * C;
+        for (I c = 0; c < C; ++c) d[c] = s[c * HW];
     }
 }
 
 // The inverse, with the conversion to T: out[((n_base + nl)*C + c)*HW + r] =
-// from_acc(gacc[(nl*HW + r)*C + c]). Thread t = (nl*C + c)*HW + r (the write index).
+// from_acc(gacc[(nl*HW + r)*C + c]). Thread t = nl*HW + r (the writes of neighbouring threads
+// coalesce) loops over the channels.
 template <typename T, typename I>
 __device__ __forceinline__ void from_channels_last_impl(const acc_t<T>* __restrict__ gacc, T* __restrict__ out,
                                                         i64 C_, i64 HW_, i64 n_base, i64 nb) {
     const I C = static_cast<I>(C_), HW = static_cast<I>(HW_);
     T* dst = out + n_base * C_ * HW_;
-    DFA_GRID_STRIDE_LOOP(t64, nb * HW_ * C_) {
-        const I t = static_cast<I>(t64);
-        const I nc = t / HW;
-        const I r = t - nc * HW;
-        const I nl = nc / C;
-        const I c = nc - nl * C;
-        dst[t] = from_acc<T>(gacc[(nl * HW + r) * C + c]);
+    DFA_GRID_STRIDE_LOOP(t64, nb * HW_) {
+        const I nr = static_cast<I>(t64);
+        const I nl = nr / HW;
+        T* d = dst + (nl * (C - 1) * HW + nr);
+        const acc_t<T>* s = gacc + nr * C;
+        for (I c = 0; c < C; ++c) d[c * HW] = from_acc<T>(s[c]);
     }
 }
 
@@ -223,39 +233,42 @@ __device__ __forceinline__ void im2col_impl(const T* __restrict__ xcl, const T* 
 }
 
 // Forward: out[n, o, p] = res[l, o] + bias[o] for q = q0 + l = n*P + p (res (L, C_out) in A,
-// the product). Thread t = o*L + l (l fastest: the writes coalesce). bias may be null.
+// the product). Thread t = l (the writes of neighbouring threads coalesce) loops over o: one
+// division per pixel, none in the loop. bias may be null.
 template <typename T, typename I>
 __device__ __forceinline__ void store_output_impl(const acc_t<T>* __restrict__ res, const T* __restrict__ bias,
                                                   T* __restrict__ out, i64 C_out_, i64 P_, i64 q0, i64 L_) {
     typedef acc_t<T> A;
-    const I C_out = static_cast<I>(C_out_), P = static_cast<I>(P_), L = static_cast<I>(L_);
+    const I C_out = static_cast<I>(C_out_), P = static_cast<I>(P_);
     const I Q0 = static_cast<I>(q0);
-    DFA_GRID_STRIDE_LOOP(t64, C_out_ * L_) {
-        const I t = static_cast<I>(t64);
-        const I o = t / L;
-        const I l = t - o * L;
+    DFA_GRID_STRIDE_LOOP(t64, L_) {
+        const I l = static_cast<I>(t64);
         const I q = Q0 + l;
-        const I n = q / P, p = q - n * P;
-        A v = res[l * C_out + o];
-        if (bias != nullptr) v += to_acc(bias[o]);
-        out[(n * C_out + o) * P + p] = from_acc<T>(v);
+        const I n = q / P;
+        T* d = out + (n * (C_out - 1) * P + q);  // channel 0 of (n, p); channel o at + o*P
+        const A* s = res + l * C_out;
+        for (I o = 0; o < C_out; ++o) {
+            A v = s[o];
+            if (bias != nullptr) v += to_acc(bias[o]);
+            d[o * P] = from_acc<T>(v);
+        }
     }
 }
 
 // Backward: goutT[l, o] = grad_output[n, o, p] for q = q0 + l = n*P + p, in T (the inverse
-// of store_output). Thread t = o*L + l (the reads coalesce).
+// of store_output). Thread t = l (the reads coalesce) loops over o.
 template <typename T, typename I>
 __device__ __forceinline__ void gather_grad_output_impl(const T* __restrict__ grad_output, T* __restrict__ goutT,
                                                         i64 C_out_, i64 P_, i64 q0, i64 L_) {
-    const I C_out = static_cast<I>(C_out_), P = static_cast<I>(P_), L = static_cast<I>(L_);
+    const I C_out = static_cast<I>(C_out_), P = static_cast<I>(P_);
     const I Q0 = static_cast<I>(q0);
-    DFA_GRID_STRIDE_LOOP(t64, C_out_ * L_) {
-        const I t = static_cast<I>(t64);
-        const I o = t / L;
-        const I l = t - o * L;
+    DFA_GRID_STRIDE_LOOP(t64, L_) {
+        const I l = static_cast<I>(t64);
         const I q = Q0 + l;
-        const I n = q / P, p = q - n * P;
-        goutT[l * C_out + o] = grad_output[(n * C_out + o) * P + p];
+        const I n = q / P;
+        const T* s = grad_output + (n * (C_out - 1) * P + q);
+        T* d = goutT + l * C_out;
+        for (I o = 0; o < C_out; ++o) d[o] = s[o * P];
     }
 }
 
@@ -295,42 +308,86 @@ __device__ __forceinline__ void col2im_atomic_impl(const T* __restrict__ offset,
 }
 
 // Backward: input gradient, deterministic mode. The chunk's L pixels are cut into S
-// sub-chunks of LS pixels (the last may be shorter). Thread t = s*C + c (c fastest: the
-// reads of gcolsT and the writes of partial coalesce, and the threads of one offset group
-// read the same offsets) owns channel c of partial buffer s, partial (S, nb, HW, C) in A,
-// and adds to it, in the order l (of sub-chunk s), k, corner, w_corner * (m * gcol) of every
-// used point. No other thread writes that channel of that buffer, so the result does not
-// depend on the order of the threads. With S = 1 the launch code passes gacc itself.
+// sub-chunks of LS pixels (the last may be shorter). Thread t = (s*OG + og)*J + j (j
+// fastest: neighbouring threads own neighbouring channels, so the reads of gcolsT and the
+// writes of partial coalesce) owns the channels c = og*Cpo + j + i*J (i = 0, 1, ...) of
+// offset group og in partial buffer s, partial (S, nb, HW, C) in A (1 <= J <= Cpo). For each
+// point of its sub-chunk, in the order (l, k), it computes the sample point and its corners
+// once (pixel and kernel tap stepped without division) and adds, for each of its channels
+// and corner in order, w_corner * (m * gcol) to that channel of the corner: every element
+// of a buffer has one writer and receives its terms in the order (l, k, corner), whatever
+// the order of the threads. With S = 1 the launch code passes gacc itself.
 template <typename T, typename I>
 __device__ __forceinline__ void col2im_owned_impl(const T* __restrict__ offset, const T* __restrict__ mask,
                                                   const acc_t<T>* __restrict__ gcolsT,
                                                   acc_t<T>* __restrict__ partial, DFA_GEOM_PARAMS, i64 q0, i64 L_,
-                                                  i64 n_base, i64 nb, i64 S_, i64 LS_) {
+                                                  i64 n_base, i64 nb, i64 J_, i64 S_, i64 LS_) {
     typedef acc_t<T> A;
     const ConvGeom<I> g = conv_geom<I>(DFA_GEOM_ARGS);
     const I L = static_cast<I>(L_), Q0 = static_cast<I>(q0), NB = static_cast<I>(n_base);
-    const I LS = static_cast<I>(LS_), per_buffer = static_cast<I>(nb) * g.HW * g.C;
-    DFA_GRID_STRIDE_LOOP(t64, S_ * C_) {
+    const I J = static_cast<I>(J_), LS = static_cast<I>(LS_), per_buffer = static_cast<I>(nb) * g.HW * g.C;
+    // Stepping channel c by J: the conv group advances by Ja or Ja + 1, the column of the
+    // channel in a row of gcolsT (gr*KCg + c - gr*Cg) by J + Ja*(KCg - Cg) (+ KCg - Cg).
+    const I Ja = J / g.Cg, Jb = J - Ja * g.Cg, skip = g.KCg - g.Cg;
+    const I col_step = J + Ja * skip;
+    DFA_GRID_STRIDE_LOOP(t64, S_ * OG_ * J_) {
         const I t = static_cast<I>(t64);
-        const I sc = t / g.C;
-        const I c = t - sc * g.C;
-        const I og = c / g.Cpo;
-        const I gr = c / g.Cg;
-        A* buf = partial + sc * per_buffer + c;
-        const I col = gr * g.KCg - gr * g.Cg + c;  // + k*Cg: column of (k, c) in a row of gcolsT
+        const I so = t / J;
+        const I j = t - so * J;
+        const I sc = so / g.OG;
+        const I og = so - sc * g.OG;
+        const I c_first = og * g.Cpo + j, c_end = og * g.Cpo + g.Cpo;
+        const I gr0 = c_first / g.Cg;
+        const I r0 = c_first - gr0 * g.Cg;           // position of c_first in its conv group
+        const I col0 = gr0 * g.KCg + r0;             // its column (k = 0) in a row of gcolsT
+        A* buf = partial + sc * per_buffer;
         const I l0 = sc * LS;
         const I l_end = LS < L - l0 ? l0 + LS : L;
+        if (l0 >= l_end) continue;
+        // pixel of l0: image n, flat p = ho*Wo + wo
+        I n = (Q0 + l0) / g.P;
+        I p = Q0 + l0 - n * g.P;
+        I ho = p / g.Wo;
+        I wo = p - ho * g.Wo;
         for (I l = l0; l < l_end; ++l) {
-            const A* row = gcolsT + l * g.CK + col;
+            const A* row = gcolsT + l * g.CK;
+            I ki = 0, kj = 0;
             for (I k = 0; k < g.K; ++k) {
-                const ConvPoint<T, I> s = conv_point(g, offset, mask, og, k, Q0 + l);
+                const ConvPoint<T, I> s = conv_point_at<T, I>(g, offset, mask, og, k, n, p, ho, wo, ki, kj);
+                if (++kj == g.KW) {
+                    kj = 0;
+                    ++ki;
+                }
                 if (!s.used) continue;
                 const BilinearPoint<A, I> bp = bilinear_point(s.h, s.w, g.H, g.W);
-                A* img = buf + (s.n - NB) * g.HW * g.C;
-                const A gv = s.m * row[k * g.Cg];
+                A* img = buf + (n - NB) * g.HW * g.C;
+                A* dst[4];
 #pragma unroll
-                for (int q = 0; q < 4; ++q)
-                    if (bp.idx[q] >= 0) img[bp.idx[q] * g.C] += bp.wt[q] * gv;
+                for (int q = 0; q < 4; ++q) dst[q] = img + (bp.idx[q] >= 0 ? bp.idx[q] * g.C : I(0));
+                const A* src = row + k * g.Cg;
+                I r = r0, col = col0;
+                for (I c = c_first; c < c_end; c += J) {
+                    const A gv = s.m * src[col];
+#pragma unroll
+                    for (int q = 0; q < 4; ++q)
+                        if (bp.idx[q] >= 0) dst[q][c] += bp.wt[q] * gv;
+                    r += Jb;
+                    col += col_step;
+                    if (r >= g.Cg) {
+                        r -= g.Cg;
+                        col += skip;
+                    }
+                }
+            }
+            ++p;
+            if (++wo == g.Wo) {
+                wo = 0;
+                ++ho;
+            }
+            if (p == g.P) {
+                p = 0;
+                ho = 0;
+                ++n;
             }
         }
     }
@@ -437,9 +494,9 @@ DFA_TWO_PATHS(deform_conv_col2im_atomic, col2im_atomic_impl,
 
 DFA_TWO_PATHS(deform_conv_col2im_owned, col2im_owned_impl,
               (const T* __restrict__ offset, const T* __restrict__ mask, const acc_t<T>* __restrict__ gcolsT,
-               acc_t<T>* __restrict__ partial, DFA_GEOM_PARAMS, i64 q0, i64 L_, i64 n_base, i64 nb, i64 S_,
-               i64 LS_),
-              (offset, mask, gcolsT, partial, DFA_GEOM_ARGS, q0, L_, n_base, nb, S_, LS_))
+               acc_t<T>* __restrict__ partial, DFA_GEOM_PARAMS, i64 q0, i64 L_, i64 n_base, i64 nb, i64 J_,
+               i64 S_, i64 LS_),
+              (offset, mask, gcolsT, partial, DFA_GEOM_ARGS, q0, L_, n_base, nb, J_, S_, LS_))
 
 DFA_TWO_PATHS(deform_conv_sum_partials, sum_partials_impl,
               (const acc_t<T>* __restrict__ partial, acc_t<T>* __restrict__ gacc, i64 count, i64 S),
@@ -454,27 +511,27 @@ DFA_TWO_PATHS(deform_conv_coord_grad, coord_grad_impl,
 // ---------------------------------------------------------------------------------------
 // Weight-sized conversions (64-bit indices: weight-sized work).
 // wp[(o*K + k)*Cg + cg] = w[(o*Cg + cg)*K + k]: the weight in the columns' order, in T.
+// Thread t = o*K + k (one row of wp) loops over cg: one division per row, none in the loop.
 template <typename T>
 __global__ void deform_conv_permute_weight(const T* __restrict__ w, T* __restrict__ wp, i64 C_out, i64 Cg, i64 K) {
-    DFA_GRID_STRIDE_LOOP(t, C_out * Cg * K) {
-        const i64 okk = t / Cg;
-        const i64 cg = t - okk * Cg;
-        const i64 o = okk / K;
-        const i64 k = okk - o * K;
-        wp[t] = w[(o * Cg + cg) * K + k];
+    DFA_GRID_STRIDE_LOOP(ok, C_out * K) {
+        const i64 o = ok / K;
+        const T* s = w + (o * Cg * K + (ok - o * K));  // w[o, 0, k]; cg at + cg*K
+        T* d = wp + ok * Cg;
+        for (i64 cg = 0; cg < Cg; ++cg) d[cg] = s[cg * K];
     }
 }
 
 // grad_w[(o*Cg + cg)*K + k] = from_acc(gwp[(o*K + k)*Cg + cg]): the inverse, cast to T.
+// Thread t = o*K + k loops over cg.
 template <typename T>
 __global__ void deform_conv_unpermute_weight(const acc_t<T>* __restrict__ gwp, T* __restrict__ grad_w, i64 C_out,
                                              i64 Cg, i64 K) {
-    DFA_GRID_STRIDE_LOOP(t, C_out * Cg * K) {
-        const i64 ock = t / K;
-        const i64 k = t - ock * K;
-        const i64 o = ock / Cg;
-        const i64 cg = ock - o * Cg;
-        grad_w[t] = dfa::from_acc<T>(gwp[(o * K + k) * Cg + cg]);
+    DFA_GRID_STRIDE_LOOP(ok, C_out * K) {
+        const i64 o = ok / K;
+        T* d = grad_w + (o * Cg * K + (ok - o * K));
+        const acc_t<T>* s = gwp + ok * Cg;
+        for (i64 cg = 0; cg < Cg; ++cg) d[cg * K] = dfa::from_acc<T>(s[cg]);
     }
 }
 

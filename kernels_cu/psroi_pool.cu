@@ -331,14 +331,16 @@ __global__ void psroi_pool_gather(const i64* __restrict__ order, const i64* __re
     typedef acc_t<T> A;
     const dfa::PsGeom g = dfa::make_ps_geom(DFA_PSROI_ARGS);
     const i64 total = nb * g.C * g.H * g.W;
-    const i64 E = 4 * g.SPP * g.SPP;
+    const unsigned int E = static_cast<unsigned int>(4 * g.SPP * g.SPP);
+    const T* go = grad_out + q0;
     DFA_GRID_STRIDE_LOOP(row, total) {
         const i64 r0 = row_start[row], r1 = row_start[row + 1];
         if (r0 == r1) continue;
         A acc = A(0);
         for (i64 k = r0; k < r1; ++k) {
-            const i64 e = order[k];
-            acc += vals[e] * dfa::to_acc(grad_out[q0 + e / E]);
+            // 32-bit division: the launch code keeps a chunk's entries below 2**31
+            const unsigned int e = static_cast<unsigned int>(order[k]);
+            acc += vals[e] * dfa::to_acc(go[e / E]);
         }
         grad_in[row] += acc;
     }

@@ -270,7 +270,8 @@ __global__ void roi_pool_roi_info(const T* __restrict__ rois, i64* __restrict__ 
 // item_entry[t] + s*4 + q for sample s = iy*gx + ix and corner q (none when gy or gx <= 0):
 //   keys[e] = row (n - n0)*H*W + y*W + x, or rows = nb*H*W (sorts after every real row) for
 //             an invalid sample or a RoI outside images n0 .. n0+nb-1,
-//   vals[e] = m / (gy*gx) * bilinear weight,   cols[e] = b,
+//   vals[e] = m / (gy*gx) * bilinear weight,
+//   cols[e] = r*C*PB + bin (grad_out's offset of (r, channel 0, bin): the gather adds c*PB),
 // and counts each row's entries with integer atomics (order-independent). The launch code
 // then sorts the entries by key with a stable sort and takes the prefix sum of counts.
 template <typename T>
@@ -291,6 +292,7 @@ __global__ void roi_pool_coo(const T* __restrict__ rois, const T* __restrict__ o
         const i64 i = bin / g.PW, j = bin - i * g.PW;
         const dfa::RoiBin<T> b = dfa::roi_bin(g, rois, offset, mask, r, i, j);
         if (b.gy <= 0 || b.gx <= 0) continue;  // no samples: the launch code gave it no entries
+        const i64 col = r * g.C * g.PB + bin;
         const bool inside = b.n >= n0 && b.n < n0 + nb;  // false for b.n == -1
         const A v = b.m / static_cast<A>(b.gy * b.gx);
         i64 e = item_entry[t];
@@ -299,7 +301,7 @@ __global__ void roi_pool_coo(const T* __restrict__ rois, const T* __restrict__ o
                 const dfa::ClampedPoint<A> cr = dfa::roi_sample(g, b, iy, ix);
 #pragma unroll
                 for (int q = 0; q < 4; ++q, ++e) {
-                    cols[e] = bb;
+                    cols[e] = col;
                     if (inside && cr.valid) {
                         const i64 row = (b.n - n0) * plane + cr.idx[q];
                         keys[e] = row;
@@ -336,12 +338,11 @@ __global__ void roi_pool_gather(const i64* __restrict__ order, const i64* __rest
         const i64 row = (nc / g.C) * plane + yx;
         const i64 r0 = row_start[row], r1 = row_start[row + 1];
         if (r0 == r1) continue;
+        const T* go = grad_out + c * g.PB;  // cols[e] is the offset of (r, 0, bin): no division here
         A acc = A(0);
         for (i64 k = r0; k < r1; ++k) {
             const i64 e = order[k];
-            const i64 bb = cols[e];
-            const i64 r = bb / g.PB, bin = bb - r * g.PB;
-            acc += vals[e] * dfa::to_acc(grad_out[(r * g.C + c) * g.PB + bin]);
+            acc += vals[e] * dfa::to_acc(go[cols[e]]);
         }
         grad_in[idx] += acc;
     }

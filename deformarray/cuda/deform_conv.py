@@ -27,14 +27,15 @@ checked. The kernel file's header describes the design; in short:
     floating-point ``atomicAdd`` on the corners of each channel. The order of the additions,
     so the last bits of ``grad_input``, varies from run to run.
   - ``deterministic=True``: the chunk's pixels are cut into ``S`` sub-chunks; one thread per
-    (sub-chunk, channel) is the only writer of that channel of a partial buffer and adds its
-    points in a fixed order (``deform_conv_col2im_owned``); ``deform_conv_sum_partials`` adds
-    the partials in order. No atomics, no sort, nothing read back: the same bits on every run
-    for the same inputs, workspace bound and device (cuBLAS's own reproducibility
-    assumption). ``S`` is the smallest giving about ``_DET_THREADS`` threads, with at least
-    ``_DET_MIN_PIXELS`` pixels each, within what the bound leaves after the chunk (``S = 1``
-    needs no buffer); in this mode chunks are planned within half of the bound when they
-    fit there, to leave the other half to the partial buffers. Cost model: docs/cuda.md.
+    (sub-chunk, a few channels of an offset group) is the only writer of those channels of a
+    partial buffer and adds its points in a fixed order (``deform_conv_col2im_owned``);
+    ``deform_conv_sum_partials`` adds the partials in order. No atomics, no sort, nothing
+    read back: the same bits on every run for the same inputs, workspace bound and device
+    (cuBLAS's own reproducibility assumption). ``S`` is the smallest giving about
+    ``_DET_THREADS`` threads, with at least ``_DET_MIN_PIXELS`` pixels each, within what the
+    bound leaves after the chunk (``S = 1`` needs no buffer); in this mode chunks are
+    planned within half of the bound when they fit there, to leave the other half to the
+    partial buffers. Cost model: docs/cuda.md.
 
 Workspace per chunk of ``L`` pixels and ``nb`` images (``t`` = the dtype's bytes, ``a`` = the
 accumulator's): forward ``L*(C_in*K*t + C_out*a) + nb*C_in*H*W*t``; backward
@@ -71,8 +72,12 @@ _MAX_GEMM_DIM = 2**31 - 1  # cuBLAS takes int dimensions
 # the 64-bit path on small arrays).
 _INDEX32_MAX = 2**31 - 1
 # Deterministic input gradient: sub-chunks are added until about this many threads run (one
-# per (sub-chunk, channel)), as far as the workspace bound leaves room for their buffers.
+# per (sub-chunk, offset group, j < J)), as far as the workspace bound leaves room for their
+# buffers.
 _DET_THREADS = 1 << 17
+# ... each thread owning at most this many channels of its offset group (J = the group's
+# channels / this, rounded up): it computes each sample point once for all of them.
+_DET_CHANNELS_PER_THREAD = 8
 # ... but each sub-chunk has at least this many pixels (or the chunk's all): fewer would add
 # partial buffers (an image-sized accumulator each) for little work.
 _DET_MIN_PIXELS = 64
@@ -142,7 +147,7 @@ def _permuted_weight(be: Any, weight: Any, p: Any) -> Any:
     the order of the columns' rows (deform_conv.cu)."""
     cg = p.c_in // p.groups
     wp = be.xp.empty((p.c_out, p.k * cg), dtype=weight.dtype)
-    be.launch("deform_conv_permute_weight", weight.dtype, weight.size, (weight, wp) + _i64(p.c_out, cg, p.k))
+    be.launch("deform_conv_permute_weight", weight.dtype, p.c_out * p.k, (weight, wp) + _i64(p.c_out, cg, p.k))
     return wp
 
 
@@ -160,7 +165,10 @@ def _channels_last(be: Any, input: Any, p: Any, ch: _Chunk, sfx: str) -> Any:
     plane = p.h * p.w
     xcl = be.xp.empty((ch.nb, plane, p.c_in), dtype=input.dtype)
     be.launch(
-        "deform_conv_to_channels_last" + sfx, input.dtype, xcl.size, (input, xcl) + _i64(p.c_in, plane, ch.n0, ch.nb)
+        "deform_conv_to_channels_last" + sfx,
+        input.dtype,
+        ch.nb * plane,
+        (input, xcl) + _i64(p.c_in, plane, ch.n0, ch.nb),
     )
     return xcl
 
@@ -224,7 +232,7 @@ def _forward(be, p, input, offset, weight, bias, mask):
         be.launch(
             "deform_conv_store_output" + sfx,
             dtype,
-            p.c_out * L,
+            L,  # one thread per pixel
             (res, bias_arg, out) + _i64(p.c_out, pixels, ch.q0, L),
         )
         # free before the next chunk allocates its own (a rebinding frees only after it)
@@ -312,7 +320,7 @@ def _backward(be, p, grad_output, input, offset, weight, bias, mask, determinist
             be.launch(
                 "deform_conv_gather_grad_output" + sfx,
                 dtype,
-                p.c_out * L,
+                L,  # one thread per pixel
                 (grad_output, gout) + _i64(p.c_out, pixels, ch.q0, L),
             )
             if gb is not None:
@@ -357,27 +365,30 @@ def _backward(be, p, grad_output, input, offset, weight, bias, mask, determinist
                 be.launch(
                     "deform_conv_from_channels_last" + sfx,
                     dtype,
-                    gacc.size,
+                    ch.nb * plane,  # one thread per pixel row
                     (gacc, grad_input) + _i64(p.c_in, plane, ch.n0, ch.nb),
                 )
                 xcl = gacc = None
 
     grad_weight = xp.empty(weight.shape, dtype=dtype)
     cg = p.c_in // p.groups
-    be.launch("deform_conv_unpermute_weight", dtype, gwp.size, (gwp, grad_weight) + _i64(p.c_out, cg, p.k))
+    be.launch("deform_conv_unpermute_weight", dtype, p.c_out * p.k, (gwp, grad_weight) + _i64(p.c_out, cg, p.k))
     grad_bias = _from_acc(be, gb.reshape(p.c_out), dtype) if gb is not None else None
     return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
 
 
 def _col2im_deterministic(be, p, dtype, acc, offset, mask_arg, gcols, gacc, geom, ch, room, sfx):
     """Input gradient of one chunk with one owner per (sub-chunk, channel) (see
-    deform_conv_col2im_owned): ``S`` sub-chunks, as many as give about ``_DET_THREADS``
+    deform_conv_col2im_owned: a thread owns up to ``_DET_CHANNELS_PER_THREAD`` channels of an
+    offset group): ``S`` sub-chunks, as many as give about ``_DET_THREADS``
     threads with sub-chunks of at least ``_DET_MIN_PIXELS`` pixels and whose partial buffers
     fit ``room`` bytes (``S = 1`` adds to ``gacc`` directly, with no buffer)."""
     L = ch.length
     count = gacc.size  # nb * H*W * C
     fit = max(room, 0) // (count * acc.itemsize)
-    s = max(1, min(-(-L // _DET_MIN_PIXELS), -(-_DET_THREADS // p.c_in), fit))
+    cpo = p.c_in // p.offset_groups
+    j = -(-cpo // _DET_CHANNELS_PER_THREAD)  # threads per (sub-chunk, offset group)
+    s = max(1, min(-(-L // _DET_MIN_PIXELS), -(-_DET_THREADS // (p.offset_groups * j)), fit))
     if s < 2:
         s = 1
     ls = -(-L // s)
@@ -388,8 +399,8 @@ def _col2im_deterministic(be, p, dtype, acc, offset, mask_arg, gcols, gacc, geom
     be.launch(
         "deform_conv_col2im_owned" + sfx,
         dtype,
-        s * p.c_in,
-        (offset, mask_arg, gcols, partial) + geom + _i64(ch.q0, L, ch.n0, ch.nb, s, ls),
+        s * p.offset_groups * j,
+        (offset, mask_arg, gcols, partial) + geom + _i64(ch.q0, L, ch.n0, ch.nb, j, s, ls),
     )
     if s > 1:
         be.launch("deform_conv_sum_partials" + sfx, dtype, count, (partial, gacc) + _i64(count, s))

@@ -52,6 +52,9 @@ from .roi_pool import _args, _image_chunks
 _FILE = "psroi_pool.cu"
 _DET_BYTES_PER_ENTRY = 48  # int64 key + cupy.argsort's buffers (as deform_conv)
 _DET_BYTES_PER_ROW = 24  # int64 counts, int64 row starts, the prefix sum's temporary
+# Most entries in one deterministic chunk: psroi_pool_gather maps an entry to its output
+# element with a 32-bit division.
+_DET_MAX_ENTRIES = 2**31 - 1
 
 
 def _backend() -> Any:
@@ -146,9 +149,14 @@ def _backward(be, p, grad_output, input, rois, offset, deterministic):
 
     per_image = image * (_DET_BYTES_PER_ROW + (4 if half else 0))
     per_output = 4 * p.sample_per_part**2 * (acc.itemsize + _DET_BYTES_PER_ENTRY)
+    if 4 * p.sample_per_part**2 > _DET_MAX_ENTRIES:
+        raise ValueError(
+            f"deterministic=True needs 4*sample_per_part**2 < 2**31 on the CUDA backend, got "
+            f"sample_per_part = {p.sample_per_part}"
+        )
     for n0, nb in _image_chunks(p.n, 2 * per_image, limit):  # images: at most half the bound
         target = xp.zeros((nb, p.c, p.h, p.w), dtype=np.float32) if half else grad_input[n0 : n0 + nb]
-        step = max(1, (limit - nb * per_image) // per_output)
+        step = max(1, min((limit - nb * per_image) // per_output, _DET_MAX_ENTRIES // (4 * p.sample_per_part**2)))
         for q0 in range(0, outputs, step):
             _gather_chunk(
                 be, p, dtype, acc, grad_output, rois, offset, target, geom, n0, nb, q0, min(step, outputs - q0)
