@@ -1,10 +1,11 @@
 """The shared core of the channels-last grouped operators: a weighted sum of bilinear
 samples of D-channel vectors (ms_deform_attn now; DCNv3 / DCNv4 next).
 
-Every helper works on a *plane*: a 2-D view ``(rows, D)`` of one image (or one level) and
+Every helper works on a *plane*: the ``(rows, D)`` view of one image (or one level) and
 one group (or head), row ``y*W + x``, the D channels of that group in its columns, e.g.
 ``value[n, start:start + H*W, m]`` of an ``(N, S, M, D)`` array or ``x[n, :, g]`` of an
-``(N, H*W, G, D)`` one. The operator modules own the loops (which query, which point, the
+``(N, H*W, G, D)`` one, passed as a flat array, a base and a row stride (below).
+The operator modules own the loops (which query, which point, the
 parallel split); these helpers own the numbers. CUDA's ``kernels_cu/aggregate.cuh`` keeps
 the same contract, so both backends agree to rounding, and bit for bit where the order of
 the sums agrees.
@@ -39,14 +40,44 @@ Contract (every user of the core keeps it)
   coordinate gradients (ms_deform_attn: ``H * a * ...`` and ``W * a * ...``). Each sum
   over d starts from 0 and runs d = 0, 1, ..., D-1.
 
+How the helpers reach the data. A plane is ``(flat, base, stride)``: element ``(row, d)``
+of the plane is ``flat[base + row*stride + d]`` of a 1-D C-contiguous view of the whole
+array (``value.reshape(-1)``, with ``base`` the flat index of the plane's ``(0, 0)`` and
+``stride`` the distance between rows, e.g. ``M*D``); a D-vector is ``(flat, offset)``. The
+inner loops run over d at unit stride with unsigned indices (``_u``: Numba wraps negative
+signed indices, a select per access that keeps LLVM from vectorising), so LLVM vectorises
+them ACROSS channels: each channel keeps its own sequence of operations, the order above,
+one rounding each; only the sums over d (``dots``) are reductions, and those run as a
+separate scalar loop over d from 0 in order on products computed (vectorised) into a
+scratch buffer. A point with all four corners present (almost all of them) takes that
+branch-free path; a point with an absent corner takes the scalar path with a test per
+corner, which gives the same numbers (the contract's order either way).
+
 Everything is ``inline="always"``: the helpers cost nothing over writing the loops out, and
-each kernel that uses them compiles them for its own types.
+each kernel that uses them compiles them for its own types. Numba's cache does not see an
+edit here (inlined into the kernels' cached code): delete ``deformarray/cpu/__pycache__``'s
+``*.nbi`` / ``*.nbc`` after editing this file.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit
+
+if numba.config.DISABLE_JIT:  # pragma: no cover - CI's pure-Python run
+
+    def _u(i):
+        """An index as is (plain Python: no wrap-around to avoid, and ints are faster)."""
+        return i
+
+else:
+
+    @njit(cache=True, inline="always")
+    def _u(i):
+        """An index as uint64: Numba does not wrap-around-check unsigned indices, so the
+        loops over d stay free of selects and vectorise."""
+        return np.uint64(i)
 
 
 @njit(cache=True, inline="always")
@@ -95,49 +126,72 @@ def corners(h, w, height, width, lower):
 
 
 @njit(cache=True, inline="always")
-def add_sample(plane, c, a, acc):
-    """``acc[d] += a * S_d`` for d < D, the sample of the point set up in ``c``
-    (``corners``) from the plane's rows."""
+def _all_present(c):
+    return c[1] >= 0 and c[2] >= 0 and c[3] >= 0 and c[4] >= 0
+
+
+@njit(cache=True, inline="always")
+def add_sample(flat, base, stride, c, a, acc, off, depth):
+    """``acc[off + d] += a * S_d`` for d < depth, the sample of the point set up in ``c``
+    (``corners``) from the plane ``(flat, base, stride)``."""
     r1, r2, r3, r4 = c[1], c[2], c[3], c[4]
     w1, w2, w3, w4 = c[5], c[6], c[7], c[8]
     zero = type(a)(0.0)
-    for d in range(acc.shape[0]):
+    if _all_present(c):
+        o1 = _u(base + r1 * stride)
+        o2 = _u(base + r2 * stride)
+        o3 = _u(base + r3 * stride)
+        o4 = _u(base + r4 * stride)
+        oa = _u(off)
+        for d in range(_u(depth)):
+            s = zero
+            s += flat[o1 + d] * w1
+            s += flat[o2 + d] * w2
+            s += flat[o3 + d] * w3
+            s += flat[o4 + d] * w4
+            acc[oa + d] += a * s
+        return
+    for d in range(depth):
         s = zero
         if r1 >= 0:
-            s += plane[r1, d] * w1
+            s += flat[base + r1 * stride + d] * w1
         if r2 >= 0:
-            s += plane[r2, d] * w2
+            s += flat[base + r2 * stride + d] * w2
         if r3 >= 0:
-            s += plane[r3, d] * w3
+            s += flat[base + r3 * stride + d] * w3
         if r4 >= 0:
-            s += plane[r4, d] * w4
-        acc[d] += a * s
+            s += flat[base + r4 * stride + d] * w4
+        acc[off + d] += a * s
 
 
 @njit(cache=True, inline="always")
-def _scatter_corner(gplane, r, aw, g):
-    for d in range(g.shape[0]):
-        gplane[r, d] += aw * g[d]
+def _scatter_corner(gflat, o, aw, g, goff, depth):
+    og = _u(goff)
+    for d in range(_u(depth)):
+        gflat[o + d] += aw * g[og + d]
 
 
 @njit(cache=True, inline="always")
-def scatter(gplane, c, a, g):
-    """The value gradient of one point: ``gplane[corner row, d] += (a * w_corner) * g[d]``
-    for each present corner, in corner order."""
+def scatter(gflat, base, stride, c, a, g, goff, depth):
+    """The value gradient of one point into the plane ``(gflat, base, stride)``:
+    ``plane[corner row, d] += (a * w_corner) * g[goff + d]`` for d < depth, for each
+    present corner, in corner order."""
     if c[1] >= 0:
-        _scatter_corner(gplane, c[1], a * c[5], g)
+        _scatter_corner(gflat, _u(base + c[1] * stride), a * c[5], g, goff, depth)
     if c[2] >= 0:
-        _scatter_corner(gplane, c[2], a * c[6], g)
+        _scatter_corner(gflat, _u(base + c[2] * stride), a * c[6], g, goff, depth)
     if c[3] >= 0:
-        _scatter_corner(gplane, c[3], a * c[7], g)
+        _scatter_corner(gflat, _u(base + c[3] * stride), a * c[7], g, goff, depth)
     if c[4] >= 0:
-        _scatter_corner(gplane, c[4], a * c[8], g)
+        _scatter_corner(gflat, _u(base + c[4] * stride), a * c[8], g, goff, depth)
 
 
 @njit(cache=True, inline="always")
-def dots(plane, c, g):
-    """``(sum_d g[d]*S_d, sum_d g[d]*dS_d/dh, sum_d g[d]*dS_d/dw)`` of the point set up in
-    ``c``, each summed from 0 in channel order."""
+def dots(flat, base, stride, c, g, goff, depth, buf):
+    """``(sum_d g_d*S_d, sum_d g_d*dS_d/dh, sum_d g_d*dS_d/dw)`` of the point set up in
+    ``c`` from the plane ``(flat, base, stride)``, ``g_d = g[goff + d]``, each summed from 0
+    in channel order. ``buf``: scratch of ``3*depth`` entries (the products, computed
+    vectorised across d, before the in-order sums)."""
     r1, r2, r3, r4 = c[1], c[2], c[3], c[4]
     w1, w2, w3, w4 = c[5], c[6], c[7], c[8]
     lh, lw, hh, hw = c[9], c[10], c[11], c[12]
@@ -145,25 +199,50 @@ def dots(plane, c, g):
     gs = zero
     gh = zero
     gw = zero
-    for d in range(g.shape[0]):
+    if _all_present(c):
+        o1 = _u(base + r1 * stride)
+        o2 = _u(base + r2 * stride)
+        o3 = _u(base + r3 * stride)
+        o4 = _u(base + r4 * stride)
+        og = _u(goff)
+        uh = _u(depth)
+        uw = _u(2 * depth)
+        # three loops, one store each: few enough runtime alias checks for LLVM to vectorise
+        for d in range(_u(depth)):
+            s = zero
+            s += flat[o1 + d] * w1
+            s += flat[o2 + d] * w2
+            s += flat[o3 + d] * w3
+            s += flat[o4 + d] * w4
+            buf[d] = g[og + d] * s
+        for d in range(_u(depth)):
+            buf[uh + d] = g[og + d] * (hw * (flat[o3 + d] - flat[o1 + d]) + lw * (flat[o4 + d] - flat[o2 + d]))
+        for d in range(_u(depth)):
+            buf[uw + d] = g[og + d] * (hh * (flat[o2 + d] - flat[o1 + d]) + lh * (flat[o4 + d] - flat[o3 + d]))
+        for d in range(_u(depth)):
+            gs += buf[d]
+            gh += buf[uh + d]
+            gw += buf[uw + d]
+        return gs, gh, gw
+    for d in range(depth):
         s = zero
         v1 = zero
         v2 = zero
         v3 = zero
         v4 = zero
         if r1 >= 0:
-            v1 = plane[r1, d]
+            v1 = flat[base + r1 * stride + d]
             s += v1 * w1
         if r2 >= 0:
-            v2 = plane[r2, d]
+            v2 = flat[base + r2 * stride + d]
             s += v2 * w2
         if r3 >= 0:
-            v3 = plane[r3, d]
+            v3 = flat[base + r3 * stride + d]
             s += v3 * w3
         if r4 >= 0:
-            v4 = plane[r4, d]
+            v4 = flat[base + r4 * stride + d]
             s += v4 * w4
-        gd = g[d]
+        gd = g[goff + d]
         gs += gd * s
         gh += gd * (hw * (v3 - v1) + lw * (v4 - v2))
         gw += gd * (hh * (v2 - v1) + lh * (v4 - v3))

@@ -38,8 +38,9 @@ backward  two kernels, each value of each gradient written by one task in a fixe
 For DCNv4 the offset and mask gradients are one array of offset_mask's shape (zeros in the
 padding of its last axis), returned as both ``grad_offset`` and ``grad_mask``.
 
-Memory. No workspace: the kernels write the outputs (and gradients) directly and allocate
-nothing per task. The only other memory is a C-contiguous copy of an argument that is not
+Memory. No workspace: the kernels write the outputs (and gradients) directly; the only
+allocation is the point-gradient kernel's scratch of 3*D entries per chunk of tasks.
+The only other memory is a C-contiguous copy of an argument that is not
 C-contiguous already (``np.ascontiguousarray``), the size of that argument, as every CPU
 operator does; the workspace bound (``_config``) has nothing to bound here. Indices are
 64-bit (Numba's intp) throughout.
@@ -61,6 +62,9 @@ _LOWER = -1
 # geo (int64): kh, kw, sh, sw, ph, pw, dh, dw, remove_center, off_group, mask_base,
 # mask_group, w_out, height, width
 _KH, _KW, _SH, _SW, _PH, _PW, _DH, _DW, _RC, _OFF_GROUP, _MASK_BASE, _MASK_GROUP, _W_OUT, _H, _W = range(15)
+
+# tasks per parallel chunk of the point-gradient kernel (one scratch buffer of 3*D per chunk)
+_CHUNK = 64
 
 
 @njit(cache=True, inline="always")
@@ -91,6 +95,11 @@ def _forward_kernel(inp, offset, mask, scale, geo, out):
     eh = (dh * (kh - 1)) // 2
     ew = (dw * (kw - 1)) // 2
     s = scale[0]
+    depth = inp.shape[3]
+    xflat = inp.reshape(-1)
+    oflat = out.reshape(-1)
+    stride = n_groups * depth
+    n_rows = inp.shape[1]
     for task in prange(n_img * n_q * n_groups):
         n = task // (n_q * n_groups)
         rest = task - n * (n_q * n_groups)
@@ -100,8 +109,8 @@ def _forward_kernel(inp, offset, mask, scale, geo, out):
         wo = q - ho * w_out
         base_y = _base(ho * sh - ph + eh, eh, s)
         base_x = _base(wo * sw - pw + ew, ew, s)
-        plane = inp[n, :, g]
-        acc = out[n, q, g]
+        base = (n * n_rows * n_groups + g) * depth  # inp[n, 0, g, 0]
+        off = task * depth  # out[n, q, g, 0]
         o0 = g * off_group
         m0 = mask_base + g * mask_group
         k = 0
@@ -113,7 +122,7 @@ def _forward_kernel(inp, offset, mask, scale, geo, out):
                 y = _location(base_y, j * dh, offset[n, q, o0 + 2 * k + 1], s)
                 c = corners(y, x, height, width, _LOWER)
                 if c[0]:
-                    add_sample(plane, c, mask[n, q, m0 + k], acc)
+                    add_sample(xflat, base, stride, c, mask[n, q, m0 + k], oflat, off, depth)
                 k += 1
 
 
@@ -130,34 +139,42 @@ def _grad_point_kernel(inp, offset, mask, scale, geo, go, grad_offset, grad_mask
     eh = (dh * (kh - 1)) // 2
     ew = (dw * (kw - 1)) // 2
     s = scale[0]
-    for task in prange(n_img * n_q * n_groups):
-        n = task // (n_q * n_groups)
-        rest = task - n * (n_q * n_groups)
-        q = rest // n_groups
-        g = rest - q * n_groups
-        ho = q // w_out
-        wo = q - ho * w_out
-        base_y = _base(ho * sh - ph + eh, eh, s)
-        base_x = _base(wo * sw - pw + ew, ew, s)
-        plane = inp[n, :, g]
-        gv = go[n, q, g]
-        o0 = g * off_group
-        m0 = mask_base + g * mask_group
-        k = 0
-        for i in range(kw):
-            for j in range(kh):
-                if rc != 0 and i == kw // 2 and j == kh // 2:
-                    continue
-                x = _location(base_x, i * dw, offset[n, q, o0 + 2 * k], s)
-                y = _location(base_y, j * dh, offset[n, q, o0 + 2 * k + 1], s)
-                c = corners(y, x, height, width, _LOWER)
-                if c[0]:
-                    ms = mask[n, q, m0 + k] * s
-                    gs, gy, gx = dots(plane, c, gv)
-                    grad_mask[n, q, m0 + k] = gs
-                    grad_offset[n, q, o0 + 2 * k] = ms * gx
-                    grad_offset[n, q, o0 + 2 * k + 1] = ms * gy
-                k += 1
+    depth = inp.shape[3]
+    xflat = inp.reshape(-1)
+    gflat = go.reshape(-1)
+    stride = n_groups * depth
+    n_rows = inp.shape[1]
+    n_tasks = n_img * n_q * n_groups
+    for chunk in prange((n_tasks + _CHUNK - 1) // _CHUNK):
+        buf = np.empty(3 * depth, dtype=inp.dtype)
+        for task in range(chunk * _CHUNK, min(n_tasks, (chunk + 1) * _CHUNK)):
+            n = task // (n_q * n_groups)
+            rest = task - n * (n_q * n_groups)
+            q = rest // n_groups
+            g = rest - q * n_groups
+            ho = q // w_out
+            wo = q - ho * w_out
+            base_y = _base(ho * sh - ph + eh, eh, s)
+            base_x = _base(wo * sw - pw + ew, ew, s)
+            base = (n * n_rows * n_groups + g) * depth  # inp[n, 0, g, 0]
+            goff = task * depth  # go[n, q, g, 0]
+            o0 = g * off_group
+            m0 = mask_base + g * mask_group
+            k = 0
+            for i in range(kw):
+                for j in range(kh):
+                    if rc != 0 and i == kw // 2 and j == kh // 2:
+                        continue
+                    x = _location(base_x, i * dw, offset[n, q, o0 + 2 * k], s)
+                    y = _location(base_y, j * dh, offset[n, q, o0 + 2 * k + 1], s)
+                    c = corners(y, x, height, width, _LOWER)
+                    if c[0]:
+                        ms = mask[n, q, m0 + k] * s
+                        gs, gy, gx = dots(xflat, base, stride, c, gflat, goff, depth, buf)
+                        grad_mask[n, q, m0 + k] = gs
+                        grad_offset[n, q, o0 + 2 * k] = ms * gx
+                        grad_offset[n, q, o0 + 2 * k + 1] = ms * gy
+                    k += 1
 
 
 @njit(cache=True, parallel=True)
@@ -176,6 +193,10 @@ def _grad_input_kernel(grad_input, offset, mask, scale, geo, go, blocks):
     eh = (dh * (kh - 1)) // 2
     ew = (dw * (kw - 1)) // 2
     s = scale[0]
+    xflat = grad_input.reshape(-1)
+    gflat = go.reshape(-1)
+    stride = n_groups * depth
+    n_rows = grad_input.shape[1]
     for task in prange(n_img * n_groups * blocks):
         n = task // (n_groups * blocks)
         rest = task - n * (n_groups * blocks)
@@ -185,7 +206,7 @@ def _grad_input_kernel(grad_input, offset, mask, scale, geo, go, blocks):
         d1 = (b + 1) * depth // blocks
         if d1 == d0:
             continue
-        gplane = grad_input[n, :, g, d0:d1]
+        base = (n * n_rows * n_groups + g) * depth + d0  # grad_input[n, 0, g, d0]
         o0 = g * off_group
         m0 = mask_base + g * mask_group
         for q in range(n_q):
@@ -193,7 +214,7 @@ def _grad_input_kernel(grad_input, offset, mask, scale, geo, go, blocks):
             wo = q - ho * w_out
             base_y = _base(ho * sh - ph + eh, eh, s)
             base_x = _base(wo * sw - pw + ew, ew, s)
-            gv = go[n, q, g, d0:d1]
+            goff = ((n * n_q + q) * n_groups + g) * depth + d0  # go[n, q, g, d0]
             k = 0
             for i in range(kw):
                 for j in range(kh):
@@ -203,7 +224,7 @@ def _grad_input_kernel(grad_input, offset, mask, scale, geo, go, blocks):
                     y = _location(base_y, j * dh, offset[n, q, o0 + 2 * k + 1], s)
                     c = corners(y, x, height, width, _LOWER)
                     if c[0]:
-                        scatter(gplane, c, mask[n, q, m0 + k], gv)
+                        scatter(xflat, base, stride, c, mask[n, q, m0 + k], gflat, goff, d1 - d0)
                     k += 1
 
 

@@ -7,22 +7,33 @@ is processed when ``-2 < h < H_l`` and ``-2 < w < W_l`` (zero padding per corner
 grid_sample), and ``out[n, q, m*D + d] = sum over l, then p, of a * S_d``. This module
 holds only MSDA's loops; each plane is ``value[n, start_l : start_l + H_l*W_l, m]``.
 
-forward   parallel over (n, q, m): a task sums its query's points (levels in order, then
-          points) straight into its own D entries of the output.
+forward   parallel over (n, m, block of ``_QUERY_BLOCK`` queries): a task walks its block
+          level by level (for each level, each query, its points in order), adding into
+          the queries' own D entries of the output, so every output entry still sums its
+          points levels in order, then points; one head and one level at a time keeps the
+          small levels' rows in cache (most of the points' corners).
 backward  two kernels, each value of each gradient written by one task in a fixed order,
           so the bits do not depend on the thread count or the split:
-          - ``_grad_point_kernel``, parallel over (n, q, m): for each (l, p) the three dot
-            products of ``_aggregate.dots`` give the attention-weight gradient and both
-            location gradients of that point (each owned by the task).
+          - ``_grad_point_kernel``, parallel over (n, m, block of queries), level by level
+            as the forward: for each (q, l, p) the three dot products of
+            ``_aggregate.dots`` give the attention-weight gradient and both location
+            gradients of that point (each owned by the task).
           - ``_grad_value_kernel``, parallel over (n, m, block of channels): a task owns
-            ``grad_value[n, :, m, d0:d1]`` and walks the queries in order (q, then l, then
-            p, then the corners), adding ``a * w * g`` into it. The blocks only give the
+            ``grad_value[n, :, m, d0:d1]`` and walks the levels, then the queries in order
+            (l, then q, then p, then the corners), adding ``a * w * g`` into it: a row
+            belongs to one level, so each entry gets its additions in the order (q, p,
+            corner), and one level at a time keeps the small levels in cache. The blocks only give the
             threads more tasks when N*M is small; every channel sees the same sequence of
             additions whatever the blocks (tests/test_ms_deform_attn.py checks it).
           ``deterministic`` is accepted for symmetry with CUDA: this backend always is.
 
-Memory. No workspace: the kernels write the outputs (and gradients) directly and allocate
-nothing per task. The only other memory is a C-contiguous copy of an argument that is not
+Speed. The loops over the D channels run on flat views with unsigned indices
+(``_aggregate``), which LLVM vectorises across channels (the numbers stay those of the
+contract: each channel keeps its own order of operations).
+
+Memory. No workspace: the kernels write the outputs (and gradients) directly; the only
+allocation in a task is the point-gradient kernel's scratch of 3*D entries.
+The only other memory is a C-contiguous copy of an argument that is not
 C-contiguous already (``np.ascontiguousarray``), the size of that argument, as every CPU
 operator does; the workspace bound (``_config``) has nothing to bound here.
 """
@@ -41,56 +52,74 @@ from ._aggregate import add_sample, corners, dots, pixel, scatter
 _LOWER = -2
 
 
+# queries per task of the forward and point-gradient kernels (see the module docstring:
+# each task walks its block level by level, so the small levels stay in cache)
+_QUERY_BLOCK = 2048
+
+
 @njit(cache=True, parallel=True)
 def _forward_kernel(value, shapes, starts, loc, attn, out):
     """out[n, q, m, :] = sum_{l, p} attn * sample; ``out`` (N, Lq, M, D) zeros."""
-    n_img, _, n_heads, _ = value.shape
+    n_img, n_rows, n_heads, depth = value.shape
     n_q, n_levels, n_points = loc.shape[1], loc.shape[3], loc.shape[4]
-    for task in prange(n_img * n_q * n_heads):
-        n = task // (n_q * n_heads)
-        rest = task - n * (n_q * n_heads)
-        q = rest // n_heads
-        m = rest - q * n_heads
-        acc = out[n, q, m]
+    vflat = value.reshape(-1)
+    oflat = out.reshape(-1)
+    stride = n_heads * depth
+    n_blocks = (n_q + _QUERY_BLOCK - 1) // _QUERY_BLOCK
+    for task in prange(n_img * n_heads * n_blocks):
+        n = task // (n_heads * n_blocks)
+        rest = task - n * (n_heads * n_blocks)
+        m = rest // n_blocks
+        q0 = (rest - m * n_blocks) * _QUERY_BLOCK
+        q1 = min(n_q, q0 + _QUERY_BLOCK)
         for lv in range(n_levels):
             height = shapes[lv, 0]
             width = shapes[lv, 1]
-            plane = value[n, starts[lv] : starts[lv] + height * width, m]
-            for pt in range(n_points):
-                h = pixel(loc[n, q, m, lv, pt, 1], height)
-                w = pixel(loc[n, q, m, lv, pt, 0], width)
-                c = corners(h, w, height, width, _LOWER)
-                if c[0]:
-                    add_sample(plane, c, attn[n, q, m, lv, pt], acc)
+            base = ((n * n_rows + starts[lv]) * n_heads + m) * depth
+            for q in range(q0, q1):
+                off = ((n * n_q + q) * n_heads + m) * depth  # out[n, q, m, 0]
+                for pt in range(n_points):
+                    h = pixel(loc[n, q, m, lv, pt, 1], height)
+                    w = pixel(loc[n, q, m, lv, pt, 0], width)
+                    c = corners(h, w, height, width, _LOWER)
+                    if c[0]:
+                        add_sample(vflat, base, stride, c, attn[n, q, m, lv, pt], oflat, off, depth)
 
 
 @njit(cache=True, parallel=True)
 def _grad_point_kernel(value, shapes, starts, loc, attn, go, grad_loc, grad_attn):
     """Location and attention-weight gradients; ``go`` (N, Lq, M, D); outputs zeros."""
-    n_img, _, n_heads, _ = value.shape
+    n_img, n_rows, n_heads, depth = value.shape
     n_q, n_levels, n_points = loc.shape[1], loc.shape[3], loc.shape[4]
-    for task in prange(n_img * n_q * n_heads):
-        n = task // (n_q * n_heads)
-        rest = task - n * (n_q * n_heads)
-        q = rest // n_heads
-        m = rest - q * n_heads
-        g = go[n, q, m]
+    vflat = value.reshape(-1)
+    gflat = go.reshape(-1)
+    stride = n_heads * depth
+    n_blocks = (n_q + _QUERY_BLOCK - 1) // _QUERY_BLOCK
+    for task in prange(n_img * n_heads * n_blocks):
+        n = task // (n_heads * n_blocks)
+        rest = task - n * (n_heads * n_blocks)
+        m = rest // n_blocks
+        q0 = (rest - m * n_blocks) * _QUERY_BLOCK
+        q1 = min(n_q, q0 + _QUERY_BLOCK)
+        buf = np.empty(3 * depth, dtype=value.dtype)
         for lv in range(n_levels):
             height = shapes[lv, 0]
             width = shapes[lv, 1]
-            plane = value[n, starts[lv] : starts[lv] + height * width, m]
-            for pt in range(n_points):
-                y = loc[n, q, m, lv, pt, 1]
-                h = pixel(y, height)
-                w = pixel(loc[n, q, m, lv, pt, 0], width)
-                c = corners(h, w, height, width, _LOWER)
-                if c[0]:
-                    f = type(y)
-                    a = attn[n, q, m, lv, pt]
-                    gs, gh, gw = dots(plane, c, g)
-                    grad_attn[n, q, m, lv, pt] = gs
-                    grad_loc[n, q, m, lv, pt, 0] = f(width) * a * gw
-                    grad_loc[n, q, m, lv, pt, 1] = f(height) * a * gh
+            base = ((n * n_rows + starts[lv]) * n_heads + m) * depth
+            for q in range(q0, q1):
+                goff = ((n * n_q + q) * n_heads + m) * depth  # go[n, q, m, 0]
+                for pt in range(n_points):
+                    y = loc[n, q, m, lv, pt, 1]
+                    h = pixel(y, height)
+                    w = pixel(loc[n, q, m, lv, pt, 0], width)
+                    c = corners(h, w, height, width, _LOWER)
+                    if c[0]:
+                        f = type(y)
+                        a = attn[n, q, m, lv, pt]
+                        gs, gh, gw = dots(vflat, base, stride, c, gflat, goff, depth, buf)
+                        grad_attn[n, q, m, lv, pt] = gs
+                        grad_loc[n, q, m, lv, pt, 0] = f(width) * a * gw
+                        grad_loc[n, q, m, lv, pt, 1] = f(height) * a * gh
 
 
 @njit(cache=True, parallel=True)
@@ -99,8 +128,11 @@ def _grad_value_kernel(grad_value, shapes, starts, loc, attn, go, blocks):
 
     (grad_value comes first: the cold-cache notice reads a kernel's dtype from its first
     array argument, ``_warmup._array_dtype``.)"""
-    n_img, _, n_heads, depth = grad_value.shape
+    n_img, n_rows, n_heads, depth = grad_value.shape
     n_q, n_levels, n_points = loc.shape[1], loc.shape[3], loc.shape[4]
+    vflat = grad_value.reshape(-1)
+    gflat = go.reshape(-1)
+    stride = n_heads * depth
     for task in prange(n_img * n_heads * blocks):
         n = task // (n_heads * blocks)
         rest = task - n * (n_heads * blocks)
@@ -110,18 +142,20 @@ def _grad_value_kernel(grad_value, shapes, starts, loc, attn, go, blocks):
         d1 = (b + 1) * depth // blocks
         if d1 == d0:
             continue
-        for q in range(n_q):
-            g = go[n, q, m, d0:d1]
-            for lv in range(n_levels):
-                height = shapes[lv, 0]
-                width = shapes[lv, 1]
-                gplane = grad_value[n, starts[lv] : starts[lv] + height * width, m, d0:d1]
+        # level by level: a row of grad_value belongs to one level, so each entry still
+        # sees its additions in the order (q, p, corner), and the small levels stay in cache
+        for lv in range(n_levels):
+            height = shapes[lv, 0]
+            width = shapes[lv, 1]
+            base = ((n * n_rows + starts[lv]) * n_heads + m) * depth + d0
+            for q in range(n_q):
+                goff = ((n * n_q + q) * n_heads + m) * depth + d0  # go[n, q, m, d0]
                 for pt in range(n_points):
                     h = pixel(loc[n, q, m, lv, pt, 1], height)
                     w = pixel(loc[n, q, m, lv, pt, 0], width)
                     c = corners(h, w, height, width, _LOWER)
                     if c[0]:
-                        scatter(gplane, c, attn[n, q, m, lv, pt], g)
+                        scatter(vflat, base, stride, c, attn[n, q, m, lv, pt], gflat, goff, d1 - d0)
 
 
 # ---------------------------------------------------------------------------------------
