@@ -6,12 +6,12 @@ model reaches ONNX (docs/deployment.md):
   and put the node itself into the graph with ``torch.onnx.ops.symbolic`` (public PyTorch
   API) instead of calling the ``deformarray::`` operator (``emit`` below);
 * a graph that already holds the ``deformarray::`` operators (an ``ExportedProgram`` made
-  by ``torch.export.export``): ``deformarray.torch.onnx.TRANSLATIONS``, the exporter's
-  ``custom_translation_table``, builds the same nodes with ONNX Script.
+  by ``torch.export.export``): ``deformarray.torch.onnx.DECOMPOSITIONS`` turns each
+  operator into the same node (``ExportedProgram.run_decompositions``), through ``emit``.
 
 Each ``*_node`` function takes the operator's arguments, as the ``deformarray::`` schema
-holds them (tensors, or ONNX Script values in a translation, and plain ints, floats,
-lists), and returns ``(domain, op_type, version, inputs, attributes)``.
+holds them (tensors, fake ones while tracing, and plain ints, floats, lists), and returns
+``(domain, op_type, version, inputs, attributes)``.
 
 * ``deform_conv2d``: the standard ONNX ``DeformConv`` (opset 19), whose layouts are
   torchvision's: offset ``(N, 2*offset_group*kh*kw, oH, oW)`` as (y, x) pairs, mask
@@ -51,7 +51,7 @@ def exporting() -> bool:
 
 
 def _channels(value: Any, dim: int, what: str) -> int:
-    """A static size of a tensor or an ONNX Script value (ONNX attributes are constants)."""
+    """A static size of a tensor (ONNX attributes are constants)."""
     size = value.shape[dim]
     try:
         return int(size)
