@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _api
 from . import _onnx_nodes
 from ._glue import (
+    OP_TAGS,
     _call_array_api,
     _cast_back,
     _common_dtype,
@@ -54,7 +55,7 @@ def _like(t: Tensor) -> Tensor:
 # dcnv3
 
 
-@torch.library.custom_op("deformarray::dcnv3", mutates_args=())
+@torch.library.custom_op("deformarray::dcnv3", mutates_args=(), tags=OP_TAGS)
 def _dcnv3_op(
     input: Tensor,
     offset: Tensor,
@@ -78,7 +79,7 @@ def _(input, offset, mask, kernel_size, stride, padding, dilation, group, group_
     return input.new_empty(_out_shape(input, kernel_size, stride, padding, dilation))
 
 
-@torch.library.custom_op("deformarray::dcnv3_backward", mutates_args=())
+@torch.library.custom_op("deformarray::dcnv3_backward", mutates_args=(), tags=OP_TAGS)
 def _dcnv3_backward_op(
     grad_output: Tensor,
     input: Tensor,
@@ -177,7 +178,7 @@ def dcnv3(
 # dcnv4
 
 
-@torch.library.custom_op("deformarray::dcnv4", mutates_args=())
+@torch.library.custom_op("deformarray::dcnv4", mutates_args=(), tags=OP_TAGS)
 def _dcnv4_op(
     input: Tensor,
     offset_mask: Tensor,
@@ -200,7 +201,7 @@ def _(input, offset_mask, kernel_size, stride, padding, dilation, group, group_c
     return input.new_empty(_out_shape(input, kernel_size, stride, padding, dilation))
 
 
-@torch.library.custom_op("deformarray::dcnv4_backward", mutates_args=())
+@torch.library.custom_op("deformarray::dcnv4_backward", mutates_args=(), tags=OP_TAGS)
 def _dcnv4_backward_op(
     grad_output: Tensor,
     input: Tensor,

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _api
 from . import _onnx_nodes
-from ._glue import _call_array_api, _cast_back, _common_dtype, _deterministic_flag, _register_autocast
+from ._glue import OP_TAGS, _call_array_api, _cast_back, _common_dtype, _deterministic_flag, _register_autocast
 
 
 def _geometry(t: Tensor) -> np.ndarray:
@@ -37,7 +37,7 @@ def _as_geometry(value: Any, name: str) -> Tensor:
     return torch.as_tensor(arr.astype(np.int64))
 
 
-@torch.library.custom_op("deformarray::ms_deform_attn", mutates_args=())
+@torch.library.custom_op("deformarray::ms_deform_attn", mutates_args=(), tags=OP_TAGS)
 def _ms_deform_attn_op(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -72,7 +72,7 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
     return value.new_empty(_msda_out_shape(value, sampling_locations, attention_weights))
 
 
-@torch.library.custom_op("deformarray::ms_deform_attn_backward", mutates_args=())
+@torch.library.custom_op("deformarray::ms_deform_attn_backward", mutates_args=(), tags=OP_TAGS)
 def _ms_deform_attn_backward_op(
     grad_output: Tensor,
     value: Tensor,

@@ -10,6 +10,7 @@ from .. import _api
 from .._validate import MAX_SAMPLES_PER_SIDE
 from . import _onnx_nodes
 from ._glue import (
+    OP_TAGS,
     _call_array_api,
     _cast_back,
     _common_dtype,
@@ -21,7 +22,7 @@ from ._glue import (
 )
 
 
-@torch.library.custom_op("deformarray::deform_psroi_pool", mutates_args=())
+@torch.library.custom_op("deformarray::deform_psroi_pool", mutates_args=(), tags=OP_TAGS)
 def _deform_psroi_pool_op(
     input: Tensor,
     rois: Tensor,
@@ -55,7 +56,7 @@ def _(input, rois, offset, output_dim, group_size, pooled_size, part_size, sampl
     return input.new_empty((r, output_dim, ph, pw))
 
 
-@torch.library.custom_op("deformarray::deform_psroi_pool_backward", mutates_args=())
+@torch.library.custom_op("deformarray::deform_psroi_pool_backward", mutates_args=(), tags=OP_TAGS)
 def _deform_psroi_pool_backward_op(
     grad_output: Tensor,
     input: Tensor,

@@ -12,6 +12,7 @@ from .. import _api
 from .._validate import MAX_SAMPLES_PER_SIDE
 from . import _onnx_nodes
 from ._glue import (
+    OP_TAGS,
     _call_array_api,
     _cast_back,
     _common_dtype,
@@ -24,7 +25,7 @@ from ._glue import (
 )
 
 
-@torch.library.custom_op("deformarray::deform_roi_pool", mutates_args=())
+@torch.library.custom_op("deformarray::deform_roi_pool", mutates_args=(), tags=OP_TAGS)
 def _deform_roi_pool_op(
     input: Tensor,
     rois: Tensor,
@@ -52,7 +53,7 @@ def _(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, ma
     return input.new_empty(_roi_out_shape(input, rois, output_size[0], output_size[1]))
 
 
-@torch.library.custom_op("deformarray::deform_roi_pool_backward", mutates_args=())
+@torch.library.custom_op("deformarray::deform_roi_pool_backward", mutates_args=(), tags=OP_TAGS)
 def _deform_roi_pool_backward_op(
     grad_output: Tensor,
     input: Tensor,
