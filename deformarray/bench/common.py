@@ -598,3 +598,128 @@ def format_table(columns: list, rows: list[dict], left: int = 1) -> str:
 def reference_label(rows: list[dict], name: str) -> str:
     labels = {row[name]["label"] for row in rows if name in row}
     return ", ".join(sorted(labels)) or "-"
+
+
+# ---------------------------------------------------------------------------------------
+# Families timed against a torch grid_sample composition (dcn.py, msda.py)
+# ---------------------------------------------------------------------------------------
+
+
+def composition_builder(ours: Callable, reference: Callable, torch: Any | None, cupy: Any | None = None) -> Callable:
+    """``build(key, inputs) -> [Impl]``: ``ours(*key, a, sync, meter)`` and, when ``torch`` is
+    given, ``reference(*key, torch, t, sync, meter)`` (the composition). ``inputs`` are NumPy
+    arrays with a ``map`` method. ``cupy`` None: the CPU rows (numpy ``a``, CPU torch tensors
+    over the same buffers, tracemalloc and profiler meters); otherwise the GPU rows (``a``
+    copied to cupy, ``torch`` CUDA torch over the same buffers, zero-copy through DLPack)."""
+
+    def build(key: tuple, a_np: Any) -> list[Impl]:
+        if cupy is None:
+            impls = [ours(*key, a_np, noop, tracemalloc_peak_extra)]
+            if torch is not None:
+                impls.append(reference(*key, torch, a_np.map(torch.from_numpy), noop, torch_cpu_peak_extra))
+            return impls
+        a = a_np.map(cupy.asarray)
+        impls = [ours(*key, a, cupy.cuda.Device().synchronize, cupy_peak_extra)]
+        if torch is not None:
+            t = a.map(torch.from_dlpack)  # zero-copy views of the same cupy buffers
+            impls.append(reference(*key, torch, t, torch.cuda.synchronize, torch_cuda_peak_extra))
+        return impls
+
+    return build
+
+
+def composition_row(
+    op: str, case: Any, label: Callable[[dict], str], impls: Callable[[], list[Impl]], repeat: int, progress: Progress
+) -> dict:
+    """Measure ours and the composition for one case, interleaved; ratios are ours /
+    composition. ``case`` has ``backend``, ``shape`` (with ``variant``), ``dtype`` and
+    ``shape_dict()``; ``impls()`` makes the inputs and the contenders (after the progress
+    line names the row)."""
+    import deformarray
+
+    row: dict = {
+        "op": op,
+        "variant": case.shape.variant,
+        "backend": case.backend,
+        "shape": case.shape_dict(),
+        "dtype": case.dtype,
+    }
+    progress.start(label(row))
+    contenders = impls()
+    row.update(measure_all(contenders, repeat, progress))
+    del contenders  # drop this case's arrays before the next one is built
+    row["ratios"] = {"composition": ratios_of(row["ours"], row["composition"])} if "composition" in row else {}
+    if "peak_extra_mib" in row["ours"]:
+        row["ours"]["within_workspace"] = row["ours"]["peak_extra_mib"] * MIB <= deformarray.get_workspace_limit()
+    progress.finish_step()
+    return row
+
+
+def composition_cpu_columns(lead: list, with_ref: bool) -> list:
+    ref_fwd = [("comp fwd ms", ms_cell("composition", "fwd")), ("ratio", ratio_cell("composition", "fwd"))]
+    ref_fb = [
+        ("comp fwd+bwd ms", ms_cell("composition", "fwdbwd")),
+        ("ratio", ratio_cell("composition", "fwdbwd")),
+    ]
+    return [
+        *lead,
+        ("fwd ms", ms_cell("ours", "fwd")),
+        *(ref_fwd if with_ref else []),
+        ("fwd+bwd ms", ms_cell("ours", "fwdbwd")),
+        *(ref_fb if with_ref else []),
+        ("peak extra MiB", peak_cell("ours")),
+        *([("comp peak MiB", peak_cell("composition"))] if with_ref else []),
+        ("in bound", bound_cell),
+        ("warm-up s", warmup_cell),
+    ]
+
+
+def composition_gpu_columns(lead: list, with_ref: bool) -> list:
+    ref_fwd = [("comp fwd", ms_cell("composition", "fwd")), ("/comp fwd", ratio_cell("composition", "fwd"))]
+    ref_fb = [("comp f+b", ms_cell("composition", "fwdbwd")), ("/comp f+b", ratio_cell("composition", "fwdbwd"))]
+    return [
+        *lead,
+        ("dtype", lambda r: r["dtype"]),
+        ("fwd ms", ms_cell("ours", "fwd")),
+        *(ref_fwd if with_ref else []),
+        ("fwd+bwd ms", ms_cell("ours", "fwdbwd")),
+        *(ref_fb if with_ref else []),
+        ("peak MiB", peak_cell("ours")),
+        ("in bound", bound_cell),
+        *([("comp peak MiB", peak_cell("composition"))] if with_ref else []),
+    ]
+
+
+def composition_sections(rows: list[dict], gpu_name: str | None, title: str, lead: list, gradients: str) -> list[str]:
+    """The CPU and GPU tables (lines) of a family timed against a composition, empty when no
+    such row ran; ``lead``: its first (text) columns; ``gradients``: what its backward
+    returns, for the note under the CPU table."""
+    out: list[str] = []
+    cpu = [r for r in rows if r["backend"] == "numpy"]
+    gpu = [r for r in rows if r["backend"] == "cupy"]
+    if cpu:
+        with_ref = any("composition" in r for r in cpu)
+        ref = f"; comp = {reference_label(cpu, 'composition')}" if with_ref else ""
+        out += [
+            "",
+            f"{title}, CPU, numpy arrays, {cpu[0]['dtype']}{ref}",
+            format_table(composition_cpu_columns(lead, with_ref), cpu, left=len(lead)),
+            ("ratio = ours / composition within each run, median (range): below 1 = ours faster; " if with_ref else "")
+            + f"fwd+bwd = forward, then backward ({gradients})",
+            "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients"
+            + ("; comp peak = torch's CPU allocations (profiler) beyond outputs/gradients" if with_ref else "")
+            + "; warm-up = first fwd + first fwd+bwd call",
+        ]
+    if gpu:
+        with_ref = any("composition" in r for r in gpu)
+        ref = f"; comp = {reference_label(gpu, 'composition')}" if with_ref else ""
+        out += [
+            "",
+            f"{title}, GPU ({gpu_name}), cupy arrays{ref}",
+            format_table(composition_gpu_columns(lead, with_ref), gpu, left=len(lead)),
+            ("/comp = ours / composition (below 1 = ours faster); " if with_ref else "")
+            + "peak = CuPy pool (ours)"
+            + (" or torch allocator (comp)" if with_ref else "")
+            + " beyond outputs/gradients",
+        ]
+    return out

@@ -348,27 +348,13 @@ def composition_impl(
 
 
 def cpu_builder(torch: Any | None) -> Callable:
-    def build(op: str, shape: DcnShape, a: DcnInputs) -> list[Impl]:
-        impls = [ours_impl(op, shape, a, C.noop, C.tracemalloc_peak_extra)]
-        if torch is not None:
-            impls.append(composition_impl(op, shape, torch, a.map(torch.from_numpy), meter=C.torch_cpu_peak_extra))
-        return impls
-
-    return build
+    """``build((op, shape), inputs)``: ours and, with torch, the composition on CPU."""
+    return C.composition_builder(ours_impl, composition_impl, torch)
 
 
 def gpu_builder(cupy: Any, torch: Any | None) -> Callable:
     """``torch``: CUDA torch, or None (our rows alone)."""
-
-    def build(op: str, shape: DcnShape, a_np: DcnInputs) -> list[Impl]:
-        a = a_np.map(cupy.asarray)
-        impls = [ours_impl(op, shape, a, cupy.cuda.Device().synchronize, C.cupy_peak_extra)]
-        if torch is not None:
-            t = a.map(torch.from_dlpack)  # zero-copy views of the same cupy buffers
-            impls.append(composition_impl(op, shape, torch, t, torch.cuda.synchronize, C.torch_cuda_peak_extra))
-        return impls
-
-    return build
+    return C.composition_builder(ours_impl, composition_impl, torch, cupy)
 
 
 # ---------------------------------------------------------------------------------------
@@ -378,24 +364,11 @@ def gpu_builder(cupy: Any, torch: Any | None) -> Callable:
 
 def run_case(case: DcnCase, build: Callable, repeat: int, progress: Progress) -> dict:
     """Measure ours and the composition for one case, interleaved; ratios are ours / composition."""
-    import deformarray
 
-    row: dict = {
-        "op": case.op,
-        "variant": case.shape.variant,
-        "backend": case.backend,
-        "shape": case.shape_dict(),
-        "dtype": case.dtype,
-    }
-    progress.start(row_label(row))
-    impls = build(case.op, case.shape, make_inputs(case.shape, case.dtype))
-    row.update(C.measure_all(impls, repeat, progress))
-    del impls  # drop this case's arrays before the next one is built
-    row["ratios"] = {"composition": C.ratios_of(row["ours"], row["composition"])} if "composition" in row else {}
-    if "peak_extra_mib" in row["ours"]:
-        row["ours"]["within_workspace"] = row["ours"]["peak_extra_mib"] * C.MIB <= deformarray.get_workspace_limit()
-    progress.finish_step()
-    return row
+    def impls() -> list[Impl]:
+        return build((case.op, case.shape), make_inputs(case.shape, case.dtype))
+
+    return C.composition_row(case.op, case, row_label, impls, repeat, progress)
 
 
 def _cases(backend: str, dtypes: tuple, shapes: list[DcnShape]) -> list[DcnCase]:
@@ -447,72 +420,10 @@ def chart_label(row: dict) -> tuple[str, str]:
 _LEAD = [("case", lambda r: r["variant"]), ("op", lambda r: r["op"]), ("N,HxW,C,G,KxK", shape_text)]
 
 
-def cpu_columns(with_ref: bool) -> list:
-    ref_fwd = [("comp fwd ms", C.ms_cell("composition", "fwd")), ("ratio", C.ratio_cell("composition", "fwd"))]
-    ref_fb = [
-        ("comp fwd+bwd ms", C.ms_cell("composition", "fwdbwd")),
-        ("ratio", C.ratio_cell("composition", "fwdbwd")),
-    ]
-    return [
-        *_LEAD,
-        ("fwd ms", C.ms_cell("ours", "fwd")),
-        *(ref_fwd if with_ref else []),
-        ("fwd+bwd ms", C.ms_cell("ours", "fwdbwd")),
-        *(ref_fb if with_ref else []),
-        ("peak extra MiB", C.peak_cell("ours")),
-        *([("comp peak MiB", C.peak_cell("composition"))] if with_ref else []),
-        ("in bound", C.bound_cell),
-        ("warm-up s", C.warmup_cell),
-    ]
-
-
-def gpu_columns(with_ref: bool) -> list:
-    ref_fwd = [("comp fwd", C.ms_cell("composition", "fwd")), ("/comp fwd", C.ratio_cell("composition", "fwd"))]
-    ref_fb = [("comp f+b", C.ms_cell("composition", "fwdbwd")), ("/comp f+b", C.ratio_cell("composition", "fwdbwd"))]
-    return [
-        *_LEAD,
-        ("dtype", lambda r: r["dtype"]),
-        ("fwd ms", C.ms_cell("ours", "fwd")),
-        *(ref_fwd if with_ref else []),
-        ("fwd+bwd ms", C.ms_cell("ours", "fwdbwd")),
-        *(ref_fb if with_ref else []),
-        ("peak MiB", C.peak_cell("ours")),
-        ("in bound", C.bound_cell),
-        *([("comp peak MiB", C.peak_cell("composition"))] if with_ref else []),
-    ]
-
-
 TITLE = f"DCNv3 / DCNv4 ({DCNV3}, {DCNV4}; stride 1, padding K//2; stage k = InternImage-T's stage k)"
 
 
 def format_sections(rows: list[dict], gpu_name: str | None) -> list[str]:
     """The CPU and GPU dcnv3 / dcnv4 tables (lines), empty when no such row ran."""
-    out: list[str] = []
-    cpu = [r for r in rows if r["backend"] == "numpy"]
-    gpu = [r for r in rows if r["backend"] == "cupy"]
-    if cpu:
-        with_ref = any("composition" in r for r in cpu)
-        ref = f"; comp = {C.reference_label(cpu, 'composition')}" if with_ref else ""
-        out += [
-            "",
-            f"{TITLE}, CPU, numpy arrays, {cpu[0]['dtype']}{ref}",
-            C.format_table(cpu_columns(with_ref), cpu, left=len(_LEAD)),
-            ("ratio = ours / composition within each run, median (range): below 1 = ours faster; " if with_ref else "")
-            + "fwd+bwd = forward, then backward (input, offset and mask gradients; dcnv4: input and offset_mask)",
-            "peak extra = largest NumPy workspace (tracemalloc) beyond outputs/gradients"
-            + ("; comp peak = torch's CPU allocations (profiler) beyond outputs/gradients" if with_ref else "")
-            + "; warm-up = first fwd + first fwd+bwd call",
-        ]
-    if gpu:
-        with_ref = any("composition" in r for r in gpu)
-        ref = f"; comp = {C.reference_label(gpu, 'composition')}" if with_ref else ""
-        out += [
-            "",
-            f"{TITLE}, GPU ({gpu_name}), cupy arrays{ref}",
-            C.format_table(gpu_columns(with_ref), gpu, left=len(_LEAD)),
-            ("/comp = ours / composition (below 1 = ours faster); " if with_ref else "")
-            + "peak = CuPy pool (ours)"
-            + (" or torch allocator (comp)" if with_ref else "")
-            + " beyond outputs/gradients",
-        ]
-    return out
+    gradients = "input, offset and mask gradients; dcnv4: input and offset_mask"
+    return C.composition_sections(rows, gpu_name, TITLE, _LEAD, gradients)
