@@ -7,6 +7,7 @@ the operators' real launch code on a machine without a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -186,3 +187,38 @@ def same_device(arrays: dict) -> None:
     if len(set(devices.values())) > 1:
         detail = ", ".join(f"{k} on device {v}" for k, v in devices.items())
         raise ValueError(f"all arrays must be on one CUDA device, got {detail}")
+
+
+def index_suffix(index32_max: int, *sizes: int) -> str:
+    """``_i32`` when every size is at most ``index32_max`` (the 32-bit index path), else ``_i64``."""
+    return "_i32" if max(sizes) <= index32_max else "_i64"
+
+
+def image_chunks(n: int, per_image: int, limit: int) -> Iterator[tuple[int, int]]:
+    """``(n0, nb)`` ranges of images whose ``per_image`` bytes each fit ``limit`` (at least
+    one image per chunk)."""
+    nb = max(1, min(n, limit // per_image)) if per_image > 0 else max(n, 1)
+    for n0 in range(0, n, nb):
+        yield n0, min(nb, n - n0)
+
+
+def deterministic_plan(
+    n: int, per_image: int, work: int, width: int, half: bool, limit: int, threads: int
+) -> tuple[int, int]:
+    """``(nb, K)`` of a deterministic gradient summed over ``K`` chunks of ``work`` items
+    (pixels, queries): images per chunk and chunks, for ``n`` images whose partial buffer
+    takes ``per_image`` bytes each, about ``threads`` threads of ``nb * width`` per chunk.
+
+    ``K = 0`` means no partial buffer: float32 / float64 (not ``half``) write the gradient
+    directly, all images at once. Otherwise each image chunk uses ``K*nb*per_image`` bytes,
+    within ``limit`` unless one image alone (``K = nb = 1``) exceeds it.
+    """
+    fit = limit // per_image  # partial buffers of one image that fit
+    if not half and fit < 2 * n:  # parallelism of K*nb <= fit images: no better than direct
+        return n, 0
+    nb = max(1, min(n, fit))
+    k_want = min(work, max(1, -(-threads // (nb * width))))
+    k = max(1, min(k_want, fit // nb))
+    if not half and k == 1:
+        return n, 0
+    return nb, k

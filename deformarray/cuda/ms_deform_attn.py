@@ -43,7 +43,6 @@ Nothing in this module or in ms_deform_attn.cu has been run on a GPU yet: see do
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -52,7 +51,10 @@ from .. import _config
 from ._launch import acc_dtype as _acc_dtype
 from ._launch import backend as _launch_backend
 from ._launch import contiguous as _contiguous
+from ._launch import deterministic_plan as _deterministic_plan
 from ._launch import i64 as _i64
+from ._launch import image_chunks as _image_chunks
+from ._launch import index_suffix as _index_suffix
 from ._launch import same_device as _same_device
 
 _FILE = "ms_deform_attn.cu"
@@ -70,7 +72,7 @@ def _backend() -> Any:
 
 def _suffix(*sizes: int) -> str:
     """``_i32`` when every size fits 32-bit index arithmetic, else ``_i64``."""
-    return "_i32" if max(sizes) <= _INDEX32_MAX else "_i64"
+    return _index_suffix(_INDEX32_MAX, *sizes)
 
 
 def _dims(p: Any) -> tuple:
@@ -132,14 +134,6 @@ def backward(p, grad_output, value, sampling_locations, attention_weights, deter
         return _backward(be, p, grad_output, value, sampling_locations, attention_weights, bool(deterministic))
 
 
-def _image_chunks(n: int, per_image: int, limit: int) -> Iterator[tuple[int, int]]:
-    """``(n0, nb)`` ranges of images whose ``per_image`` bytes each fit ``limit`` (at least
-    one image per chunk)."""
-    nb = max(1, min(n, limit // per_image))
-    for n0 in range(0, n, nb):
-        yield n0, min(nb, n - n0)
-
-
 def deterministic_plan(p: Any, acc_itemsize: int, half: bool, limit: int) -> tuple[int, int]:
     """``(nb, K)`` of the deterministic value gradient: images per chunk and query chunks.
 
@@ -148,15 +142,7 @@ def deterministic_plan(p: Any, acc_itemsize: int, half: bool, limit: int) -> tup
     ``limit`` unless one image alone (``K = nb = 1``) exceeds it.
     """
     per_image = p.s * p.m * p.d * acc_itemsize
-    fit = limit // per_image  # partial buffers of one image that fit
-    if not half and fit < 2 * p.n:  # parallelism of K*nb <= fit images: no better than direct
-        return p.n, 0
-    nb = max(1, min(p.n, fit))
-    k_want = min(p.lq, max(1, -(-_DET_THREADS // (nb * p.m * p.d))))
-    k = max(1, min(k_want, fit // nb))
-    if not half and k == 1:
-        return p.n, 0
-    return nb, k
+    return _deterministic_plan(p.n, per_image, p.lq, p.m * p.d, half, limit, _DET_THREADS)
 
 
 def _backward(be, p, grad_output, value, loc, attn, deterministic):

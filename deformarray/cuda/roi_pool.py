@@ -51,6 +51,7 @@ from ._launch import acc_dtype as _acc_dtype
 from ._launch import backend as _launch_backend
 from ._launch import contiguous as _contiguous
 from ._launch import i64 as _i64
+from ._launch import image_chunks as _image_chunks
 from ._launch import same_device as _same_device
 
 _FILE = "roi_pool.cu"
@@ -71,14 +72,6 @@ def _backend() -> Any:
 
 # ---------------------------------------------------------------------------------------
 # Helpers (also used by psroi_pool.py)
-
-
-def _image_chunks(n: int, per_image: int, limit: int) -> Iterator[tuple[int, int]]:
-    """``(n0, nb)`` ranges of images whose ``per_image`` bytes each fit ``limit`` (at least
-    one image per chunk)."""
-    nb = max(1, min(n, limit // per_image)) if per_image > 0 else max(n, 1)
-    for n0 in range(0, n, nb):
-        yield n0, min(nb, n - n0)
 
 
 def _cut(cost: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
