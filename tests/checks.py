@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import tracemalloc
+
+import numba
 import numpy as np
+
+import deformarray as da
 
 DTYPES = [np.float64, np.float32]
 # relative tolerance per dtype, scaled by the expected array's largest magnitude
@@ -52,3 +58,65 @@ def reversed_view(a):
     """Same values through negative strides on every axis."""
     flip = tuple(slice(None, None, -1) for _ in a.shape)
     return np.ascontiguousarray(a[flip])[flip]
+
+
+# Determinism, threads and workspace checks of an operator's forward and backward
+# (``run_forward(case)``, ``run_backward(grad_output, case, **extra)``; the gradients a tuple).
+
+
+def same_bits(a, b):
+    """Every array of the tuples ``a`` and ``b`` has the same bytes."""
+    return all(x.tobytes() == y.tobytes() for x, y in zip(a, b))
+
+
+def check_bitwise_deterministic(run_forward, run_backward, c, rng):
+    """Same bits on every run, with one thread or all, and with deterministic=False (the CPU
+    backend always is); every gradient nonzero somewhere."""
+    y = run_forward(c)
+    go = rng.standard_normal(y.shape)
+    first = run_backward(go, c)
+    assert same_bits(run_backward(go, c), first) and run_forward(c).tobytes() == y.tobytes()
+    assert same_bits(run_backward(go, c, deterministic=False), first)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        single = run_backward(go, c)
+        y_single = run_forward(c)
+    finally:
+        numba.set_num_threads(threads)
+    assert same_bits(single, first) and y_single.tobytes() == y.tobytes()
+    assert all(np.abs(a).max() > 0 for a in first)
+
+
+def check_calls_from_threads(run_forward, run_backward, c, rng):
+    """Four threads calling forward and backward together get the bits of a call alone."""
+    y = run_forward(c)
+    go = rng.standard_normal(y.shape)
+    want = run_backward(go, c)
+    start = threading.Barrier(4)
+    got: dict[int, tuple] = {}
+
+    def call(i):
+        start.wait(60)
+        got[i] = (run_forward(c), run_backward(go, c))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join(300) for t in threads]
+    assert len(got) == 4
+    for yi, gi in got.values():
+        assert yi.tobytes() == y.tobytes() and same_bits(gi, want)
+
+
+def traced_peak(fn):
+    """``(fn(), peak of traced memory during it)``, the workspace released first."""
+    da.release_workspace()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start, _ = tracemalloc.get_traced_memory()
+        result = fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak - start

@@ -19,13 +19,18 @@ Default shapes are tiny: CI also runs this file with NUMBA_DISABLE_JIT=1.
 
 from __future__ import annotations
 
-import threading
-import tracemalloc
-
-import numba
 import numpy as np
 import pytest
-from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
+from checks import (
+    DTYPES,
+    assert_close,
+    check_bitwise_deterministic,
+    check_calls_from_threads,
+    reversed_view,
+    strided_view,
+    traced_peak,
+    transposed_view,
+)
 from dcn_cases import SETTINGS, dcn_geometries, edge_coords, targeted
 from edges import around, edge_targets
 from hypothesis import given
@@ -465,10 +470,6 @@ def test_non_contiguous_inputs(make_view, dtype, rng):
         assert getattr(grads_v, name).tobytes() == getattr(grads, name).tobytes(), name
 
 
-def _same_bits(a, b):
-    return all(x.tobytes() == y.tobytes() for x, y in zip(a, b))
-
-
 def _determinism_case(rng, big):
     if big:  # enough work per call for the threads to interleave
         return make_dcn_case(rng, n=2, h=16, w=16, group=4, group_channels=8, spread=3.0)
@@ -480,20 +481,7 @@ def test_bitwise_deterministic(big, rng):
     """Same bits on every run, with one thread or all, and with deterministic=False (the CPU
     backend always is)."""
     c = _determinism_case(rng, big)
-    y = run_forward(c)
-    go = rng.standard_normal(y.shape)
-    first = run_backward(go, c)
-    assert _same_bits(run_backward(go, c), first) and run_forward(c).tobytes() == y.tobytes()
-    assert _same_bits(run_backward(go, c, deterministic=False), first)
-    threads = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        single = run_backward(go, c)
-        y_single = run_forward(c)
-    finally:
-        numba.set_num_threads(threads)
-    assert _same_bits(single, first) and y_single.tobytes() == y.tobytes()
-    assert all(np.abs(a).max() > 0 for a in first)
+    check_bitwise_deterministic(run_forward, run_backward, c, rng)
 
 
 def test_input_gradient_does_not_depend_on_channel_blocks(monkeypatch, rng):
@@ -515,36 +503,7 @@ def test_input_gradient_does_not_depend_on_channel_blocks(monkeypatch, rng):
 @pytest.mark.parametrize("big", [False, pytest.param(True, marks=pytest.mark.jit_only)], ids=["small", "big"])
 def test_calls_from_threads_at_once(big, rng):
     """Four threads calling forward and backward together get the bits of a call alone."""
-    c = _determinism_case(rng, big)
-    y = run_forward(c)
-    go = rng.standard_normal(y.shape)
-    want = run_backward(go, c)
-    start = threading.Barrier(4)
-    got: dict[int, tuple] = {}
-
-    def call(i):
-        start.wait(60)
-        got[i] = (run_forward(c), run_backward(go, c))
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
-    [t.start() for t in threads]
-    [t.join(300) for t in threads]
-    assert len(got) == 4
-    for yi, gi in got.values():
-        assert yi.tobytes() == y.tobytes() and _same_bits(gi, want)
-
-
-def _traced_peak(fn):
-    da.release_workspace()
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        start, _ = tracemalloc.get_traced_memory()
-        result = fn()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return result, peak - start
+    check_calls_from_threads(run_forward, run_backward, _determinism_case(rng, big), rng)
 
 
 def test_no_workspace_beyond_the_outputs(rng):
@@ -556,7 +515,7 @@ def test_no_workspace_beyond_the_outputs(rng):
     go = rng.standard_normal(y.shape)
     slack = 16 * 1024
     with da.workspace_limit(1024):
-        y, peak_f = _traced_peak(lambda: run_forward(c))
-        grads, peak_b = _traced_peak(lambda: run_backward(go, c))
+        y, peak_f = traced_peak(lambda: run_forward(c))
+        grads, peak_b = traced_peak(lambda: run_backward(go, c))
     assert peak_f <= y.nbytes + slack, peak_f
     assert peak_b <= sum(a.nbytes for a in grads) + slack, peak_b
