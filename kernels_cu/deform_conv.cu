@@ -221,13 +221,20 @@ __device__ __forceinline__ void im2col_impl(const T* __restrict__ xcl, const T* 
         while (c < c_end) {
             const I gr = c / g.Cg;
             const I seg_end = c_end < (gr + 1) * g.Cg ? c_end : (gr + 1) * g.Cg;
-            T* dst = row + gr * g.KCg + k * g.Cg - gr * g.Cg;
-            for (; c < seg_end; ++c) {
+            // 32-bit steps from pointers at c: the same loop in the _i32 and _i64 kernels (a
+            // 64-bit channel index made ptxas redo 64-bit address sums per access).
+            T* dst = row + gr * g.KCg + k * g.Cg - gr * g.Cg + c;
+            const T* src[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) src[q] = cr.row[q] + c;
+            const int len = static_cast<int>(seg_end - c);
+            for (int e = 0; e < len; ++e) {
                 A v[4];
 #pragma unroll
-                for (int q = 0; q < 4; ++q) v[q] = cr.in[q] ? to_acc(cr.row[q][c]) : A(0);
-                dst[c] = from_acc<T>(s.m * combine(bp, v));
+                for (int q = 0; q < 4; ++q) v[q] = cr.in[q] ? to_acc(src[q][e]) : A(0);
+                dst[e] = from_acc<T>(s.m * combine(bp, v));
             }
+            c = seg_end;
         }
     }
 }
@@ -326,10 +333,12 @@ __device__ __forceinline__ void col2im_owned_impl(const T* __restrict__ offset, 
     const ConvGeom<I> g = conv_geom<I>(DFA_GEOM_ARGS);
     const I L = static_cast<I>(L_), Q0 = static_cast<I>(q0), NB = static_cast<I>(n_base);
     const I J = static_cast<I>(J_), LS = static_cast<I>(LS_), per_buffer = static_cast<I>(nb) * g.HW * g.C;
-    // Stepping channel c by J: the conv group advances by Ja or Ja + 1, the column of the
-    // channel in a row of gcolsT (gr*KCg + c - gr*Cg) by J + Ja*(KCg - Cg) (+ KCg - Cg).
-    const I Ja = J / g.Cg, Jb = J - Ja * g.Cg, skip = g.KCg - g.Cg;
-    const I col_step = J + Ja * skip;
+    // Channel c of conv group gr sits in column gr*KCg + k*Cg + (c - gr*Cg) = c + gr*skip + k*Cg
+    // of a gcolsT row: within one conv group the column is c plus a constant, so the channel
+    // loops below walk one conv group's segment at a time with 32-bit steps (J < 2^31 and a
+    // segment is shorter than Cg), the same loop in the _i32 and _i64 kernels.
+    const I skip = g.KCg - g.Cg;
+    const int step = static_cast<int>(J_);
     DFA_GRID_STRIDE_LOOP(t64, S_ * OG_ * J_) {
         const I t = static_cast<I>(t64);
         const I so = t / J;
@@ -338,8 +347,6 @@ __device__ __forceinline__ void col2im_owned_impl(const T* __restrict__ offset, 
         const I og = so - sc * g.OG;
         const I c_first = og * g.Cpo + j, c_end = og * g.Cpo + g.Cpo;
         const I gr0 = c_first / g.Cg;
-        const I r0 = c_first - gr0 * g.Cg;           // position of c_first in its conv group
-        const I col0 = gr0 * g.KCg + r0;             // its column (k = 0) in a row of gcolsT
         A* buf = partial + sc * per_buffer;
         const I l0 = sc * LS;
         const I l_end = LS < L - l0 ? l0 + LS : L;
@@ -361,21 +368,49 @@ __device__ __forceinline__ void col2im_owned_impl(const T* __restrict__ offset, 
                 if (!s.used) continue;
                 const BilinearPoint<A, I> bp = bilinear_point(s.h, s.w, g.H, g.W);
                 A* img = buf + (n - NB) * g.HW * g.C;
-                A* dst[4];
+                const bool all_in = bp.idx[0] >= 0 && bp.idx[1] >= 0 && bp.idx[2] >= 0 && bp.idx[3] >= 0;
+                I c = c_first, gr = gr0, g_end = (gr0 + 1) * g.Cg;
+                while (c < c_end) {
+                    const int len = static_cast<int>((g_end < c_end ? g_end : c_end) - c);
+                    const A* src = row + k * g.Cg + gr * skip + c;
+                    int e = 0;
+                    if (all_in) {
+                        // The hot loop: an interior point, its four corner rows in the image.
+                        A* d0 = img + bp.idx[0] * g.C + c;
+                        A* d1 = img + bp.idx[1] * g.C + c;
+                        A* d2 = img + bp.idx[2] * g.C + c;
+                        A* d3 = img + bp.idx[3] * g.C + c;
+                        // Pointers stepped in place: one IMAD.WIDE each (indexing from the
+                        // chunk's base made ptxas redo 64-bit address sums per access).
+                        const A* sp = src;
+                        for (; e < len; e += step) {
+                            const A gv = s.m * *sp;
+                            *d0 += bp.wt[0] * gv;
+                            *d1 += bp.wt[1] * gv;
+                            *d2 += bp.wt[2] * gv;
+                            *d3 += bp.wt[3] * gv;
+                            sp += step;
+                            d0 += step;
+                            d1 += step;
+                            d2 += step;
+                            d3 += step;
+                        }
+                    } else {
+                        // A border point: a corner outside the image is skipped.
+                        A* d[4];
 #pragma unroll
-                for (int q = 0; q < 4; ++q) dst[q] = img + (bp.idx[q] >= 0 ? bp.idx[q] * g.C : I(0));
-                const A* src = row + k * g.Cg;
-                I r = r0, col = col0;
-                for (I c = c_first; c < c_end; c += J) {
-                    const A gv = s.m * src[col];
+                        for (int q = 0; q < 4; ++q) d[q] = img + (bp.idx[q] >= 0 ? bp.idx[q] * g.C : I(0)) + c;
+                        for (; e < len; e += step) {
+                            const A gv = s.m * src[e];
 #pragma unroll
-                    for (int q = 0; q < 4; ++q)
-                        if (bp.idx[q] >= 0) dst[q][c] += bp.wt[q] * gv;
-                    r += Jb;
-                    col += col_step;
-                    if (r >= g.Cg) {
-                        r -= g.Cg;
-                        col += skip;
+                            for (int q = 0; q < 4; ++q)
+                                if (bp.idx[q] >= 0) d[q][e] += bp.wt[q] * gv;
+                        }
+                    }
+                    c += e;
+                    while (c >= g_end) {  // more than once only when J > Cg
+                        ++gr;
+                        g_end += g.Cg;
                     }
                 }
             }

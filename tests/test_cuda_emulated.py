@@ -220,6 +220,10 @@ CASES = [
         og=2,
         mask=False,
     ),
+    # The deterministic input gradient's threads own channels j, j + J, ... (J = ceil(C/OG / 8)):
+    # strides that cross conv groups (J = 2 over groups of 6; J = 3 over groups of 2).
+    dict(c=18, c_out=6, groups=3, og=2, spread=3.0),
+    dict(n=1, c=24, h=5, w=5, c_out=12, groups=12, og=1, spread=3.0),
 ]
 
 
