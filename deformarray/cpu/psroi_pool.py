@@ -51,33 +51,14 @@ _MARGIN = 0.5  # MXNet: a sample outside [-0.5, size - 0.5] is skipped
 
 
 @njit(cache=True, inline="always")
-def _bin_axes(
-    box,
-    r,
-    i,
-    j,
-    cls,
-    off,
-    has_off,
-    trans_std,
-    pi,
-    pj,
-    height,
-    width,
-    spp,
-    y_w,
-    y_s,
-    y_idx,
-    y_cw,
-    y_cs,
-    x_w,
-    x_s,
-    x_idx,
-    x_cw,
-    x_cs,
-):
-    """Row and column weights (``axis_weights``) of bin (i, j) of RoI r for offset class
-    cls: (used rows * used columns = valid samples, touched rows, touched columns)."""
+def _bin_axes(bins, r, i, j, cls, pi, pj, ys, xs):
+    """Row and column weights (``axis_weights`` into the ``axis_scratch`` tuples ys, xs) of
+    bin (i, j) of RoI r for offset class cls at part (pi, pj): (used rows * used columns =
+    valid samples, touched rows, touched columns). ``bins``: the kernel's (box, off,
+    has_off, trans_std, height, width, spp)."""
+    box, off, has_off, trans_std, height, width, spp = bins
+    y_w, y_s, y_idx, y_cw, y_cs = ys
+    x_w, x_s, x_idx, x_cw, x_cs = xs
     hs = i * box[r, 4] + box[r, 0]
     ws = j * box[r, 5] + box[r, 1]
     if has_off:
@@ -96,14 +77,17 @@ def _forward_kernel(x, o0, rlist, rslot, box, off, has_off, trans_std, dims, out
     oc = x.shape[1] // (gs * gs)
     nr = rlist.shape[0]
     wd = np.uint64(width)
+    bins = (box, off, has_off, trans_std, height, width, spp)
     for task in prange(oc * ps):
         c = o0 + task // ps
         i = task % ps
         cls = c // cec if has_off else 0
         gi = i * gs // ps
         pi = i * part // ps
-        y_w, y_s, y_idx, y_cw, y_cs = axis_scratch(height)
-        x_w, x_s, x_idx, x_cw, x_cs = axis_scratch(width)
+        ys = axis_scratch(height)
+        xs = axis_scratch(width)
+        _, _, y_idx, y_cw, _ = ys
+        _, _, x_idx, x_cw, _ = xs
         for j in range(ps):
             gj = j * gs // ps
             pj = j * part // ps
@@ -111,31 +95,7 @@ def _forward_kernel(x, o0, rlist, rslot, box, off, has_off, trans_std, dims, out
             for k in range(nr):
                 r = rlist[k]
                 n = rslot[k]
-                cnt, my, mx = _bin_axes(
-                    box,
-                    r,
-                    i,
-                    j,
-                    cls,
-                    off,
-                    has_off,
-                    trans_std,
-                    pi,
-                    pj,
-                    height,
-                    width,
-                    spp,
-                    y_w,
-                    y_s,
-                    y_idx,
-                    y_cw,
-                    y_cs,
-                    x_w,
-                    x_s,
-                    x_idx,
-                    x_cw,
-                    x_cs,
-                )
+                cnt, my, mx = _bin_axes(bins, r, i, j, cls, pi, pj, ys, xs)
                 total = 0.0
                 for a in range(my):
                     row = y_idx[a] * wd
@@ -179,6 +139,7 @@ def _grad_kernel(x, xc0, ch0, n_ch, rlist, rslot, rimg, box, go, off, has_off, t
     gg = gs * gs
     oc0 = ch0 // gg
     wd = np.uint64(width)
+    bins = (box, off, has_off, trans_std, height, width, spp)
     for t in prange(n_ch):
         ch = ch0 + t
         c = ch // gg
@@ -187,8 +148,10 @@ def _grad_kernel(x, xc0, ch0, n_ch, rlist, rslot, rimg, box, go, off, has_off, t
         cls = c // cec if has_off else 0
         uch = np.uint64(ch)
         xch = np.uint64(ch - xc0)
-        y_w, y_s, y_idx, y_cw, y_cs = axis_scratch(height)
-        x_w, x_s, x_idx, x_cw, x_cs = axis_scratch(width)
+        ys = axis_scratch(height)
+        xs = axis_scratch(width)
+        _, _, y_idx, y_cw, y_cs = ys
+        _, _, x_idx, x_cw, x_cs = xs
         i_lo, i_hi = _group_bins(gi, gs, ps)
         j_lo, j_hi = _group_bins(gj, gs, ps)
         for k in range(rlist.shape[0]):
@@ -199,31 +162,7 @@ def _grad_kernel(x, xc0, ch0, n_ch, rlist, rslot, rimg, box, go, off, has_off, t
                 pi = i * part // ps
                 for j in range(j_lo, j_hi):
                     pj = j * part // ps
-                    cnt, my, mx = _bin_axes(
-                        box,
-                        r,
-                        i,
-                        j,
-                        cls,
-                        off,
-                        has_off,
-                        trans_std,
-                        pi,
-                        pj,
-                        height,
-                        width,
-                        spp,
-                        y_w,
-                        y_s,
-                        y_idx,
-                        y_cw,
-                        y_cs,
-                        x_w,
-                        x_s,
-                        x_idx,
-                        x_cw,
-                        x_cs,
-                    )
+                    cnt, my, mx = _bin_axes(bins, r, i, j, cls, pi, pj, ys, xs)
                     if cnt == 0:  # no sample: zero output, zero gradients
                         if has_off:
                             terms[c - oc0, i, j, k, 0] = 0.0

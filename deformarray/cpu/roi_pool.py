@@ -51,15 +51,17 @@ from ._scratch import nbytes, workspace
 _FM = {"reassoc", "contract"}
 _MARGIN = 1.0  # RoIAlign: a sample below -1 or above the size gives 0
 
-# Kernel argument ``box`` holds per RoI: start_h, start_w, roi_h, roi_w, bin_h, bin_w
-# (float64); ``grid`` holds gy, gx (samples per bin side). Channel counters, image slots
+# Kernel argument ``bins`` is the tuple (box, grid, offset, mask, has_off, has_mask, gamma,
+# height, width) (``_bins``): ``box`` holds per RoI start_h, start_w, roi_h, roi_w, bin_h,
+# bin_w (float64), ``grid`` gy, gx (samples per bin side). Channel counters, image slots
 # and corner indices are unsigned: Numba adds a negative-index wraparound select to signed
 # indices, which stops the channel loops from vectorising.
 
 
 @njit(cache=True, inline="always")
-def _bin_origin(box, r, i, j, off, has_off, gamma):
+def _bin_origin(bins, r, i, j):
     """Top-left corner (h, w) of bin (i, j) of RoI r, moved by its offset."""
+    box, _, off, _, has_off, _, gamma, _, _ = bins
     hs = box[r, 0]
     ws = box[r, 1]
     if has_off:
@@ -69,93 +71,87 @@ def _bin_origin(box, r, i, j, off, has_off, gamma):
 
 
 @njit(cache=True, inline="always")
-def _bin_axes(
-    box, grid, r, i, j, off, has_off, gamma, height, width, y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs
-):
-    """Row and column weights of bin (i, j) of RoI r (``axis_weights``): (rows, cols)."""
-    h0, w0 = _bin_origin(box, r, i, j, off, has_off, gamma)
+def _roi_row(task, ph, rlist, rslot):
+    """Task (RoI rlist[k], bin row i) of the kernels parallel over both: (r, image slot, i)."""
+    k = task // ph
+    i = task - k * ph
+    return rlist[k], rslot[k], i
+
+
+@njit(cache=True, inline="always")
+def _typed(wv, v):
+    """``v`` rounded to the data's type (``wv``: a 1-element array of it), so that the
+    channel loops multiply in that type."""
+    wv[0] = v
+    return wv[0]
+
+
+@njit(cache=True, inline="always")
+def _bin_scale(bins, wv, r, i, j, cnt):
+    """The bin's mask (1 without) over its ``cnt`` > 0 samples, in the data's type."""
+    mask, has_mask = bins[3], bins[5]
+    return _typed(wv, (mask[r, 0, i, j] if has_mask else 1.0) / cnt)
+
+
+@njit(cache=True, inline="always")
+def _bin_axes(bins, r, i, j, ys, xs):
+    """Row and column weights of bin (i, j) of RoI r (``axis_weights`` into the
+    ``axis_scratch`` tuples ys, xs): (rows, cols)."""
+    box, grid, _, _, _, _, _, height, width = bins
+    h0, w0 = _bin_origin(bins, r, i, j)
+    y_w, y_s, y_idx, y_cw, y_cs = ys
+    x_w, x_s, x_idx, x_cw, x_cs = xs
     _, my = axis_weights(h0, 0.5, box[r, 4], grid[r, 0], grid[r, 0], height, _MARGIN, y_w, y_s, y_idx, y_cw, y_cs)
     _, mx = axis_weights(w0, 0.5, box[r, 5], grid[r, 1], grid[r, 1], width, _MARGIN, x_w, x_s, x_idx, x_cw, x_cs)
     return my, mx
 
 
 @njit(cache=True)
-def _bin_axes_strict(
-    box, grid, r, i, j, off, has_off, gamma, height, width, y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs
-):
+def _bin_axes_strict(bins, r, i, j, ys, xs):
     """``_bin_axes`` compiled on its own, without fast-math: the coordinate-gradient kernel
     calls it so that its sample coordinates are bitwise the forward's (fast-math could fuse
     or reorder their additions)."""
-    return _bin_axes(
-        box, grid, r, i, j, off, has_off, gamma, height, width, y_w, y_s, y_idx, y_cw, y_cs, x_w, x_s, x_idx, x_cw, x_cs
-    )
+    return _bin_axes(bins, r, i, j, ys, xs)
 
 
 @njit(cache=True, parallel=True)
-def _forward_kernel(xt, c0, rlist, rslot, box, grid, off, mask, has_off, has_mask, gamma, height, width, out):
+def _forward_kernel(xt, c0, rlist, rslot, bins, out):
     """out[r, c0 + c, i, j] = mask * mean over the bin's samples of channel c."""
+    grid, height, width = bins[1], bins[7], bins[8]
     cc = np.uint64(xt.shape[2])
     ph, pw = out.shape[2], out.shape[3]
     nr = rlist.shape[0]
     wd = np.uint64(width)
     for task in prange(nr * ph):
-        k = task // ph
-        i = task - k * ph
-        r = rlist[k]
-        n = rslot[k]
+        r, n, i = _roi_row(task, ph, rlist, rslot)
         acc = np.empty(cc, xt.dtype)
         wv = np.empty(1, xt.dtype)
-        y_w, y_s, y_idx, y_cw, y_cs = axis_scratch(height)
-        x_w, x_s, x_idx, x_cw, x_cs = axis_scratch(width)
+        ys = axis_scratch(height)
+        xs = axis_scratch(width)
+        _, _, y_idx, y_cw, _ = ys
+        _, _, x_idx, x_cw, _ = xs
         cnt = grid[r, 0] * grid[r, 1]
         for j in range(pw):
             for c in range(cc):
                 acc[c] = 0.0
-            my, mx = _bin_axes(
-                box,
-                grid,
-                r,
-                i,
-                j,
-                off,
-                has_off,
-                gamma,
-                height,
-                width,
-                y_w,
-                y_s,
-                y_idx,
-                y_cw,
-                y_cs,
-                x_w,
-                x_s,
-                x_idx,
-                x_cw,
-                x_cs,
-            )
+            my, mx = _bin_axes(bins, r, i, j, ys, xs)
             for a in range(my):
                 row = y_idx[a] * wd
                 for b in range(mx):
-                    wv[0] = y_cw[a] * x_cw[b]
-                    w = wv[0]
+                    w = _typed(wv, y_cw[a] * x_cw[b])
                     if w == 0.0:
                         continue
                     q = row + x_idx[b]
                     for c in range(cc):
                         acc[c] += w * xt[n, q, c]
-            if cnt > 0:
-                wv[0] = (mask[r, 0, i, j] if has_mask else 1.0) / cnt
-            else:
-                wv[0] = 0.0  # no sample: 0 (acc is 0 too; a NaN mask is not read)
-            s = wv[0]
+            # no sample: 0 (acc is 0 too; a NaN mask is not read)
+            s = _bin_scale(bins, wv, r, i, j, cnt) if cnt > 0 else _typed(wv, 0.0)
             for c in range(cc):
                 out[r, c0 + c, i, j] = acc[c] * s
 
 
 @njit(cache=True, parallel=True)
-def _grad_input_kernel(
-    go, c0, rlist, rslot, bounds, box, grid, off, mask, has_off, has_mask, gamma, height, width, bands, gxt
-):
+def _grad_input_kernel(go, c0, rlist, rslot, bounds, bins, bands, gxt):
     """gxt[slot, pixel, c] += adjoint of the forward, parallel over (image, band of rows).
 
     A task owns rows ``band * H // bands .. (band + 1) * H // bands`` of one image's
@@ -163,6 +159,7 @@ def _grad_input_kernel(
     in order and adds the part of each bin that falls in its rows. Every value is added in
     the same order (RoI, bin, pixel) whatever the number of bands.
     """
+    box, grid, height, width = bins[0], bins[1], bins[7], bins[8]
     cc = np.uint64(gxt.shape[2])
     ph, pw = go.shape[2], go.shape[3]
     wd = np.uint64(width)
@@ -173,8 +170,10 @@ def _grad_input_kernel(
         row_hi = np.uint64((band + 1) * height // bands)
         g = np.empty(cc, gxt.dtype)
         wv = np.empty(1, gxt.dtype)
-        y_w, y_s, y_idx, y_cw, y_cs = axis_scratch(height)
-        x_w, x_s, x_idx, x_cw, x_cs = axis_scratch(width)
+        ys = axis_scratch(height)
+        xs = axis_scratch(width)
+        _, _, y_idx, y_cw, _ = ys
+        _, _, x_idx, x_cw, _ = xs
         for k in range(bounds[slot], bounds[slot + 1]):
             r = rlist[k]
             n = rslot[k]
@@ -184,45 +183,22 @@ def _grad_input_kernel(
             for i in range(ph):
                 for j in range(pw):
                     # a bin's samples lie in [h0, h0 + bin_h] and touch rows up to 1 beyond
-                    h0, _ = _bin_origin(box, r, i, j, off, has_off, gamma)
+                    h0, _ = _bin_origin(bins, r, i, j)
                     if not (h0 + box[r, 4] + 1.0 >= row_lo and h0 - 1.0 < row_hi):
                         continue  # (a NaN origin is skipped too: it touches nothing)
-                    my, mx = _bin_axes(
-                        box,
-                        grid,
-                        r,
-                        i,
-                        j,
-                        off,
-                        has_off,
-                        gamma,
-                        height,
-                        width,
-                        y_w,
-                        y_s,
-                        y_idx,
-                        y_cw,
-                        y_cs,
-                        x_w,
-                        x_s,
-                        x_idx,
-                        x_cw,
-                        x_cs,
-                    )
+                    my, mx = _bin_axes(bins, r, i, j, ys, xs)
                     gathered = False
                     for a in range(my):
                         if y_idx[a] < row_lo or y_idx[a] >= row_hi:
                             continue
                         if not gathered:  # the bin's output gradient, once it is needed
-                            wv[0] = (mask[r, 0, i, j] if has_mask else 1.0) / cnt
-                            s = wv[0]
+                            s = _bin_scale(bins, wv, r, i, j, cnt)
                             for c in range(cc):
                                 g[c] = go[r, c0 + c, i, j] * s
                             gathered = True
                         row = y_idx[a] * wd
                         for b in range(mx):
-                            wv[0] = y_cw[a] * x_cw[b]
-                            w = wv[0]
+                            w = _typed(wv, y_cw[a] * x_cw[b])
                             if w == 0.0:
                                 continue
                             q = row + x_idx[b]
@@ -231,56 +207,33 @@ def _grad_input_kernel(
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
-def _grad_coord_kernel(
-    xt, go, c0, rlist, rslot, box, grid, off, mask, has_off, has_mask, gamma, height, width, grad_off, grad_mask
-):
+def _grad_coord_kernel(xt, go, c0, rlist, rslot, bins, grad_off, grad_mask):
     """Offset and mask gradients of the chunk's channels, added into grad_off / grad_mask.
 
     With S_q = sum_c g_c x_c(q) for each pixel q the bin touches, the bin's sum of samples
     is sum_q A B S_q, and its derivatives along y and x (all samples move together) are
     sum_q A' B S_q and sum_q A B' S_q (``axis_weights``' weights and slopes).
     """
+    box, grid, _, mask, has_off, has_mask, gamma, height, width = bins
     cc = np.uint64(xt.shape[2])
     ph, pw = go.shape[2], go.shape[3]
     nr = rlist.shape[0]
     wd = np.uint64(width)
     for task in prange(nr * ph):
-        k = task // ph
-        i = task - k * ph
-        r = rlist[k]
-        n = rslot[k]
+        r, n, i = _roi_row(task, ph, rlist, rslot)
         cnt = grid[r, 0] * grid[r, 1]
         if cnt == 0:
             continue
         gv = np.empty(cc, xt.dtype)
         zero = np.zeros(1, xt.dtype)[0]  # a zero typed like the data
-        y_w, y_s, y_idx, y_cw, y_cs = axis_scratch(height)
-        x_w, x_s, x_idx, x_cw, x_cs = axis_scratch(width)
+        ys = axis_scratch(height)
+        xs = axis_scratch(width)
+        _, _, y_idx, y_cw, y_cs = ys
+        _, _, x_idx, x_cw, x_cs = xs
         for j in range(pw):
             for c in range(cc):
                 gv[c] = go[r, c0 + c, i, j]
-            my, mx = _bin_axes_strict(
-                box,
-                grid,
-                r,
-                i,
-                j,
-                off,
-                has_off,
-                gamma,
-                height,
-                width,
-                y_w,
-                y_s,
-                y_idx,
-                y_cw,
-                y_cs,
-                x_w,
-                x_s,
-                x_idx,
-                x_cw,
-                x_cs,
-            )
+            my, mx = _bin_axes_strict(bins, r, i, j, ys, xs)
             s_val = 0.0
             s_y = 0.0
             s_x = 0.0
@@ -374,12 +327,14 @@ def _channels_last(input, images, c0, cc, buf):
     return xt
 
 
-def _dummies(p: RoiPoolParams, offset, mask, dtype):
-    """Offset and mask as arrays Numba can take (a 1-element dummy when absent)."""
+def _bins(p: RoiPoolParams, rois, offset, mask, dtype):
+    """The kernels' ``bins`` tuple (offset and mask as arrays Numba can take: a 1-element
+    dummy when absent) and the RoIs' batch indices."""
+    box, grid, batch = _boxes(p, rois)
     dummy = np.zeros((1, 1, 1, 1), dtype=dtype)
     off = np.ascontiguousarray(offset) if offset is not None else dummy
     m = np.ascontiguousarray(mask) if mask is not None else dummy
-    return off, m
+    return (box, grid, off, m, offset is not None, mask is not None, p.gamma, p.h, p.w), batch
 
 
 def forward(p: RoiPoolParams, input, rois, offset, mask):
@@ -387,8 +342,7 @@ def forward(p: RoiPoolParams, input, rois, offset, mask):
     out = np.empty(p.out_shape, dtype=dtype)  # every value is written once
     if p.r == 0 or p.c == 0:
         return out
-    box, grid, batch = _boxes(p, rois)
-    off, m = _dummies(p, offset, mask, dtype)
+    bins, batch = _bins(p, rois, offset, mask, dtype)
     order = np.argsort(batch, kind="stable")
     sorted_batch = batch[order]
     (ni, nch), chunks = plan_chunks(batch, p.c, p.h * p.w * dtype.itemsize, _config.get_workspace_limit())
@@ -397,22 +351,7 @@ def forward(p: RoiPoolParams, input, rois, offset, mask):
         buf.reset()
         xt = _channels_last(input, images, c0, cc, buf)
         rlist, slots = chunk_rois(batch, order, sorted_batch, images)
-        _forward_kernel(
-            xt,
-            np.uint64(c0),
-            rlist,
-            slots,
-            box,
-            grid,
-            off,
-            m,
-            offset is not None,
-            mask is not None,
-            p.gamma,
-            p.h,
-            p.w,
-            out,
-        )
+        _forward_kernel(xt, np.uint64(c0), rlist, slots, bins, out)
     return out
 
 
@@ -433,8 +372,7 @@ def backward(p: RoiPoolParams, grad_output, input, rois, offset, mask, determini
     grad_m = np.zeros(mask.shape, dtype=dtype) if mask is not None else None
     if p.r == 0 or p.c == 0:
         return grad_x, grad_off, grad_m
-    box, grid, batch = _boxes(p, rois)
-    off, m = _dummies(p, offset, mask, dtype)
+    bins, batch = _bins(p, rois, offset, mask, dtype)
     go = np.ascontiguousarray(grad_output)
     coords = offset is not None or mask is not None
     gof = grad_off if grad_off is not None else np.zeros((1, 1, 1, 1), dtype=dtype)
@@ -450,43 +388,10 @@ def backward(p: RoiPoolParams, grad_output, input, rois, offset, mask, determini
         buf.reset()
         rlist, slots = chunk_rois(batch, order, sorted_batch, images)
         gxt = buf.zeros((len(images), p.h * p.w, cc), dtype)
-        _grad_input_kernel(
-            go,
-            np.uint64(c0),
-            rlist,
-            slots,
-            np.searchsorted(slots, np.arange(len(images) + 1, dtype=np.uint64)),
-            box,
-            grid,
-            off,
-            m,
-            offset is not None,
-            mask is not None,
-            p.gamma,
-            p.h,
-            p.w,
-            _bands(len(images), p.h),
-            gxt,
-        )
+        bounds = np.searchsorted(slots, np.arange(len(images) + 1, dtype=np.uint64))
+        _grad_input_kernel(go, np.uint64(c0), rlist, slots, bounds, bins, _bands(len(images), p.h), gxt)
         to_channels_first(gxt, no_spill, zero_bias[:cc], images, c0, 0, grad_x.reshape(p.n, p.c, p.h * p.w))
         if coords:
             xt = _channels_last(input, images, c0, cc, buf)
-            _grad_coord_kernel(
-                xt,
-                go,
-                np.uint64(c0),
-                rlist,
-                slots,
-                box,
-                grid,
-                off,
-                m,
-                offset is not None,
-                mask is not None,
-                p.gamma,
-                p.h,
-                p.w,
-                gof,
-                gm,
-            )
+            _grad_coord_kernel(xt, go, np.uint64(c0), rlist, slots, bins, gof, gm)
     return grad_x, grad_off, grad_m
