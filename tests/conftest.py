@@ -52,3 +52,18 @@ def rng(request):
 def make_case(rng):
     """``make_case(**geometry)`` -> a random ``reference.Case`` drawn from ``rng``."""
     return functools.partial(reference.make_case, rng)
+
+
+@pytest.fixture
+def restore_threads():
+    """bench sets Numba's (and torch's) thread count: give other tests theirs back."""
+    import sys
+
+    import numba
+
+    torch = sys.modules.get("torch")
+    before = numba.get_num_threads(), torch.get_num_threads() if torch else None
+    yield
+    numba.set_num_threads(before[0])
+    if torch is not None and before[1] is not None:
+        torch.set_num_threads(before[1])

@@ -8,11 +8,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_checks import (
+    bench_with_a_failing_call,
+    bench_without_torch,
+    check_cpu_composition_row,
+    check_gpu_composition_rows,
+    check_usage_error,
+    gpu_row_without_cuda_torch,
+    stand_in_gpu,
+)
 
 from deformarray import cli
 from deformarray.bench import common as bench_common
@@ -25,17 +33,8 @@ TINY = ["--dcn-shapes", "1,6,5,8,2;2,4,7,6,3,5"]
 SHAPES = bench_dcn.parse_dcn_shapes(TINY[1])
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """bench sets Numba's (and torch's) thread count: give other tests theirs back."""
-    import numba
-
-    torch = sys.modules.get("torch")
-    before = numba.get_num_threads(), torch.get_num_threads() if torch else None
-    yield
-    numba.set_num_threads(before[0])
-    if torch is not None and before[1] is not None:
-        torch.set_num_threads(before[1])
+# bench sets Numba's and torch's thread counts (conftest.py's fixture puts them back)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,41 +186,25 @@ def test_bench_dcn_json(capsys):
         "W_out": 7,
         "offset_mask_channels": 232,  # 3*3*25 = 225 padded to a multiple of 8
     }
-    timed = ("warmup_fwd_s", "fwd_ms", "fwd_min_ms", "fwd_max_ms", "fwd_times_ms", "warmup_fwdbwd_s", "fwdbwd_ms")
     for row in rows:
         assert row["backend"] == "numpy" and row["dtype"] == "float64" and row["variant"] == "given"
         assert row["ours"]["label"] == f"deformarray.{row['op']}"
-        assert row["composition"]["label"].startswith("grid_sample composition (torch ")
-        for name in ("ours", "composition"):
-            for key in (*timed, "peak_extra_fwd_mib", "peak_extra_fwdbwd_mib", "peak_extra_mib"):
-                assert key in row[name], (name, key)
-            assert len(row[name]["fwd_times_ms"]) == 2
-        assert row["ours"]["within_workspace"] is True
-        ratios = row["ratios"]["composition"]
-        assert set(ratios) == {"fwd", "fwdbwd", "fwd_range", "fwdbwd_range"} and ratios["fwdbwd"] > 0
+        check_cpu_composition_row(row)
 
 
 def test_bench_dcn_without_torch_says_why(monkeypatch, capsys):
-    for name in ("torch", "torchvision"):
-        monkeypatch.setitem(sys.modules, name, None)
-    assert cli.main(["bench", "--op", "dcn", *TINY, "--repeat", "1", "--backend", "numpy"]) == 0
-    out = capsys.readouterr().out
+    argv = ["bench", "--op", "dcn", *TINY, "--repeat", "1", "--backend", "numpy"]
+    out = bench_without_torch(monkeypatch, capsys, argv)
     assert "note: torch not installed: no grid_sample composition for the CPU dcnv3 / dcnv4 rows" in out.splitlines()
-    assert "comp fwd ms" not in out and "comp peak" not in out  # no empty reference columns
-    assert "given  dcnv3  1,6x5,8,2,3x3" in out and "Traceback" not in out
+    assert "given  dcnv3  1,6x5,8,2,3x3" in out
 
 
 def test_bench_dcn_reports_a_failing_call(monkeypatch, capsys):
-    import deformarray
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no gradient\nsecond line")
-
-    monkeypatch.setattr(deformarray, "dcnv4_backward", broken)
-    assert cli.main(["bench", "--op", "dcn", *TINY, "--repeat", "1", "--backend", "numpy"]) == 1
-    out = capsys.readouterr().out
+    argv = ["bench", "--op", "dcn", *TINY, "--repeat", "1", "--backend", "numpy"]
+    error = RuntimeError("no gradient\nsecond line")
+    out = bench_with_a_failing_call(monkeypatch, capsys, "dcnv4_backward", error, argv)
     assert "note: numpy dcnv4 (given) 1,6x5,8,2,3x3 float32 ours: RuntimeError: no gradient" in out
-    assert "second line" not in out and "Traceback" not in out
+    assert "Traceback" not in out
     rows = [line for line in out.splitlines() if line.startswith("given ")]
     assert "error" not in rows[0]  # dcnv3 untouched
     assert rows[1].split()[3] != "error" and "error" in rows[1]  # forward timed, forward+backward failed
@@ -238,11 +221,7 @@ def test_bench_dcn_reports_a_failing_call(monkeypatch, capsys):
     ],
 )
 def test_bad_arguments_give_a_clean_error(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage:" in err and message in err and "Traceback" not in err
+    check_usage_error(argv, message, capsys)
 
 
 def test_help_names_the_dcn_rows(capsys):
@@ -256,22 +235,7 @@ def test_help_names_the_dcn_rows(capsys):
 
 def _stand_in_gpu(monkeypatch):
     """CuPy posing as NumPy, CPU torch posing as CUDA torch."""
-    torch = pytest.importorskip("torch")
-    fake_cupy = types.SimpleNamespace(
-        asarray=np.asarray,
-        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(synchronize=lambda: None)),
-        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None),
-    )
-    monkeypatch.setattr(bench_common, "gpu_status", lambda: (fake_cupy, ""))
-    monkeypatch.setattr(bench_common, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
-    monkeypatch.setattr(bench_common, "cupy_peak_extra", bench_common.tracemalloc_peak_extra)
-    monkeypatch.setattr(bench_common, "torch_cuda_peak_extra", bench_common.torch_cpu_peak_extra)
-    monkeypatch.setattr(bench_common, "DEFAULT_GPU_DTYPES", ("float32", "float64"))  # NumPy has no float16 path
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
-    return fake_cupy
+    return stand_in_gpu(monkeypatch, bench_common.torch_cpu_peak_extra, ("float32", "float64"))  # NumPy: no float16
 
 
 def test_gpu_rows_wiring_with_stand_ins(monkeypatch, capsys):
@@ -285,16 +249,9 @@ def test_gpu_rows_wiring_with_stand_ins(monkeypatch, capsys):
     assert [(r["backend"], r["dtype"], r["op"]) for r in rows] == [
         ("cupy", d, op) for d in ("float32", "float64") for op in ("dcnv3", "dcnv4")
     ]
-    for row in rows:
-        assert "error" not in row["ours"] and "error" not in row["composition"]
-        assert {"fwd", "fwdbwd", "fwd_range", "fwdbwd_range"} <= set(row["ratios"]["composition"])
-        assert "peak_extra_mib" in row["composition"]
     text = "\n".join(bench_dcn.format_sections(rows, "Stand-in GPU"))
-    assert "GPU (Stand-in GPU), cupy arrays; comp = grid_sample composition (torch " in text
-    for header in ("dtype", "comp fwd", "/comp fwd", "comp f+b", "/comp f+b", "peak MiB", "comp peak MiB"):
-        assert header in text.splitlines()[2]
+    check_gpu_composition_rows(rows, text)
     assert sum(line.startswith("given") for line in text.splitlines()) == 4
-    assert not any("float16" in r["dtype"] for r in rows)
 
 
 def test_gpu_default_rows_are_the_cpu_ones_with_dcnv4s_batch(monkeypatch):
@@ -307,17 +264,9 @@ def test_gpu_default_rows_are_the_cpu_ones_with_dcnv4s_batch(monkeypatch):
 
 
 def test_gpu_rows_without_cuda_torch_are_ours_alone(monkeypatch):
-    fake_cupy = types.SimpleNamespace(
-        asarray=np.asarray,
-        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(synchronize=lambda: None)),
-    )
     opts = bench_common.Options(ops=("dcn",), dtype="float32", repeat=1, shapes={"dcn_shapes": SHAPES[:1]})
-    steps = bench_dcn.gpu_steps(opts, fake_cupy, None, None)
-    monkeypatch.setattr(bench_common, "cupy_peak_extra", bench_common.tracemalloc_peak_extra)
-    row = steps[1].run(1, bench_common.Progress(1, types.SimpleNamespace(write=lambda s: None, flush=lambda: None)))
-    assert row["backend"] == "cupy" and row["op"] == "dcnv4" and "composition" not in row and row["ratios"] == {}
-    text = "\n".join(bench_dcn.format_sections([row], "Stand-in GPU"))
-    assert "comp =" not in text and "dcnv4" in text
+    row, text = gpu_row_without_cuda_torch(monkeypatch, bench_dcn, opts, 1)
+    assert row["op"] == "dcnv4" and "dcnv4" in text
 
 
 def test_plot_labels_the_dcn_rows(tmp_path, capsys):

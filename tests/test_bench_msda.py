@@ -8,11 +8,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_checks import (
+    bench_with_a_failing_call,
+    bench_without_torch,
+    check_cpu_composition_row,
+    check_gpu_composition_rows,
+    check_usage_error,
+    gpu_row_without_cuda_torch,
+    stand_in_gpu,
+)
 
 from deformarray import cli
 from deformarray.bench import common as bench_common
@@ -25,17 +33,8 @@ TINY = ["--msda-shapes", "1,5,2,4,2,2,32,48;2,S,2,3,3,2,40,40"]
 SHAPES = bench_msda.parse_msda_shapes(TINY[1])
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """bench sets Numba's (and torch's) thread count: give other tests theirs back."""
-    import numba
-
-    torch = sys.modules.get("torch")
-    before = numba.get_num_threads(), torch.get_num_threads() if torch else None
-    yield
-    numba.set_num_threads(before[0])
-    if torch is not None and before[1] is not None:
-        torch.set_num_threads(before[1])
+# bench sets Numba's and torch's thread counts (conftest.py's fixture puts them back)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,41 +173,25 @@ def test_bench_msda_json(capsys):
         "levels": [[4, 6], [2, 3]],
     }
     assert rows[1]["shape"]["Lq"] == rows[1]["shape"]["S"] == 38 and rows[1]["shape"]["queries"].startswith("all")
-    timed = ("warmup_fwd_s", "fwd_ms", "fwd_min_ms", "fwd_max_ms", "fwd_times_ms", "warmup_fwdbwd_s", "fwdbwd_ms")
     for row in rows:
         assert row["backend"] == "numpy" and row["dtype"] == "float64"
         assert row["ours"]["label"] == "deformarray.ms_deform_attn"
-        assert row["composition"]["label"].startswith("grid_sample composition (torch ")
-        for name in ("ours", "composition"):
-            for key in (*timed, "peak_extra_fwd_mib", "peak_extra_fwdbwd_mib", "peak_extra_mib"):
-                assert key in row[name], (name, key)
-            assert len(row[name]["fwd_times_ms"]) == 2
-        assert row["ours"]["within_workspace"] is True
-        ratios = row["ratios"]["composition"]
-        assert set(ratios) == {"fwd", "fwdbwd", "fwd_range", "fwdbwd_range"} and ratios["fwdbwd"] > 0
+        check_cpu_composition_row(row)
 
 
 def test_bench_msda_without_torch_says_why(monkeypatch, capsys):
-    for name in ("torch", "torchvision"):
-        monkeypatch.setitem(sys.modules, name, None)
-    assert cli.main(["bench", "--op", "msda", *TINY, "--repeat", "1", "--backend", "numpy"]) == 0
-    out = capsys.readouterr().out
+    argv = ["bench", "--op", "msda", *TINY, "--repeat", "1", "--backend", "numpy"]
+    out = bench_without_torch(monkeypatch, capsys, argv)
     assert "note: torch not installed: no grid_sample composition for the CPU ms_deform_attn rows" in out.splitlines()
-    assert "comp fwd ms" not in out and "comp peak" not in out  # no empty reference columns
-    assert "decoder  1,5,2,4,2,2,32x48" in out and "Traceback" not in out
+    assert "decoder  1,5,2,4,2,2,32x48" in out
 
 
 def test_bench_msda_reports_a_failing_call(monkeypatch, capsys):
-    import deformarray
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no attention\nsecond line")
-
-    monkeypatch.setattr(deformarray, "ms_deform_attn_backward", broken)
-    assert cli.main(["bench", "--op", "msda", *TINY, "--repeat", "1", "--backend", "numpy"]) == 1
-    out = capsys.readouterr().out
+    argv = ["bench", "--op", "msda", *TINY, "--repeat", "1", "--backend", "numpy"]
+    error = RuntimeError("no attention\nsecond line")
+    out = bench_with_a_failing_call(monkeypatch, capsys, "ms_deform_attn_backward", error, argv)
     assert "note: numpy ms_deform_attn (decoder) 1,5,2,4,2,2,32x48 float32 ours: RuntimeError: no attention" in out
-    assert "second line" not in out and "Traceback" not in out
+    assert "Traceback" not in out
     row = next(line for line in out.splitlines() if line.startswith("decoder "))
     assert row.split()[2] != "error" and "error" in row  # forward timed, forward+backward failed
 
@@ -223,11 +206,7 @@ def test_bench_msda_reports_a_failing_call(monkeypatch, capsys):
     ],
 )
 def test_bad_arguments_give_a_clean_error(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage:" in err and message in err and "Traceback" not in err
+    check_usage_error(argv, message, capsys)
 
 
 def test_help_names_the_msda_rows(capsys):
@@ -242,21 +221,7 @@ def test_help_names_the_msda_rows(capsys):
 def test_gpu_rows_wiring_with_stand_ins(monkeypatch, capsys):
     """Without a GPU, run the GPU rows on NumPy arrays posing as CuPy ones and CPU torch
     posing as CUDA torch: both dtypes by default, the composition and its ratios present."""
-    torch = pytest.importorskip("torch")
-    fake_cupy = types.SimpleNamespace(
-        asarray=np.asarray,
-        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(synchronize=lambda: None)),
-        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None),
-    )
-    monkeypatch.setattr(bench_common, "gpu_status", lambda: (fake_cupy, ""))
-    monkeypatch.setattr(bench_common, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
-    monkeypatch.setattr(bench_common, "cupy_peak_extra", bench_common.tracemalloc_peak_extra)
-    monkeypatch.setattr(bench_common, "torch_cuda_peak_extra", bench_common.torch_cpu_peak_extra)
-    monkeypatch.setattr(bench_common, "DEFAULT_GPU_DTYPES", ("float32", "float64"))  # NumPy has no float16 path
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    stand_in_gpu(monkeypatch, bench_common.torch_cpu_peak_extra, ("float32", "float64"))  # NumPy has no float16 path
 
     assert cli.main(["bench", "--op", "msda", *TINY, "--repeat", "1", "--backend", "cupy", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -264,31 +229,16 @@ def test_gpu_rows_wiring_with_stand_ins(monkeypatch, capsys):
     assert [(r["backend"], r["dtype"], r["variant"]) for r in rows] == [
         ("cupy", d, v) for d in ("float32", "float64") for v in ("decoder", "encoder")
     ]
-    for row in rows:
-        assert "error" not in row["ours"] and "error" not in row["composition"]
-        assert {"fwd", "fwdbwd", "fwd_range", "fwdbwd_range"} <= set(row["ratios"]["composition"])
-        assert "peak_extra_mib" in row["composition"]
     text = "\n".join(bench_msda.format_sections(rows, "Stand-in GPU"))
-    assert "GPU (Stand-in GPU), cupy arrays; comp = grid_sample composition (torch " in text
+    check_gpu_composition_rows(rows, text)
     table = text.splitlines()[3:]
-    for header in ("dtype", "comp fwd", "/comp fwd", "comp f+b", "/comp f+b", "peak MiB", "comp peak MiB"):
-        assert header in text.splitlines()[2]
     assert sum(line.startswith(("decoder", "encoder")) for line in table) == 4
-    assert not any("float16" in r["dtype"] for r in rows)
 
 
 def test_gpu_rows_without_cuda_torch_are_ours_alone(monkeypatch):
-    fake_cupy = types.SimpleNamespace(
-        asarray=np.asarray,
-        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(synchronize=lambda: None)),
-    )
     opts = bench_common.Options(ops=("msda",), dtype="float32", repeat=1, shapes={"msda_shapes": SHAPES[:1]})
-    steps = bench_msda.gpu_steps(opts, fake_cupy, None, None)
-    monkeypatch.setattr(bench_common, "cupy_peak_extra", bench_common.tracemalloc_peak_extra)
-    row = steps[0].run(1, bench_common.Progress(1, types.SimpleNamespace(write=lambda s: None, flush=lambda: None)))
-    assert row["backend"] == "cupy" and "composition" not in row and row["ratios"] == {}
-    text = "\n".join(bench_msda.format_sections([row], "Stand-in GPU"))
-    assert "comp =" not in text and "decoder" in text
+    _, text = gpu_row_without_cuda_torch(monkeypatch, bench_msda, opts, 0)
+    assert "decoder" in text
 
 
 def test_plot_labels_the_msda_rows(tmp_path, capsys):

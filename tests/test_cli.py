@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_checks import bench_with_a_failing_call, check_usage_error, stand_in_gpu
 
 from deformarray import cli
 from deformarray.bench import common as bench_common
@@ -40,17 +41,8 @@ ROI_ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """bench sets Numba's (and torch's) thread count: give other tests theirs back."""
-    import numba
-
-    torch = sys.modules.get("torch")
-    before = numba.get_num_threads(), torch.get_num_threads() if torch else None
-    yield
-    numba.set_num_threads(before[0])
-    if torch is not None and before[1] is not None:
-        torch.set_num_threads(before[1])
+# bench sets Numba's and torch's thread counts (conftest.py's fixture puts them back)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def _hide(monkeypatch, *names):
@@ -322,29 +314,19 @@ def test_bench_gpu_section_skips_without_gpu(capsys):
 
 
 def test_bench_reports_a_failing_call_without_traceback(monkeypatch, capsys):
-    import deformarray
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("kernel exploded\nsecond line")
-
-    monkeypatch.setattr(deformarray, "deform_conv2d", broken)
-    assert cli.main(["bench", *TINY, "--op", "conv", "--backend", "numpy"]) == 1
-    out = capsys.readouterr().out
+    argv = ["bench", *TINY, "--op", "conv", "--backend", "numpy"]
+    error = RuntimeError("kernel exploded\nsecond line")
+    out = bench_with_a_failing_call(monkeypatch, capsys, "deform_conv2d", error, argv)
     assert "error" in out
-    assert "RuntimeError: kernel exploded" in out and "second line" not in out
+    assert "RuntimeError: kernel exploded" in out
 
 
 def test_bench_reports_a_failing_roi_call_and_runs_the_others(monkeypatch, capsys):
-    import deformarray
-
-    def broken(*args, **kwargs):
-        raise ValueError("no such RoI\nsecond line")
-
-    monkeypatch.setattr(deformarray, "deform_psroi_pool_backward", broken)
-    assert cli.main(["bench", "--op", "roi", *TINY_ROI, "--repeat", "1", "--backend", "numpy"]) == 1
-    out = capsys.readouterr().out
+    argv = ["bench", "--op", "roi", *TINY_ROI, "--repeat", "1", "--backend", "numpy"]
+    error = ValueError("no such RoI\nsecond line")
+    out = bench_with_a_failing_call(monkeypatch, capsys, "deform_psroi_pool_backward", error, argv)
     assert "note: numpy deform_psroi_pool (class offsets) 2,1x49,6,5,2 float32 ours: ValueError: no such RoI" in out
-    assert "second line" not in out and "Traceback" not in out
+    assert "Traceback" not in out
     row = next(line for line in out.splitlines() if line.startswith("deform_psroi_pool  no offset"))
     assert row.split()[5] == "error"  # forward timed, forward+backward failed
     row = next(line for line in out.splitlines() if line.startswith("deform_roi_pool    offset+mask"))
@@ -378,12 +360,7 @@ def test_bench_reports_a_failing_roi_call_and_runs_the_others(monkeypatch, capsy
     ],
 )
 def test_bad_arguments_give_a_clean_error(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage:" in err and message in err
-    assert "Traceback" not in err
+    check_usage_error(argv, message, capsys)
 
 
 def test_script_forwards_to_the_cli():
@@ -520,25 +497,13 @@ def test_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
     """Without a GPU, run the GPU section on NumPy arrays posing as CuPy ones and CPU torch
     posing as CUDA torch, with a stand-in torchvision, to check its contenders and table."""
     torch = pytest.importorskip("torch")
-    fake_cupy = types.SimpleNamespace(
-        asarray=np.asarray,
-        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(synchronize=lambda: None)),
-        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None),
-    )
 
     def deform_conv2d(x, off, w, b, padding, mask):  # same signature; dense maths is enough here
         return torch.nn.functional.conv2d(x, w, b, padding=padding) * mask.mean() + off.mean()
 
     fake_tv = types.SimpleNamespace(__version__="0.0-standin", ops=types.SimpleNamespace(deform_conv2d=deform_conv2d))
     _stand_in(monkeypatch, "torchvision", fake_tv)
-    monkeypatch.setattr(bench_common, "gpu_status", lambda: (fake_cupy, ""))
-    monkeypatch.setattr(bench_common, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
-    monkeypatch.setattr(bench_common, "cupy_peak_extra", bench_common.tracemalloc_peak_extra)
-    monkeypatch.setattr(bench_common, "torch_cuda_peak_extra", bench_common.tracemalloc_peak_extra)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    stand_in_gpu(monkeypatch, bench_common.tracemalloc_peak_extra)
 
     assert (
         cli.main(
@@ -618,22 +583,10 @@ def test_roi_gpu_section_wiring_with_stand_ins(monkeypatch, capsys):
     """The RoI GPU rows, on NumPy arrays posing as CuPy ones and CPU torch posing as CUDA
     torch, after the conv GPU rows: both dtypes by default, floor and ratios present."""
     torch = pytest.importorskip("torch")
-    fake_cupy = types.SimpleNamespace(
-        asarray=np.asarray,
-        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(synchronize=lambda: None)),
-        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None),
-    )
     fake_tv = _standin_torchvision(torch)
     _stand_in(monkeypatch, "torchvision", fake_tv)
-    monkeypatch.setattr(bench_common, "gpu_status", lambda: (fake_cupy, ""))
-    monkeypatch.setattr(bench_common, "describe_gpu", lambda cupy, index=0: "Stand-in GPU")
-    monkeypatch.setattr(bench_common, "cupy_peak_extra", bench_common.tracemalloc_peak_extra)
-    monkeypatch.setattr(bench_common, "torch_cuda_peak_extra", bench_common.tracemalloc_peak_extra)
-    monkeypatch.setattr(bench_common, "DEFAULT_GPU_DTYPES", ("float32", "float64"))  # NumPy has no float16 path
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    # NumPy has no float16 path
+    stand_in_gpu(monkeypatch, bench_common.tracemalloc_peak_extra, ("float32", "float64"))
 
     argv = ["bench", "--shapes", "1,2,5,5,3", *TINY_ROI, *TINY_MSDA, *TINY_DCN, "--repeat", "1", "--backend", "cupy"]
     assert cli.main(argv) == 0
