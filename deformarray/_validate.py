@@ -103,6 +103,12 @@ def _shape_error(name: str, expected: str, got: tuple[int, ...]) -> ValueError:
     return ValueError(f"{name} must have shape {expected}, got {tuple(got)}")
 
 
+def check_shape(name: str, arr: Any, expected: tuple[int, ...], layout: str) -> None:
+    """``arr`` must have exactly the shape ``expected`` (``layout`` names its axes)."""
+    if tuple(int(s) for s in arr.shape) != tuple(expected):
+        raise _shape_error(name, f"{layout} = {tuple(expected)}", arr.shape)
+
+
 def _check_ndim(name: str, arr: Any, layout: str) -> tuple[int, ...]:
     shape = tuple(int(s) for s in arr.shape)
     if len(shape) != layout.count(",") + 1:
@@ -122,6 +128,36 @@ def check_dtypes(backend: str, **arrays: Any) -> np.dtype:
     if first.name not in allowed:
         raise TypeError(f"dtype {first} is not supported on the {backend} backend (supported: {', '.join(allowed)})")
     return first
+
+
+def sliding_output_size(size: Any, kernel: Any, stride: Any, padding: Any, dilation: Any) -> Any:
+    """Output length of a sliding window along one axis (the convolution formula); plain
+    arithmetic, so that the adapters' fake kernels can apply it to symbolic sizes."""
+    return (size + 2 * padding - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+def _window(h: int, w: int, kh: int, kw: int, stride: Any, padding: Any, dilation: Any) -> dict:
+    """The checked sliding-window geometry of deform_conv2d, dcnv3 and dcnv4, as the
+    ``ConvParams`` / ``DcnParams`` fields it fills: ``stride`` etc. are normalised pairs."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    h_out = sliding_output_size(h, kh, sh, ph, dh)
+    w_out = sliding_output_size(w, kw, sw, pw, dw)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(
+            f"output size would be ({h_out}, {w_out}) for input ({h}, {w}), kernel ({kh}, {kw}), "
+            f"stride ({sh}, {sw}), padding ({ph}, {pw}), dilation ({dh}, {dw}); it must be positive"
+        )
+    return dict(kh=kh, kw=kw, stride=stride, padding=padding, dilation=dilation, h_out=h_out, w_out=w_out)
+
+
+def _window_text(h: int, w: int, window: dict) -> str:
+    """The window's sizes for a message: input, kernel, stride and padding."""
+    (sh, sw), (ph, pw) = window["stride"], window["padding"]
+    return f"input ({h}, {w}) with kernel ({window['kh']}, {window['kw']}), stride ({sh}, {sw}), padding ({ph}, {pw})"
+
+
+def _window_pairs(stride: Any, padding: Any, dilation: Any) -> tuple[tuple[int, int], ...]:
+    return _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
 
 
 @dataclass(frozen=True)
@@ -168,9 +204,7 @@ def conv_params(
     """Check the arguments of ``deform_conv2d`` and return its normalised geometry."""
     n, c_in, h, w = _check_ndim("input", input, "(N, C_in, H, W)")
     c_out, c_per_group, kh, kw = _check_ndim("weight", weight, "(C_out, C_in // groups, kh, kw)")
-    sh, sw = _pair(stride, "stride", 1)
-    ph, pw = _pair(padding, "padding", 0)
-    dh, dw = _pair(dilation, "dilation", 1)
+    stride, padding, dilation = _window_pairs(stride, padding, dilation)
     if kh < 1 or kw < 1:
         raise _shape_error("weight", "(C_out, C_in // groups, kh, kw) with kh, kw >= 1", weight.shape)
     if c_per_group < 1 or c_in % c_per_group:
@@ -181,19 +215,13 @@ def conv_params(
     groups = c_in // c_per_group
     if c_out < 1 or c_out % groups:
         raise ValueError(f"weight.shape[0] = C_out = {c_out} must be a positive multiple of groups = {groups}")
-    h_out = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    w_out = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-    if h_out < 1 or w_out < 1:
-        raise ValueError(
-            f"output size would be ({h_out}, {w_out}) for input ({h}, {w}), kernel ({kh}, {kw}), "
-            f"stride ({sh}, {sw}), padding ({ph}, {pw}), dilation ({dh}, {dw}); it must be positive"
-        )
+    window = _window(h, w, kh, kw, stride, padding, dilation)
+    h_out, w_out = window["h_out"], window["w_out"]
     check_output_size(
         (n, c_out, h_out, w_out),
         "(N, C_out, H_out, W_out)",
         _itemsize(input),
-        f"input ({h}, {w}) with kernel ({kh}, {kw}), stride ({sh}, {sw}), padding ({ph}, {pw}), "
-        f"dilation ({dh}, {dw}) and C_out = {c_out}",
+        f"{_window_text(h, w, window)}, dilation ({dilation[0]}, {dilation[1]}) and C_out = {c_out}",
     )
     k = kh * kw
     on, oc, oh, ow = _check_ndim("offset", offset, "(N, 2*G*kh*kw, H_out, W_out)")
@@ -206,27 +234,18 @@ def conv_params(
             f"offset groups G = offset.shape[1] // (2*kh*kw) = {offset_groups} must divide input channels C_in = {c_in}"
         )
     if bias is not None:
-        if tuple(bias.shape) != (c_out,):
-            raise _shape_error("bias", f"(C_out,) = ({c_out},)", bias.shape)
+        check_shape("bias", bias, (c_out,), "(C_out,)")
     if mask is not None:
-        expected_mask = (n, offset_groups * k, h_out, w_out)
-        if tuple(mask.shape) != expected_mask:
-            raise _shape_error("mask", f"(N, G*kh*kw, H_out, W_out) = {expected_mask}", mask.shape)
+        check_shape("mask", mask, (n, offset_groups * k, h_out, w_out), "(N, G*kh*kw, H_out, W_out)")
     return ConvParams(
+        **window,
         n=n,
         c_in=c_in,
         h=h,
         w=w,
         c_out=c_out,
-        kh=kh,
-        kw=kw,
-        stride=(sh, sw),
-        padding=(ph, pw),
-        dilation=(dh, dw),
         groups=groups,
         offset_groups=offset_groups,
-        h_out=h_out,
-        w_out=w_out,
         has_bias=bias is not None,
         has_mask=mask is not None,
     )
@@ -234,8 +253,7 @@ def conv_params(
 
 def check_grad_output(grad_output: Any, expected: tuple[int, ...], layout: str) -> None:
     """``grad_output`` must have the forward output's shape."""
-    if tuple(int(s) for s in grad_output.shape) != tuple(expected):
-        raise _shape_error("grad_output", f"{layout} = {tuple(expected)}", grad_output.shape)
+    check_shape("grad_output", grad_output, expected, layout)
 
 
 def check_plane_size(p: ConvParams) -> None:
@@ -394,13 +412,9 @@ def roi_pool_params(
                 f"pass a sampling_ratio > 0"
             )
     if offset is not None:
-        expected = (r, 2, ph, pw)
-        if tuple(int(s) for s in offset.shape) != expected:
-            raise _shape_error("offset", f"(R, 2, ph, pw) = {expected}", offset.shape)
+        check_shape("offset", offset, (r, 2, ph, pw), "(R, 2, ph, pw)")
     if mask is not None:
-        expected = (r, 1, ph, pw)
-        if tuple(int(s) for s in mask.shape) != expected:
-            raise _shape_error("mask", f"(R, 1, ph, pw) = {expected}", mask.shape)
+        check_shape("mask", mask, (r, 1, ph, pw), "(R, 1, ph, pw)")
     return RoiPoolParams(
         n=n,
         c=c,

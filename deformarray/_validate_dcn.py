@@ -14,7 +14,19 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import _check_ndim, _finite_real, _itemsize, _pair, _shape_error, check_int_range, check_output_size
+from ._validate import (
+    _check_ndim,
+    _finite_real,
+    _itemsize,
+    _pair,
+    _shape_error,
+    _window,
+    _window_pairs,
+    _window_text,
+    check_int_range,
+    check_output_size,
+    check_shape,
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,13 @@ class DcnParams:
         return (self.n, self.h_out, self.w_out, self.channels)
 
 
+def implied_group_channels(c: int, g: int) -> int:
+    """group_channels when not given: the input's C channels split evenly over the groups."""
+    if c % g:
+        raise ValueError(f"input channels C = {c} must be a multiple of group = {g} (input is (N, H, W, G*D))")
+    return c // g
+
+
 def _group_args(c: int, group: Any, group_channels: Any) -> tuple[int, int]:
     if isinstance(group, (bool, np.bool_)) or not isinstance(group, numbers.Integral):
         raise TypeError(f"group must be an int, got {group!r}")
@@ -72,9 +91,7 @@ def _group_args(c: int, group: Any, group_channels: Any) -> tuple[int, int]:
     g = int(group)
     check_int_range(g, "group")
     if group_channels is None:
-        if c % g:
-            raise ValueError(f"input channels C = {c} must be a multiple of group = {g} (input is (N, H, W, G*D))")
-        return g, c // g
+        return g, implied_group_channels(c, g)
     if isinstance(group_channels, (bool, np.bool_)) or not isinstance(group_channels, numbers.Integral):
         raise TypeError(f"group_channels must be an int or None, got {group_channels!r}")
     d = int(group_channels)
@@ -103,9 +120,7 @@ def _geometry(
         raise _shape_error("input", "(N, H, W, G*D) with H, W, G*D >= 1", input.shape)
     g, d = _group_args(c, group, group_channels)
     kh, kw = _pair(kernel_size, "kernel_size", 1)
-    sh, sw = _pair(stride, "stride", 1)
-    ph, pw = _pair(padding, "padding", 0)
-    dh, dw = _pair(dilation, "dilation", 1)
+    stride, padding, dilation = _window_pairs(stride, padding, dilation)
     scale = _finite_real(offset_scale, "offset_scale")
     if not isinstance(remove_center, (bool, np.bool_, numbers.Integral)) or int(remove_center) not in (0, 1):
         raise TypeError(f"remove_center must be a bool, got {remove_center!r}")
@@ -115,42 +130,28 @@ def _geometry(
     p = kh * kw - int(rc)
     if p < 1:
         raise ValueError(f"kernel_size ({kh}, {kw}) with remove_center leaves no kernel point")
-    h_out = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    w_out = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-    if h_out < 1 or w_out < 1:
-        raise ValueError(
-            f"output size would be ({h_out}, {w_out}) for input ({h}, {w}), kernel ({kh}, {kw}), "
-            f"stride ({sh}, {sw}), padding ({ph}, {pw}), dilation ({dh}, {dw}); it must be positive"
-        )
+    window = _window(h, w, kh, kw, stride, padding, dilation)
     check_output_size(
-        (n, h_out, w_out, c),
+        (n, window["h_out"], window["w_out"], c),
         "(N, H_out, W_out, G*D)",
         _itemsize(input),
-        f"input ({h}, {w}) with kernel ({kh}, {kw}), stride ({sh}, {sw}), padding ({ph}, {pw})",
+        _window_text(h, w, window),
     )
     return dict(
+        window,
         n=n,
         h=h,
         w=w,
         group=g,
         group_channels=d,
-        kh=kh,
-        kw=kw,
-        stride=(sh, sw),
-        padding=(ph, pw),
-        dilation=(dh, dw),
         offset_scale=scale,
         remove_center=rc,
-        h_out=h_out,
-        w_out=w_out,
         p=p,
     )
 
 
 def _check_per_pixel(name: str, arr: Any, geo: dict, last: int, layout: str) -> None:
-    expected = (geo["n"], geo["h_out"], geo["w_out"], last)
-    if tuple(int(s) for s in arr.shape) != expected:
-        raise _shape_error(name, f"{layout} = {expected}", arr.shape)
+    check_shape(name, arr, (geo["n"], geo["h_out"], geo["w_out"], last), layout)
 
 
 def dcnv3_params(

@@ -40,6 +40,17 @@ class MsdaParams:
         return (self.n, self.lq, self.m * self.d)
 
 
+def as_integers(host: np.ndarray, name: str, typed: bool = True, shown: str | None = None) -> np.ndarray:
+    """``host`` as int64, or a TypeError when it holds anything but integers (``shown`` is
+    what the message says it got: its dtype unless given). Unless ``typed``, ``host`` comes
+    from a sequence, whose dtype means nothing when it is empty (``np.asarray([])`` is
+    float64): an empty one passes unless bool."""
+    lenient = not typed and host.size == 0
+    if host.dtype == np.bool_ or not (lenient or np.issubdtype(host.dtype, np.integer)):
+        raise TypeError(f"{name} must hold integers, got {f'dtype {host.dtype}' if shown is None else shown}")
+    return host.astype(np.int64)
+
+
 def _integer_values(arr: Any, name: str, layout: str, value_backend: str) -> np.ndarray:
     """The values of an integer array argument (NumPy, CuPy on the CuPy backend, or a
     sequence) as an int64 NumPy array."""
@@ -50,18 +61,13 @@ def _integer_values(arr: Any, name: str, layout: str, value_backend: str) -> np.
             host = np.asarray(arr)
         except ValueError as exc:  # ragged nesting
             raise ValueError(f"{name} must have shape {layout}, got a ragged sequence: {arr!r}") from exc
-        if host.size == 0:
-            host = host.astype(np.int64)
-    else:
-        if arr is None:
-            raise TypeError(f"{name} is required: pass an integer array of shape {layout}")
-        backend = backend_of({name: arr})
-        if backend != "numpy" and backend != value_backend:
-            raise TypeError(f"all arrays must live on one backend, got value on {value_backend}, {name} on {backend}")
-        host = host_values(arr)
-    if host.dtype == np.bool_ or not np.issubdtype(host.dtype, np.integer):
-        raise TypeError(f"{name} must hold integers, got dtype {host.dtype}")
-    return host.astype(np.int64)
+        return as_integers(host, name, typed=False)
+    if arr is None:
+        raise TypeError(f"{name} is required: pass an integer array of shape {layout}")
+    backend = backend_of({name: arr})
+    if backend != "numpy" and backend != value_backend:
+        raise TypeError(f"all arrays must live on one backend, got value on {value_backend}, {name} on {backend}")
+    return as_integers(host_values(arr), name)
 
 
 def msda_params(

@@ -44,12 +44,8 @@ def _geometry(arr: Any, name: str) -> tuple:
             f"array: under jax.jit close over it or mark it static (static_argnames); it is the "
             f"levels' geometry, not data"
         )
-    host = np.asarray(arr)
-    if host.dtype == np.bool_ or not np.issubdtype(host.dtype, np.integer):
-        if host.size or host.dtype == np.bool_:
-            raise TypeError(f"{name} must hold integers, got dtype {host.dtype}")
-        host = host.astype(np.int64)
-    return freeze(host.tolist())
+    # typed=False: an empty one passes whatever its dtype (the shape checks then refuse it)
+    return freeze(_validate_msda.as_integers(np.asarray(arr), name, typed=False).tolist())
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):

@@ -6,7 +6,7 @@ and the cast back to the input's dtype, and the shape check of the RoI poolings'
 kernels. No operator is registered here.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -134,7 +134,7 @@ def _on_device(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _common_dtype(tensors: dict[str, Tensor | None]) -> torch.dtype:
+def _common_dtype(tensors: Mapping[str, Tensor | None]) -> torch.dtype:
     """The one floating dtype shared by the given tensors (None skipped), else TypeError."""
     present = {k: v for k, v in tensors.items() if v is not None}
     (first_name, first), *_ = present.items()

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import _api
+from .._validate import sliding_output_size
+from .._validate_dcn import implied_group_channels
 from . import _onnx_nodes
 from ._glue import (
     OP_TAGS,
@@ -42,8 +44,8 @@ def _out_shape(input: Tensor, kernel_size, stride, padding, dilation) -> tuple:
     if input.dim() != 4:
         raise ValueError(f"input must have shape (N, H, W, G*D), got {tuple(input.shape)}")
     n, h, w, c = input.shape
-    h_out = (h + 2 * padding[0] - (dilation[0] * (kernel_size[0] - 1) + 1)) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - (dilation[1] * (kernel_size[1] - 1) + 1)) // stride[1] + 1
+    window = zip(kernel_size, stride, padding, dilation)
+    h_out, w_out = (sliding_output_size(size, *axis) for size, axis in zip((h, w), window))
     return (n, h_out, w_out, c)
 
 
@@ -111,30 +113,31 @@ def _(grad_output, input, offset, mask, *args):
     return _like(input), _like(offset), _like(mask)
 
 
-def _dcnv3_setup_context(ctx, inputs, output):
-    input, offset, mask, *geometry = inputs
-    ctx.save_for_backward(input, offset, mask)
-    ctx.geometry = geometry
+def _register(op, backward_op, tensors: int) -> None:
+    """Autograd and autocast of ``op``, whose first ``tensors`` arguments are the tensors
+    (each one differentiable, its gradient from ``backward_op``) and the rest geometry."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:tensors])
+        ctx.geometry = inputs[tensors:]
+
+    def backward(ctx, grad_output):
+        grads = backward_op(grad_output, *ctx.saved_tensors, *ctx.geometry, _deterministic_flag())
+        return tuple(grads) + (None,) * len(ctx.geometry)
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _register_autocast(op)
+    _register_autocast(backward_op)
 
 
-def _dcnv3_backward(ctx, grad_output):
-    input, offset, mask = ctx.saved_tensors
-    gi, go, gm = _dcnv3_backward_op(grad_output, input, offset, mask, *ctx.geometry, _deterministic_flag())
-    return (gi, go, gm) + (None,) * len(ctx.geometry)
+_register(_dcnv3_op, _dcnv3_backward_op, 3)
 
 
-_dcnv3_op.register_autograd(_dcnv3_backward, setup_context=_dcnv3_setup_context)
-_register_autocast(_dcnv3_op)
-_register_autocast(_dcnv3_backward_op)
-
-
-def _normalised(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, channels):
+def _normalised(channels, kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center):
     """The operators' argument values: int pairs as lists, ints and floats checked."""
     group = _int_arg(group, "group", 1)
     if group_channels is None:
-        if channels % group:
-            raise ValueError(f"input channels C = {channels} must be a multiple of group = {group}")
-        group_channels = channels // group
+        group_channels = implied_group_channels(channels, group)
     return (
         _pair_list(kernel_size, "kernel_size", 1),
         _pair_list(stride, "stride", 1),
@@ -145,6 +148,18 @@ def _normalised(kernel_size, stride, padding, dilation, group, group_channels, o
         float(offset_scale),
         bool(remove_center),
     )
+
+
+def _call(op, node, tensors: dict[str, Tensor], geometry: tuple) -> Tensor:
+    """A public DCN function: ``op`` on the tensors (in order) and the checked geometry, in
+    the input's dtype; under torch.onnx.export the ``node`` (a deformarray::DCNv3 / DCNv4
+    node, docs/deployment.md) instead."""
+    input = tensors["input"]
+    args = _normalised(input.shape[-1], *geometry)
+    if _onnx_nodes.exporting():
+        _common_dtype(tensors)
+        return _onnx_nodes.emit(node, _out_shape(input, *args[:4]), *tensors.values(), *args)
+    return _cast_back(op(*tensors.values(), *args), input)
 
 
 def dcnv3(
@@ -164,14 +179,8 @@ def dcnv3(
     mask. Channels-last: input ``(N, H, W, G*D)``, offset ``(N, H_out, W_out, G*P*2)``,
     mask ``(N, H_out, W_out, G*P)`` (no softmax here). Returns ``(N, H_out, W_out, G*D)``.
     See docs/dcnv3.md."""
-    args = _normalised(
-        kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, input.shape[-1]
-    )
-    if _onnx_nodes.exporting():  # torch.onnx.export: a deformarray::DCNv3 node (docs/deployment.md)
-        _common_dtype(dict(input=input, offset=offset, mask=mask))
-        shape = _out_shape(input, *args[:4])
-        return _onnx_nodes.emit(_onnx_nodes.dcnv3_node, shape, input, offset, mask, *args)
-    return _cast_back(_dcnv3_op(input, offset, mask, *args), input)
+    geometry = (kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center)
+    return _call(_dcnv3_op, _onnx_nodes.dcnv3_node, dict(input=input, offset=offset, mask=mask), geometry)
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,21 +241,7 @@ def _(grad_output, input, offset_mask, *args):
     return _like(input), _like(offset_mask)
 
 
-def _dcnv4_setup_context(ctx, inputs, output):
-    input, offset_mask, *geometry = inputs
-    ctx.save_for_backward(input, offset_mask)
-    ctx.geometry = geometry
-
-
-def _dcnv4_backward(ctx, grad_output):
-    input, offset_mask = ctx.saved_tensors
-    gi, gom = _dcnv4_backward_op(grad_output, input, offset_mask, *ctx.geometry, _deterministic_flag())
-    return (gi, gom) + (None,) * len(ctx.geometry)
-
-
-_dcnv4_op.register_autograd(_dcnv4_backward, setup_context=_dcnv4_setup_context)
-_register_autocast(_dcnv4_op)
-_register_autocast(_dcnv4_backward_op)
+_register(_dcnv4_op, _dcnv4_backward_op, 2)
 
 
 def dcnv4(
@@ -265,11 +260,5 @@ def dcnv4(
     offset_mask. input ``(N, H, W, G*D)``; offset_mask ``(N, H_out, W_out, K)``, per group
     P (x, y) offset pairs then P mask values, K >= 3*G*P (DCNv4 pads K to a multiple of 8).
     Returns ``(N, H_out, W_out, G*D)``. See docs/dcnv3.md."""
-    args = _normalised(
-        kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, input.shape[-1]
-    )
-    if _onnx_nodes.exporting():  # torch.onnx.export: a deformarray::DCNv4 node (docs/deployment.md)
-        _common_dtype(dict(input=input, offset_mask=offset_mask))
-        shape = _out_shape(input, *args[:4])
-        return _onnx_nodes.emit(_onnx_nodes.dcnv4_node, shape, input, offset_mask, *args)
-    return _cast_back(_dcnv4_op(input, offset_mask, *args), input)
+    geometry = (kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center)
+    return _call(_dcnv4_op, _onnx_nodes.dcnv4_node, dict(input=input, offset_mask=offset_mask), geometry)

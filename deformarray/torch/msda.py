@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _api
+from .. import _api, _validate_msda
 from . import _onnx_nodes
 from ._glue import OP_TAGS, _call_array_api, _cast_back, _common_dtype, _deterministic_flag, _register_autocast
 
@@ -31,10 +31,7 @@ def _as_geometry(value: Any, name: str) -> Tensor:
     """A list, tuple or NumPy array of ints as an int64 CPU tensor; tensors pass."""
     if isinstance(value, Tensor):
         return value
-    arr = np.asarray(value)
-    if arr.dtype == np.bool_ or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name} must hold integers, got {value!r}")
-    return torch.as_tensor(arr.astype(np.int64))
+    return torch.as_tensor(_validate_msda.as_integers(np.asarray(value), name, typed=False, shown=repr(value)))
 
 
 @torch.library.custom_op("deformarray::ms_deform_attn", mutates_args=(), tags=OP_TAGS)
