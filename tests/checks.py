@@ -120,3 +120,61 @@ def traced_peak(fn):
     finally:
         tracemalloc.stop()
     return result, peak - start
+
+
+# Shared test bodies of the sampling operators (dcnv3, ms_deform_attn): ``grads`` is a named
+# tuple of the gradients, in ``grad_names`` order.
+
+
+def check_against_reference(run_forward, run_backward, ref_forward, ref_backward, grads_type, c, rng, dtype):
+    """Forward and every gradient against the float64 reference; returns (y, grads)."""
+    y = run_forward(c)
+    assert_close(y, ref_forward(**c), dtype, "output")
+    assert y.flags.c_contiguous
+    go = rng.standard_normal(y.shape).astype(dtype)
+    grads = run_backward(go, c)
+    assert isinstance(grads, grads_type)
+    ref = ref_backward(go, **c)
+    for name in grads_type._fields:
+        got = getattr(grads, name)
+        assert got.shape == c[name].shape and got.flags.c_contiguous, name
+        assert_close(got, getattr(ref, name), dtype, f"grad {name}")
+    return y, grads
+
+
+def check_non_contiguous_inputs(run_forward, run_backward, c, rng, dtype, make_view, names):
+    """The arrays ``names`` of case ``c`` (and the output gradient) as ``make_view`` views:
+    the bits of the contiguous call."""
+    y = run_forward(c)
+    go = rng.standard_normal(y.shape).astype(dtype)
+    grads = run_backward(go, c)
+    view = dict(c, **{k: make_view(c[k]) for k in names})
+    for k in names:
+        assert np.array_equal(view[k], c[k])
+    assert run_forward(view).tobytes() == y.tobytes()
+    grads_v = run_backward(make_view(go), view)
+    for name in grads._fields:
+        assert getattr(grads_v, name).tobytes() == getattr(grads, name).tobytes(), name
+
+
+def check_channel_blocks(monkeypatch, cpu_module, run_forward, run_backward, c, rng, grad_name):
+    """``cpu_module._blocks`` forced from one block of channels to one channel per block:
+    gradient ``grad_name`` keeps its bits (and is nonzero somewhere)."""
+    go = rng.standard_normal(run_forward(c).shape)
+    seen = []
+    for blocks in (1, 2, 3, 5, 7):
+        monkeypatch.setattr(cpu_module, "_blocks", lambda *shape, b=blocks: b)
+        seen.append(getattr(run_backward(go, c), grad_name))
+    assert np.abs(seen[0]).max() > 0
+    for blocks, grad in zip((2, 3, 5, 7), seen[1:]):
+        assert grad.tobytes() == seen[0].tobytes(), blocks
+
+
+def check_no_workspace(run_forward, run_backward, c, go, slack=16 * 1024):
+    """Under a 1 KiB workspace bound, the traced peak of forward and backward is their
+    outputs plus ``slack`` of bookkeeping."""
+    with da.workspace_limit(1024):
+        y, peak_f = traced_peak(lambda: run_forward(c))
+        grads, peak_b = traced_peak(lambda: run_backward(go, c))
+    assert peak_f <= y.nbytes + slack, peak_f
+    assert peak_b <= sum(getattr(grads, n).nbytes for n in grads._fields) + slack, peak_b

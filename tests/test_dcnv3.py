@@ -19,6 +19,7 @@ Default shapes are tiny: CI also runs this file with NUMBA_DISABLE_JIT=1.
 
 from __future__ import annotations
 
+import checks
 import numpy as np
 import pytest
 from checks import (
@@ -28,7 +29,6 @@ from checks import (
     check_calls_from_threads,
     reversed_view,
     strided_view,
-    traced_peak,
     transposed_view,
 )
 from dcn_cases import SETTINGS, dcn_geometries, edge_coords, targeted
@@ -58,18 +58,9 @@ def run_backward(go, c, **extra):
 
 def check_against_reference(c, rng, dtype):
     """Forward and the three gradients against the reference; returns (y, grads)."""
-    y = run_forward(c)
-    assert_close(y, ref_dcnv3(**c), dtype, "output")
-    assert y.flags.c_contiguous
-    go = rng.standard_normal(y.shape).astype(dtype)
-    grads = run_backward(go, c)
-    assert isinstance(grads, da.Dcnv3Grads)
-    ref = ref_dcnv3_backward(go, **c)
-    for name in GRAD_NAMES:
-        got = getattr(grads, name)
-        assert got.shape == c[name].shape and got.flags.c_contiguous, name
-        assert_close(got, getattr(ref, name), dtype, f"grad {name}")
-    return y, grads
+    return checks.check_against_reference(
+        run_forward, run_backward, ref_dcnv3, ref_dcnv3_backward, da.Dcnv3Grads, c, rng, dtype
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,16 +449,7 @@ def _scatter_counts(counts, ones, geom, shifts):
 )
 def test_non_contiguous_inputs(make_view, dtype, rng):
     c = make_dcn_case(rng, n=1, dtype=dtype)
-    y = run_forward(c)
-    go = rng.standard_normal(y.shape).astype(dtype)
-    grads = run_backward(go, c)
-    view = dict(c, **{k: make_view(c[k]) for k in GRAD_NAMES})
-    for k in GRAD_NAMES:
-        assert np.array_equal(view[k], c[k])
-    assert run_forward(view).tobytes() == y.tobytes()
-    grads_v = run_backward(make_view(go), view)
-    for name in GRAD_NAMES:
-        assert getattr(grads_v, name).tobytes() == getattr(grads, name).tobytes(), name
+    checks.check_non_contiguous_inputs(run_forward, run_backward, c, rng, dtype, make_view, GRAD_NAMES)
 
 
 def _determinism_case(rng, big):
@@ -490,14 +472,7 @@ def test_input_gradient_does_not_depend_on_channel_blocks(monkeypatch, rng):
     from deformarray.cpu import dcn as cpu_dcn
 
     c = make_dcn_case(rng, n=1, h=3, w=3, group=2, group_channels=5, spread=1.0)
-    go = rng.standard_normal(run_forward(c).shape)
-    seen = []
-    for blocks in (1, 2, 3, 5, 7):
-        monkeypatch.setattr(cpu_dcn, "_blocks", lambda n, g, d, b=blocks: b)
-        seen.append(run_backward(go, c).input)
-    assert np.abs(seen[0]).max() > 0
-    for blocks, grad in zip((2, 3, 5, 7), seen[1:]):
-        assert grad.tobytes() == seen[0].tobytes(), blocks
+    checks.check_channel_blocks(monkeypatch, cpu_dcn, run_forward, run_backward, c, rng, "input")
 
 
 @pytest.mark.parametrize("big", [False, pytest.param(True, marks=pytest.mark.jit_only)], ids=["small", "big"])
@@ -513,9 +488,4 @@ def test_no_workspace_beyond_the_outputs(rng):
     c = make_dcn_case(rng, n=1, h=100, w=250, group=1, group_channels=2, kernel_size=1, padding=0, stride=50)
     y = run_forward(c)
     go = rng.standard_normal(y.shape)
-    slack = 16 * 1024
-    with da.workspace_limit(1024):
-        y, peak_f = traced_peak(lambda: run_forward(c))
-        grads, peak_b = traced_peak(lambda: run_backward(go, c))
-    assert peak_f <= y.nbytes + slack, peak_f
-    assert peak_b <= sum(a.nbytes for a in grads) + slack, peak_b
+    checks.check_no_workspace(run_forward, run_backward, c, go)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
-from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
+from checks import DTYPES, assert_close, reversed_view, strided_view, traced_peak, transposed_view
 from edges import TINY, around, edge_targets, targeted_offsets
 from reference import (
     geometry,
@@ -388,20 +386,6 @@ def test_bound_too_small_for_one_image_names_the_smallest_that_works(direction, 
         call()
 
 
-def _traced_peak(fn):
-    # the CPU keeps its workspace arena between calls: free it so this call's is traced
-    da.release_workspace()
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        start, _ = tracemalloc.get_traced_memory()
-        result = fn()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return result, peak - start
-
-
 @pytest.mark.jit_only
 def test_workspace_bound_holds_for_large_batch(rng):
     """Temporary memory beyond outputs/gradients stays near the bound, not O(batch).
@@ -419,8 +403,8 @@ def test_workspace_bound_holds_for_large_batch(rng):
     assert unbounded > 10 * (limit + slack)
     with da.workspace_limit(limit):
         run_forward(case), run_backward(go, case)  # compile / warm up outside the trace
-        y, peak_f = _traced_peak(lambda: run_forward(case))
-        grads, peak_b = _traced_peak(lambda: run_backward(go, case))
+        y, peak_f = traced_peak(lambda: run_forward(case))
+        grads, peak_b = traced_peak(lambda: run_backward(go, case))
     assert peak_f <= y.nbytes + limit + slack, (peak_f, y.nbytes)
     grads_bytes = sum(getattr(grads, n).nbytes for n in GRAD_NAMES)
     assert peak_b <= grads_bytes + limit + slack, (peak_b, grads_bytes)
@@ -434,12 +418,12 @@ def test_workspace_kept_between_calls_is_not_doubled(rng):
     case = make_case(rng, n=16, c_in=8, height=12, width=12, c_out=4, offset_scale=2.0)
     go = rng.standard_normal(case.out_shape())
     run_forward(case), run_backward(go, case)  # compile / warm up outside the trace
-    y, peak_f = _traced_peak(lambda: run_forward(case))
-    grads, peak_b = _traced_peak(lambda: run_backward(go, case))
+    y, peak_f = traced_peak(lambda: run_forward(case))
+    grads, peak_b = traced_peak(lambda: run_backward(go, case))
     extra_f = peak_f - y.nbytes
     grads_bytes = sum(getattr(grads, n).nbytes for n in GRAD_NAMES)
     extra_b = peak_b - grads_bytes
-    _, peak_fb = _traced_peak(lambda: (run_forward(case), run_backward(go, case)))
+    _, peak_fb = traced_peak(lambda: (run_forward(case), run_backward(go, case)))
     extra_fb = peak_fb - y.nbytes - grads_bytes
     assert extra_fb <= max(extra_f, extra_b) + 80 * 1024, (extra_fb, extra_f, extra_b)
     y_ref = run_forward(case)

@@ -19,6 +19,7 @@ Default shapes are tiny: CI also runs this file with NUMBA_DISABLE_JIT=1.
 
 from __future__ import annotations
 
+import checks
 import numpy as np
 import pytest
 from checks import (
@@ -28,7 +29,6 @@ from checks import (
     check_calls_from_threads,
     reversed_view,
     strided_view,
-    traced_peak,
     transposed_view,
 )
 from edges import around, edge_targets
@@ -58,18 +58,9 @@ def run_backward(go, c, **extra):
 
 def check_against_reference(c, rng, dtype):
     """Forward and the three gradients against the reference; returns (y, grads)."""
-    y = run_forward(c)
-    assert_close(y, ref_ms_deform_attn(**c), dtype, "output")
-    assert y.flags.c_contiguous
-    go = rng.standard_normal(y.shape).astype(dtype)
-    grads = run_backward(go, c)
-    assert isinstance(grads, da.MsDeformAttnGrads)
-    ref = ref_ms_deform_attn_backward(go, **c)
-    for name in GRAD_NAMES:
-        got = getattr(grads, name)
-        assert got.shape == c[name].shape and got.flags.c_contiguous, name
-        assert_close(got, getattr(ref, name), dtype, f"grad {name}")
-    return y, grads
+    return checks.check_against_reference(
+        run_forward, run_backward, ref_ms_deform_attn, ref_ms_deform_attn_backward, da.MsDeformAttnGrads, c, rng, dtype
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -443,16 +434,7 @@ def test_linear_in_attention_weights(geom, scale, seed):
 )
 def test_non_contiguous_inputs(make_view, dtype, rng):
     c = make_msda_case(rng, dtype=dtype)
-    y = run_forward(c)
-    go = rng.standard_normal(y.shape).astype(dtype)
-    grads = run_backward(go, c)
-    view = dict(c, **{k: make_view(c[k]) for k in FLOATS})
-    for k in c:
-        assert np.array_equal(view[k], c[k])
-    assert run_forward(view).tobytes() == y.tobytes()
-    grads_v = run_backward(make_view(go), view)
-    for name in GRAD_NAMES:
-        assert getattr(grads_v, name).tobytes() == getattr(grads, name).tobytes(), name
+    checks.check_non_contiguous_inputs(run_forward, run_backward, c, rng, dtype, make_view, FLOATS)
 
 
 def _determinism_case(rng, big):
@@ -476,14 +458,7 @@ def test_value_gradient_does_not_depend_on_channel_blocks(monkeypatch, rng):
     from deformarray.cpu import ms_deform_attn as cpu_msda
 
     c = make_msda_case(rng, n=1, lq=5, m=2, d=5, shapes=((3, 3), (1, 2)), p=3)
-    go = rng.standard_normal(run_forward(c).shape)
-    seen = []
-    for blocks in (1, 2, 3, 5, 7):
-        monkeypatch.setattr(cpu_msda, "_blocks", lambda n, m, d, b=blocks: b)
-        seen.append(run_backward(go, c).value)
-    assert np.abs(seen[0]).max() > 0
-    for blocks, grad in zip((2, 3, 5, 7), seen[1:]):
-        assert grad.tobytes() == seen[0].tobytes(), blocks
+    checks.check_channel_blocks(monkeypatch, cpu_msda, run_forward, run_backward, c, rng, "value")
 
 
 @pytest.mark.parametrize("big", [False, pytest.param(True, marks=pytest.mark.jit_only)], ids=["small", "big"])
@@ -498,9 +473,4 @@ def test_no_workspace_beyond_the_outputs(rng):
     be 400 KiB)."""
     c = make_msda_case(rng, n=2, lq=3, m=1, d=2, shapes=((100, 125),), p=1)
     go = rng.standard_normal((2, 3, 2))
-    slack = 16 * 1024
-    with da.workspace_limit(1024):
-        y, peak_f = traced_peak(lambda: run_forward(c))
-        grads, peak_b = traced_peak(lambda: run_backward(go, c))
-    assert peak_f <= y.nbytes + slack, peak_f
-    assert peak_b <= sum(getattr(grads, n).nbytes for n in GRAD_NAMES) + slack, peak_b
+    checks.check_no_workspace(run_forward, run_backward, c, go)

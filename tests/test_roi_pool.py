@@ -12,12 +12,10 @@
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numba
 import numpy as np
 import pytest
-from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
+from checks import DTYPES, assert_close, reversed_view, strided_view, traced_peak, transposed_view
 from edges import edge_coordinate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -499,19 +497,6 @@ def test_workspace_chunking(dtype, rng):
             )
 
 
-def _traced_peak(fn):
-    da.release_workspace()  # the arena is kept between calls: free it so this call's is traced
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        start, _ = tracemalloc.get_traced_memory()
-        result = fn()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return result, peak - start
-
-
 def test_workspace_bound_holds(rng):
     """Temporary memory beyond outputs and gradients stays within the bound (one image's
     channels-last copy would be 8 KiB; all 100 images' 800 KiB)."""
@@ -520,8 +505,8 @@ def test_workspace_bound_holds(rng):
     limit = 32 * 1024
     slack = 48 * 1024  # per-call bookkeeping: RoI geometry, orderings
     with da.workspace_limit(limit):
-        y, peak_f = _traced_peak(lambda: run_forward(a, kw))
-        grads, peak_b = _traced_peak(lambda: run_backward(go, a, kw))
+        y, peak_f = traced_peak(lambda: run_forward(a, kw))
+        grads, peak_b = traced_peak(lambda: run_backward(go, a, kw))
     assert peak_f <= y.nbytes + limit + slack, (peak_f, y.nbytes)
     grads_bytes = sum(getattr(grads, n).nbytes for n in GRAD_NAMES)
     assert peak_b <= grads_bytes + limit + slack, (peak_b, grads_bytes)
