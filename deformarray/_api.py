@@ -18,6 +18,38 @@ from ._validate_dcn import dcnv3_params, dcnv4_params
 from ._validate_msda import msda_params
 
 
+def _checked(required: dict[str, Any], optional: dict[str, Any] | None = None) -> tuple[str, tuple[Any, ...]]:
+    """Every public function's first step: the array arguments made native, in order, and
+    the backend they share, checked to share one dtype it supports."""
+    optional = optional or {}
+    arrays = dict(zip([*required, *optional], native_arrays(**required, **optional)))
+    backend = backend_of({k: arrays[k] for k in required}, {k: arrays[k] for k in optional})
+    check_dtypes(backend, **arrays)
+    return backend, tuple(arrays.values())
+
+
+def _deterministic(flag):
+    return bool(_config.get_deterministic() if flag is None else flag)
+
+
+def _forward(backend: str, name: str, module: str, p: Any, *arrays: Any) -> Any:
+    """Operator ``name``, forward, from backend module ``module``; ``arrays[0]`` has the dtype."""
+    _warmup.notice_if_cold(backend, name, arrays[0].dtype)
+    return operator_module(backend, module).forward(p, *arrays)
+
+
+def _backward(
+    backend: str, name: str, module: str, p: Any, layout: str, grad_output: Any, *arrays: Any, deterministic: Any
+) -> tuple:
+    """Operator ``name``'s gradients from backend module ``module``, once ``grad_output``
+    has the forward output's shape (``layout`` names its axes)."""
+    check_grad_output(grad_output, p.out_shape, layout)
+    _warmup.notice_if_cold(backend, name, arrays[0].dtype)
+    return operator_module(backend, module).backward(
+        p, grad_output, *arrays, deterministic=_deterministic(deterministic)
+    )
+
+
 class DeformConv2dGrads(NamedTuple):
     """Gradients of ``deform_conv2d`` with respect to each of its array arguments.
 
@@ -40,14 +72,10 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     mask ``(N, G*kh*kw, H_out, W_out)``. Returns ``(N, C_out, H_out, W_out)``.
     See docs/deform_conv2d.md for the sampling rules.
     """
-    input, offset, weight, bias, mask = native_arrays(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    required = dict(input=input, offset=offset, weight=weight)
-    optional = dict(bias=bias, mask=mask)
-    backend = backend_of(required, optional)
-    check_dtypes(backend, **required, **optional)
+    backend, arrays = _checked(dict(input=input, offset=offset, weight=weight), dict(bias=bias, mask=mask))
+    input, offset, weight, bias, mask = arrays
     p = conv_params(input, offset, weight, bias, stride, padding, dilation, mask)
-    _warmup.notice_if_cold(backend, "deform_conv2d", input.dtype)
-    return operator_module(backend, "deform_conv").forward(p, input, offset, weight, bias, mask)
+    return _forward(backend, "deform_conv2d", "deform_conv", p, *arrays)
 
 
 def deform_conv2d_backward(
@@ -69,20 +97,13 @@ def deform_conv2d_backward(
     always deterministic; on CUDA, ``deterministic=True`` (default: ``set_deterministic``)
     selects the bitwise-reproducible reduction.
     """
-    grad_output, input, offset, weight, bias, mask = native_arrays(
-        grad_output=grad_output, input=input, offset=offset, weight=weight, bias=bias, mask=mask
-    )
     required = dict(grad_output=grad_output, input=input, offset=offset, weight=weight)
-    optional = dict(bias=bias, mask=mask)
-    backend = backend_of(required, optional)
-    check_dtypes(backend, **required, **optional)
+    backend, (grad_output, *arrays) = _checked(required, dict(bias=bias, mask=mask))
+    input, offset, weight, bias, mask = arrays
     p = conv_params(input, offset, weight, bias, stride, padding, dilation, mask)
-    check_grad_output(grad_output, p.out_shape, "(N, C_out, H_out, W_out)")
-    if deterministic is None:
-        deterministic = _config.get_deterministic()
-    _warmup.notice_if_cold(backend, "deform_conv2d_backward", input.dtype)
-    grads = operator_module(backend, "deform_conv").backward(
-        p, grad_output, input, offset, weight, bias, mask, deterministic=bool(deterministic)
+    layout = "(N, C_out, H_out, W_out)"
+    grads = _backward(
+        backend, "deform_conv2d_backward", "deform_conv", p, layout, grad_output, *arrays, deterministic=deterministic
     )
     return DeformConv2dGrads(*grads)
 
@@ -102,10 +123,6 @@ class DeformPSRoiPoolGrads(NamedTuple):
     offset: Any | None
 
 
-def _deterministic(flag):
-    return bool(_config.get_deterministic() if flag is None else flag)
-
-
 def deform_roi_pool(
     input, rois, offset=None, output_size=(7, 7), spatial_scale=1.0, sampling_ratio=0, gamma=0.1, mask=None
 ):
@@ -117,14 +134,9 @@ def deform_roi_pool(
     times ``gamma``); mask ``(R, 1, ph, pw)``. Returns ``(R, C, ph, pw)``.
     See docs/deform_roi_pool.md for the sampling rules.
     """
-    input, rois, offset, mask = native_arrays(input=input, rois=rois, offset=offset, mask=mask)
-    required = dict(input=input, rois=rois)
-    optional = dict(offset=offset, mask=mask)
-    backend = backend_of(required, optional)
-    check_dtypes(backend, **required, **optional)
-    p = roi_pool_params(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma)
-    _warmup.notice_if_cold(backend, "deform_roi_pool", input.dtype)
-    return operator_module(backend, "roi_pool").forward(p, input, rois, offset, mask)
+    backend, arrays = _checked(dict(input=input, rois=rois), dict(offset=offset, mask=mask))
+    p = roi_pool_params(*arrays, output_size, spatial_scale, sampling_ratio, gamma)
+    return _forward(backend, "deform_roi_pool", "roi_pool", p, *arrays)
 
 
 def deform_roi_pool_backward(
@@ -146,18 +158,13 @@ def deform_roi_pool_backward(
     backward is always deterministic; on CUDA, ``deterministic=True`` (default:
     ``set_deterministic``) selects the bitwise-reproducible reduction.
     """
-    grad_output, input, rois, offset, mask = native_arrays(
-        grad_output=grad_output, input=input, rois=rois, offset=offset, mask=mask
-    )
     required = dict(grad_output=grad_output, input=input, rois=rois)
-    optional = dict(offset=offset, mask=mask)
-    backend = backend_of(required, optional)
-    check_dtypes(backend, **required, **optional)
+    backend, (grad_output, *arrays) = _checked(required, dict(offset=offset, mask=mask))
+    input, rois, offset, mask = arrays
     p = roi_pool_params(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma)
-    check_grad_output(grad_output, p.out_shape, "(R, C, ph, pw)")
-    _warmup.notice_if_cold(backend, "deform_roi_pool_backward", input.dtype)
-    grads = operator_module(backend, "roi_pool").backward(
-        p, grad_output, input, rois, offset, mask, deterministic=_deterministic(deterministic)
+    layout = "(R, C, ph, pw)"
+    grads = _backward(
+        backend, "deform_roi_pool_backward", "roi_pool", p, layout, grad_output, *arrays, deterministic=deterministic
     )
     return DeformRoiPoolGrads(*grads)
 
@@ -183,16 +190,9 @@ def deform_psroi_pool(
     (x then y for each class; ``part_size=None`` means ``pooled_size``).
     Returns ``(R, output_dim, pooled_size, pooled_size)``. See docs/deform_psroi_pool.md.
     """
-    input, rois, offset = native_arrays(input=input, rois=rois, offset=offset)
-    required = dict(input=input, rois=rois)
-    optional = dict(offset=offset)
-    backend = backend_of(required, optional)
-    check_dtypes(backend, **required, **optional)
-    p = psroi_pool_params(
-        input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale
-    )
-    _warmup.notice_if_cold(backend, "deform_psroi_pool", input.dtype)
-    return operator_module(backend, "psroi_pool").forward(p, input, rois, offset)
+    backend, arrays = _checked(dict(input=input, rois=rois), dict(offset=offset))
+    geometry = (output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
+    return _forward(backend, "deform_psroi_pool", "psroi_pool", psroi_pool_params(*arrays, *geometry), *arrays)
 
 
 def deform_psroi_pool_backward(
@@ -217,18 +217,22 @@ def deform_psroi_pool_backward(
     backward is always deterministic; on CUDA, ``deterministic=True`` selects the
     bitwise-reproducible reduction.
     """
-    grad_output, input, rois, offset = native_arrays(grad_output=grad_output, input=input, rois=rois, offset=offset)
-    required = dict(grad_output=grad_output, input=input, rois=rois)
-    optional = dict(offset=offset)
-    backend = backend_of(required, optional)
-    check_dtypes(backend, **required, **optional)
-    p = psroi_pool_params(
-        input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale
+    backend, (grad_output, *arrays) = _checked(
+        dict(grad_output=grad_output, input=input, rois=rois), dict(offset=offset)
     )
-    check_grad_output(grad_output, p.out_shape, "(R, output_dim, pooled_size, pooled_size)")
-    _warmup.notice_if_cold(backend, "deform_psroi_pool_backward", input.dtype)
-    grads = operator_module(backend, "psroi_pool").backward(
-        p, grad_output, input, rois, offset, deterministic=_deterministic(deterministic)
+    geometry = (output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
+    input, rois, offset = arrays
+    p = psroi_pool_params(input, rois, offset, *geometry)
+    layout = "(R, output_dim, pooled_size, pooled_size)"
+    grads = _backward(
+        backend,
+        "deform_psroi_pool_backward",
+        "psroi_pool",
+        p,
+        layout,
+        grad_output,
+        *arrays,
+        deterministic=deterministic,
     )
     return DeformPSRoiPoolGrads(*grads)
 
@@ -252,15 +256,11 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     ``(x, y)`` with 0 and 1 the outer edges of each level; attention_weights
     ``(N, Lq, M, L, P)``. Returns ``(N, Lq, M*D)``. See docs/ms_deform_attn.md.
     """
-    value, sampling_locations, attention_weights = native_arrays(
-        value=value, sampling_locations=sampling_locations, attention_weights=attention_weights
-    )
     required = dict(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
-    backend = backend_of(required)
-    check_dtypes(backend, **required)
+    backend, arrays = _checked(required)
+    value, sampling_locations, attention_weights = arrays
     p = msda_params(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend)
-    _warmup.notice_if_cold(backend, "ms_deform_attn", value.dtype)
-    return operator_module(backend, "ms_deform_attn").forward(p, value, sampling_locations, attention_weights)
+    return _forward(backend, "ms_deform_attn", "ms_deform_attn", p, *arrays)
 
 
 def ms_deform_attn_backward(
@@ -272,27 +272,25 @@ def ms_deform_attn_backward(
     backward is always deterministic; on CUDA, ``deterministic=True`` (default:
     ``set_deterministic``) selects the bitwise-reproducible reduction.
     """
-    grad_output, value, sampling_locations, attention_weights = native_arrays(
-        grad_output=grad_output,
-        value=value,
-        sampling_locations=sampling_locations,
-        attention_weights=attention_weights,
-    )
-    required = dict(
-        grad_output=grad_output,
-        value=value,
-        sampling_locations=sampling_locations,
-        attention_weights=attention_weights,
-    )
-    backend = backend_of(required)
-    check_dtypes(backend, **required)
+    required = dict(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
+    backend, (grad_output, *arrays) = _checked(dict(grad_output=grad_output, **required))
+    value, sampling_locations, attention_weights = arrays
     p = msda_params(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend)
-    check_grad_output(grad_output, p.out_shape, "(N, Lq, M*D)")
-    _warmup.notice_if_cold(backend, "ms_deform_attn_backward", value.dtype)
-    grads = operator_module(backend, "ms_deform_attn").backward(
-        p, grad_output, value, sampling_locations, attention_weights, deterministic=_deterministic(deterministic)
+    layout = "(N, Lq, M*D)"
+    grads = _backward(
+        backend,
+        "ms_deform_attn_backward",
+        "ms_deform_attn",
+        p,
+        layout,
+        grad_output,
+        *arrays,
+        deterministic=deterministic,
     )
     return MsDeformAttnGrads(*grads)
+
+
+_DCN_LAYOUT = "(N, H_out, W_out, G*D)"  # dcnv3's and dcnv4's output
 
 
 class Dcnv3Grads(NamedTuple):
@@ -331,15 +329,9 @@ def dcnv3(
     (no softmax here: the module applies it); P = kh*kw (minus 1 with remove_center).
     Returns ``(N, H_out, W_out, G*D)``. See docs/dcnv3.md for the sampling rule.
     """
-    input, offset, mask = native_arrays(input=input, offset=offset, mask=mask)
-    required = dict(input=input, offset=offset, mask=mask)
-    backend = backend_of(required)
-    check_dtypes(backend, **required)
-    p = dcnv3_params(
-        input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center
-    )
-    _warmup.notice_if_cold(backend, "dcnv3", input.dtype)
-    return operator_module(backend, "dcn").forward(p, input, offset, mask)
+    backend, arrays = _checked(dict(input=input, offset=offset, mask=mask))
+    geometry = (kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center)
+    return _forward(backend, "dcnv3", "dcn", dcnv3_params(*arrays, *geometry), *arrays)
 
 
 def dcnv3_backward(
@@ -361,17 +353,12 @@ def dcnv3_backward(
     """Gradients of ``dcnv3`` given ``grad_output`` ``(N, H_out, W_out, G*D)``: returns
     ``Dcnv3Grads(input, offset, mask)``. The CPU backward is deterministic; on CUDA,
     ``deterministic=True`` (default: ``set_deterministic``) fixes the summation order."""
-    grad_output, input, offset, mask = native_arrays(grad_output=grad_output, input=input, offset=offset, mask=mask)
-    required = dict(grad_output=grad_output, input=input, offset=offset, mask=mask)
-    backend = backend_of(required)
-    check_dtypes(backend, **required)
-    p = dcnv3_params(
-        input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center
-    )
-    check_grad_output(grad_output, p.out_shape, "(N, H_out, W_out, G*D)")
-    _warmup.notice_if_cold(backend, "dcnv3_backward", input.dtype)
-    grads = operator_module(backend, "dcn").backward(
-        p, grad_output, input, offset, mask, deterministic=_deterministic(deterministic)
+    backend, (grad_output, *arrays) = _checked(dict(grad_output=grad_output, input=input, offset=offset, mask=mask))
+    geometry = (kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center)
+    input, offset, mask = arrays
+    p = dcnv3_params(input, offset, mask, *geometry)
+    grads = _backward(
+        backend, "dcnv3_backward", "dcn", p, _DCN_LAYOUT, grad_output, *arrays, deterministic=deterministic
     )
     return Dcnv3Grads(*grads)
 
@@ -393,15 +380,11 @@ def dcnv4(
     softmax), groups one after another; K >= 3*G*P, the rest padding (DCNv4 pads K to a
     multiple of 8). Any kernel size, group_channels and batch size.
     Returns ``(N, H_out, W_out, G*D)``. See docs/dcnv3.md."""
-    input, offset_mask = native_arrays(input=input, offset_mask=offset_mask)
-    required = dict(input=input, offset_mask=offset_mask)
-    backend = backend_of(required)
-    check_dtypes(backend, **required)
-    p = dcnv4_params(
-        input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center
-    )
-    _warmup.notice_if_cold(backend, "dcnv4", input.dtype)
-    return operator_module(backend, "dcn").forward(p, input, offset_mask, offset_mask)
+    backend, (input, offset_mask) = _checked(dict(input=input, offset_mask=offset_mask))
+    geometry = (kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center)
+    p = dcnv4_params(input, offset_mask, *geometry)
+    # the backends take offsets and masks as two arrays: here both are offset_mask
+    return _forward(backend, "dcnv4", "dcn", p, input, offset_mask, offset_mask)
 
 
 def dcnv4_backward(
@@ -420,16 +403,21 @@ def dcnv4_backward(
     deterministic=None,
 ) -> Dcnv4Grads:
     """Gradients of ``dcnv4``: ``Dcnv4Grads(input, offset_mask)`` (zeros in the padding)."""
-    grad_output, input, offset_mask = native_arrays(grad_output=grad_output, input=input, offset_mask=offset_mask)
-    required = dict(grad_output=grad_output, input=input, offset_mask=offset_mask)
-    backend = backend_of(required)
-    check_dtypes(backend, **required)
-    p = dcnv4_params(
-        input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center
+    backend, (grad_output, input, offset_mask) = _checked(
+        dict(grad_output=grad_output, input=input, offset_mask=offset_mask)
     )
-    check_grad_output(grad_output, p.out_shape, "(N, H_out, W_out, G*D)")
-    _warmup.notice_if_cold(backend, "dcnv4_backward", input.dtype)
-    grad_input, grad_offset, _ = operator_module(backend, "dcn").backward(
-        p, grad_output, input, offset_mask, offset_mask, deterministic=_deterministic(deterministic)
+    geometry = (kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center)
+    p = dcnv4_params(input, offset_mask, *geometry)
+    grad_input, grad_offset, _ = _backward(
+        backend,
+        "dcnv4_backward",
+        "dcn",
+        p,
+        _DCN_LAYOUT,
+        grad_output,
+        input,
+        offset_mask,
+        offset_mask,
+        deterministic=deterministic,
     )
     return Dcnv4Grads(grad_input, grad_offset)
