@@ -7,6 +7,7 @@ import tracemalloc
 
 import numba
 import numpy as np
+import pytest
 
 import deformarray as da
 
@@ -178,3 +179,23 @@ def check_no_workspace(run_forward, run_backward, c, go, slack=16 * 1024):
         grads, peak_b = traced_peak(lambda: run_backward(go, c))
     assert peak_f <= y.nbytes + slack, peak_f
     assert peak_b <= sum(getattr(grads, n).nbytes for n in grads._fields) + slack, peak_b
+
+
+# The emulated CUDA kernels' tests (test_cuda_*_emulated.py): dtypes by name, 16-bit included.
+
+
+def dtype_of(name):
+    """``np.dtype(name)``, bfloat16 through ml_dtypes (skip without it)."""
+    if name == "bfloat16":
+        return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    return np.dtype(name)
+
+
+def close(got, want, tol, what):
+    """Any float arrays (16-bit too) compared in float64, relative to ``want``'s largest
+    magnitude (at least 1)."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, what
+    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)

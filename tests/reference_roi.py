@@ -352,3 +352,17 @@ def random_rois(rng, r, n, height, width, spatial_scale=1.0, kinds=ROI_KINDS):
             raise ValueError(kind)
         rows.append([float(rng.integers(0, n)), x1, y1, x1 + w, y1 + h])
     return np.array(rows, dtype=np.float64).reshape(r, 5)
+
+
+def image_rois(rng, n, r, h, w, scale, integer=False, margin=0.3):
+    """(r, 5) RoIs in image coordinates of an (h, w) feature map at ``scale``; with
+    margin > 0 some reach outside the image. For the CUDA tests (real and emulated)."""
+    H, W = h / scale, w / scale
+    x1 = rng.uniform(-margin * W, 0.9 * W, r)
+    y1 = rng.uniform(-margin * H, 0.9 * H, r)
+    x2 = x1 + rng.uniform(0.2 * W, 0.8 * W, r)
+    y2 = y1 + rng.uniform(0.2 * H, 0.8 * H, r)
+    out = np.stack([rng.integers(0, n, r), x1, y1, x2, y2], axis=1)
+    if integer:
+        out[:, 1:] = np.round(out[:, 1:])
+    return out

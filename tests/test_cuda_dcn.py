@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gpu_checks import DTYPES, MODES, TOL, assert_close, dtype_of, to_gpu
 from reference_dcn import dcnv4_case, make_dcn_case
 
 import deformarray as da
@@ -21,40 +22,8 @@ cupy = pytest.importorskip("cupy")
 
 pytestmark = pytest.mark.gpu
 
-TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
-DTYPES = ["float64", "float32", "float16", "bfloat16"]
-MODES = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 OPS = pytest.mark.parametrize("v4", [False, True], ids=["dcnv3", "dcnv4"])
 _ARRAYS = ("input", "offset", "mask", "offset_mask")
-
-
-def _bfloat16():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    dt = np.dtype(ml_dtypes.bfloat16)
-    try:
-        cupy.asarray(np.zeros(2, dtype=dt))
-    except Exception as exc:  # CuPy < 14 has no bfloat16
-        pytest.skip(f"this CuPy has no bfloat16 arrays: {exc}")
-    return dt
-
-
-def _dtype(name):
-    return _bfloat16() if name == "bfloat16" else np.dtype(name)
-
-
-def _to_gpu(a, dtype):
-    return cupy.asarray(np.asarray(a).astype(dtype))
-
-
-def _to_host64(a):
-    return cupy.asnumpy(a).astype(np.float64) if isinstance(a, cupy.ndarray) else np.asarray(a, np.float64)
-
-
-def _assert_close(got, want, tol, what):
-    got, want = _to_host64(got), _to_host64(want)
-    assert got.shape == want.shape, what
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 def dcn_case(rng, v4, **kw):
@@ -84,7 +53,7 @@ def _reference(c, grad_out, dt):
     if dt.itemsize == 2:
         c = {k: (v.astype(dt).astype(np.float32) if k in _ARRAYS else v) for k, v in c.items()}
         grad_out = grad_out.astype(dt).astype(np.float32)
-        want = _run(c, grad_out, lambda a: _to_gpu(a, np.float32), False)
+        want = _run(c, grad_out, lambda a: to_gpu(a, np.float32), False)
     else:
         want = _run(c, grad_out, lambda a: np.asarray(a).astype(dt), True)
     return c, grad_out, want
@@ -95,17 +64,17 @@ def _reference(c, grad_out, dt):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_dcn_matches_numpy_backend(rng, name, dtype, deterministic, v4):
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     c = dcn_case(rng, v4, **CASES[name])
     out_np = da.dcnv4(**c) if v4 else da.dcnv3(**c)
     grad_out = rng.standard_normal(out_np.shape)
     c, grad_out, (want_out, want) = _reference(c, grad_out, dt)
-    out, grads = _run(c, grad_out, lambda a: _to_gpu(a, dt), deterministic)
+    out, grads = _run(c, grad_out, lambda a: to_gpu(a, dt), deterministic)
     assert isinstance(out, cupy.ndarray) and out.dtype == dt
-    _assert_close(out, want_out, TOL[dtype], "output")
+    assert_close(out, want_out, TOL[dtype], "output")
     for i, (g, wg) in enumerate(zip(grads, want)):
         assert isinstance(g, cupy.ndarray) and g.dtype == dt, i
-        _assert_close(g, wg, TOL[dtype], f"grad {i}")
+        assert_close(g, wg, TOL[dtype], f"grad {i}")
     if v4:  # the NaN padding of offset_mask is ignored and gets +0
         used = 3 * c["group"] * (np.prod(np.broadcast_to(c["kernel_size"], 2)) - int(c["remove_center"]))
         pad = cupy.asnumpy(grads[1][..., used:]).view(np.uint8)
@@ -119,7 +88,7 @@ def test_dcn_deterministic_is_bitwise_repeatable(rng, dtype, v4):
     c = dcn_case(rng, v4, n=1, h=4, w=4, kernel_size=7, padding=20, group=2, group_channels=8, spread=0.5)
     out = da.dcnv4(**c) if v4 else da.dcnv3(**c)
     grad_out = rng.standard_normal(out.shape)
-    cast = lambda a: _to_gpu(a, dtype)  # noqa: E731
+    cast = lambda a: to_gpu(a, dtype)  # noqa: E731
     runs = [_run(c, grad_out, cast, True)[1] for _ in range(5)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
@@ -131,15 +100,15 @@ def test_dcn_deterministic_is_bitwise_repeatable(rng, dtype, v4):
 def test_dcn_chunked_equals_unchunked(rng, dtype, deterministic):
     c = dcn_case(rng, True, n=3, h=8, w=7, group=2, group_channels=16)
     grad_out = rng.standard_normal(da.dcnv4(**c).shape)
-    cast = lambda a: _to_gpu(a, dtype)  # noqa: E731
+    cast = lambda a: to_gpu(a, dtype)  # noqa: E731
     full = _run(c, grad_out, cast, deterministic)
     tol = 1e-12 if dtype == "float64" else 2e-3
     for limit in (1, 20_000, 200_000):
         with da.workspace_limit(limit):
             chunked = _run(c, grad_out, cast, deterministic)
-        _assert_close(chunked[0], full[0], tol, f"output, limit {limit}")
+        assert_close(chunked[0], full[0], tol, f"output, limit {limit}")
         for g, f in zip(chunked[1], full[1]):
-            _assert_close(g, f, tol, f"grads, limit {limit}")
+            assert_close(g, f, tol, f"grads, limit {limit}")
 
 
 def _strided(a, dtype):
@@ -154,11 +123,11 @@ def _strided(a, dtype):
 def test_dcn_non_contiguous_and_stream(rng, v4):
     c = dcn_case(rng, v4, **CASES["internimage_like"])
     grad_out = rng.standard_normal((2, 9, 8, 64))
-    want = _run(c, grad_out, lambda a: _to_gpu(a, np.float32), True)
+    want = _run(c, grad_out, lambda a: to_gpu(a, np.float32), True)
     got = _run(c, grad_out, lambda a: _strided(a, np.float32), True)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        on_stream = _run(c, grad_out, lambda a: _to_gpu(a, np.float32), True)
+        on_stream = _run(c, grad_out, lambda a: to_gpu(a, np.float32), True)
     stream.synchronize()
     for res in (got, on_stream):
         np.testing.assert_array_equal(cupy.asnumpy(res[0]), cupy.asnumpy(want[0]))
@@ -172,7 +141,7 @@ def test_dcn_64bit_index_path(rng, monkeypatch, v4):
 
     c = dcn_case(rng, v4, **CASES["remove_center_scale"])
     grad_out = rng.standard_normal((2, 5, 4, 9))
-    cast = lambda a: _to_gpu(a, np.float64)  # noqa: E731
+    cast = lambda a: to_gpu(a, np.float64)  # noqa: E731
     narrow = _run(c, grad_out, cast, True)
     monkeypatch.setattr(cuda_dcn, "_INDEX32_MAX", 0)
     wide = _run(c, grad_out, cast, True)
@@ -184,6 +153,6 @@ def test_dcn_64bit_index_path(rng, monkeypatch, v4):
 @OPS
 def test_dcn_empty_batch(rng, v4):
     c = dcn_case(rng, v4, n=0)
-    out, grads = _run(c, np.zeros((0, 5, 4, 6)), lambda a: _to_gpu(a, np.float32), False)
+    out, grads = _run(c, np.zeros((0, 5, 4, 6)), lambda a: to_gpu(a, np.float32), False)
     assert out.shape == (0, 5, 4, 6) and isinstance(out, cupy.ndarray)
     assert grads[0].shape == c["input"].shape

@@ -29,6 +29,7 @@ cuda_emulation = pytest.importorskip("cuda_emulation")
 if cuda_emulation.compiler() is None:  # pragma: no cover
     pytest.skip("no host C++ compiler (g++) for the kernel emulation", allow_module_level=True)
 
+from checks import close, dtype_of  # noqa: E402
 from dcn_cases import edge_coords, targeted  # noqa: E402
 from reference_dcn import dcnv4_case, make_dcn_case  # noqa: E402
 
@@ -42,23 +43,6 @@ _GEOM_KEYS = ("kernel_size", "stride", "padding", "dilation", "group", "offset_s
 @pytest.fixture(scope="module")
 def be():
     return cuda_emulation.EmulatedBackend("dcn.cu")
-
-
-def _bf16():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def _dtype(name):
-    return _bf16() if name == "bfloat16" else np.dtype(name)
-
-
-def _close(got, want, tol, what):
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, what
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 def _ulps(got, want):
@@ -242,9 +226,9 @@ def test_matches_reference_loops(be, v4):
     want_out, want = ref_forward(c), ref_backward(c, grad_out)
     for det in (False, True):
         out, grads = emulated(be, c, grad_out, np.float64, det)
-        _close(out, want_out, 1e-13, "output")
+        close(out, want_out, 1e-13, "output")
         for gname, g, wg in zip(grad_names(c), grads, want):
-            _close(g, wg, 1e-13, f"grad {gname}")
+            close(g, wg, 1e-13, f"grad {gname}")
 
 
 @OPS
@@ -270,13 +254,13 @@ def test_edge_points(be, v4, dtype, scale):
         for gname, g, wg in zip(grad_names(c), grads, cpu):
             assert g.dtype == dt
             if gname == "input" and det:
-                _close(g, wg, 1e-6 if dtype == "float32" else 1e-14, f"grad {gname} (CPU backend)")
+                close(g, wg, 1e-6 if dtype == "float32" else 1e-14, f"grad {gname} (CPU backend)")
             else:
                 assert np.array_equal(g, wg), f"grad {gname} (CPU backend)"
         if dtype == "float64":
-            _close(out, ref_forward(c), 1e-13, "output (loops)")
+            close(out, ref_forward(c), 1e-13, "output (loops)")
             for gname, g, wg in zip(grad_names(c), grads, ref_backward(c, grad_out)):
-                _close(g, wg, 1e-13, f"grad {gname} (loops)")
+                close(g, wg, 1e-13, f"grad {gname} (loops)")
 
 
 def test_point_at_minus_one_has_zero_gradients(be):
@@ -391,7 +375,7 @@ def test_reduced_precision(be, v4, dtype):
     """float32 against the NumPy backend on the same float32 values; the 16-bit types
     against the kernels' float32 run on the same rounded inputs (both compute locations in
     float32, so they agree on the corners)."""
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     rng = np.random.default_rng(7)
     c = _rounded(case(rng, v4, group=2, group_channels=4, kernel_size=(3, 5), padding=(1, 2)), dt)
     grad_out = rng.standard_normal(params(c).out_shape).astype(dt).astype(np.float64)
@@ -403,10 +387,10 @@ def test_reduced_precision(be, v4, dtype):
     for det in (False, True):
         out, grads = emulated(be, c, grad_out, dt, det)
         assert out.dtype == dt
-        _close(out, want_out, tol, "output")
+        close(out, want_out, tol, "output")
         for gname, g, wg in zip(grad_names(c), grads, want):
             assert g.dtype == dt and g.shape == wg.shape, gname
-            _close(g, wg, tol, f"grad {gname}")
+            close(g, wg, tol, f"grad {gname}")
         if v4:
             used = 3 * c["group"] * params(c).p
             assert not np.asarray(grads[1][..., used:], np.float64).any()  # NaN padding ignored
@@ -432,7 +416,7 @@ def test_chunking_matches_unchunked(be, dtype, deterministic):
         assert out.tobytes() == full_out.tobytes(), limit
         for gname, g, f in zip(grad_names(c), grads, full):
             if gname == "input":
-                _close(g, f, tol, f"grad {gname}, limit {limit}")
+                close(g, f, tol, f"grad {gname}, limit {limit}")
             else:  # one thread per point in every mode and plan
                 assert g.tobytes() == f.tobytes(), (gname, limit)
 
@@ -480,7 +464,7 @@ def test_deterministic_is_repeatable_and_close_to_atomic(be):
     atomic = emulated(be, c, grad_out, np.float32, False)[1]
     for a, b, d in zip(first, again, atomic):
         assert a.tobytes() == b.tobytes()
-        _close(d, a, 1e-5, "atomic vs deterministic")
+        close(d, a, 1e-5, "atomic vs deterministic")
 
 
 @OPS
@@ -576,7 +560,7 @@ def test_launch_code_allocates_within_the_workspace_bound(be, dtype, determinist
     rng = np.random.default_rng(32)
     c = case(rng, True, n=4, h=6, w=6, group=2, group_channels=4)
     p = params(c)
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     x, om, _ = _operands(c, dt)
     go = rng.standard_normal(p.out_shape).astype(dt)
     one_image = p.h * p.w * p.channels * 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gpu_checks import TOL, assert_close, dtype_of, to_gpu, to_host64
 from reference import make_case
 
 import deformarray as da
@@ -22,7 +23,6 @@ cupy = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu
 
 GRAD_NAMES = ("input", "offset", "weight", "bias", "mask")
-TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 
 CASES = {
     "basic_v2": dict(),
@@ -47,30 +47,8 @@ CASES = {
 }
 
 
-def _bfloat16():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    dt = np.dtype(ml_dtypes.bfloat16)
-    try:
-        cupy.asarray(np.zeros(2, dtype=dt))
-    except Exception as exc:  # CuPy < 14 has no bfloat16
-        pytest.skip(f"this CuPy has no bfloat16 arrays: {exc}")
-    return dt
-
-
-def _dtype(name):
-    return _bfloat16() if name == "bfloat16" else np.dtype(name)
-
-
 def _arrays(case):
     return [case.input, case.offset, case.weight, case.bias, case.mask]
-
-
-def _to_gpu(a, dtype):
-    return None if a is None else cupy.asarray(np.asarray(a).astype(dtype))
-
-
-def _to_host64(a):
-    return None if a is None else cupy.asnumpy(a).astype(np.float64)
 
 
 def _run(arrays, kw, grad_out, xp_cast, deterministic):
@@ -81,17 +59,6 @@ def _run(arrays, kw, grad_out, xp_cast, deterministic):
     return out, grads
 
 
-def _assert_close(got, want, tol, what):
-    if want is None:
-        assert got is None, what
-        return
-    got = _to_host64(got)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, what
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
-
-
 def _geometry_kwargs(case):
     return dict(stride=case.stride, padding=case.padding, dilation=case.dilation)
 
@@ -100,7 +67,7 @@ def _geometry_kwargs(case):
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_numpy_backend(rng, name, dtype, deterministic):
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     case = make_case(rng, **CASES[name])
     kw = _geometry_kwargs(case)
     grad_out = rng.standard_normal(case.out_shape())
@@ -113,13 +80,13 @@ def test_matches_numpy_backend(rng, name, dtype, deterministic):
     else:
         ref_dtype = dt
     want_out, want_grads = _run(arrays, kw, grad_out, lambda a: None if a is None else a.astype(ref_dtype), True)
-    out, grads = _run(arrays, kw, grad_out, lambda a: _to_gpu(a, dt), deterministic)
+    out, grads = _run(arrays, kw, grad_out, lambda a: to_gpu(a, dt), deterministic)
     assert isinstance(out, cupy.ndarray) and out.dtype == dt
-    _assert_close(out, want_out, TOL[dtype], "output")
+    assert_close(out, want_out, TOL[dtype], "output")
     for gname, g, wg in zip(GRAD_NAMES, grads, want_grads):
         if g is not None:
             assert isinstance(g, cupy.ndarray) and g.dtype == dt, gname
-        _assert_close(g, wg, TOL[dtype], f"grad {gname}")
+        assert_close(g, wg, TOL[dtype], f"grad {gname}")
 
 
 def test_matches_torchvision(rng):
@@ -144,17 +111,17 @@ def test_matches_torchvision(rng):
     )
     kw = _geometry_kwargs(case)
     grad_out = rng.standard_normal(case.out_shape())
-    x, off, w, b, m = (_to_gpu(a, np.float64) for a in _arrays(case))
+    x, off, w, b, m = (to_gpu(a, np.float64) for a in _arrays(case))
     out = da.deform_conv2d(x, off, w, b, mask=m, **kw)
-    grads = da.deform_conv2d_backward(_to_gpu(grad_out, np.float64), x, off, w, b, mask=m, **kw)
+    grads = da.deform_conv2d_backward(to_gpu(grad_out, np.float64), x, off, w, b, mask=m, **kw)
     t = [torch.from_dlpack(a).clone().requires_grad_(True) for a in (x, off, w, b, m)]
     t_out = tv_ops.deform_conv2d(
         t[0], t[1], t[2], t[3], stride=case.stride, padding=case.padding, dilation=case.dilation, mask=t[4]
     )
-    t_out.backward(torch.from_dlpack(_to_gpu(grad_out, np.float64)))
-    _assert_close(out, t_out.detach().cpu().numpy(), 1e-10, "output")
+    t_out.backward(torch.from_dlpack(to_gpu(grad_out, np.float64)))
+    assert_close(out, t_out.detach().cpu().numpy(), 1e-10, "output")
     for gname, g, tt in zip(GRAD_NAMES, grads, t):
-        _assert_close(g, tt.grad.cpu().numpy(), 1e-10, f"grad {gname}")
+        assert_close(g, tt.grad.cpu().numpy(), 1e-10, f"grad {gname}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -163,8 +130,8 @@ def test_deterministic_is_bitwise_repeatable(rng, dtype):
     case = make_case(rng, n=4, c_in=32, c_out=32, height=8, width=8, offset_scale=0.5, dtype=np.float64)
     kw = _geometry_kwargs(case)
     grad_out = rng.standard_normal(case.out_shape())
-    x, off, w, b, m = (_to_gpu(a, dtype) for a in _arrays(case))
-    go = _to_gpu(grad_out, dtype)
+    x, off, w, b, m = (to_gpu(a, dtype) for a in _arrays(case))
+    go = to_gpu(grad_out, dtype)
     runs = [da.deform_conv2d_backward(go, x, off, w, b, mask=m, deterministic=True, **kw) for _ in range(5)]
     for other in runs[1:]:
         for a, b_ in zip(runs[0], other):
@@ -179,23 +146,23 @@ def test_chunked_equals_unchunked(rng, dtype, deterministic, monkeypatch):
     case = make_case(rng, n=3, c_in=4, c_out=6, height=9, width=8, groups=2, offset_groups=2)
     kw = _geometry_kwargs(case)
     grad_out = rng.standard_normal(case.out_shape())
-    full = _run(_arrays(case), kw, grad_out, lambda a: _to_gpu(a, dtype), deterministic)
+    full = _run(_arrays(case), kw, grad_out, lambda a: to_gpu(a, dtype), deterministic)
     tol = 1e-12 if dtype == "float64" else 2e-3
     # a pixel or two per chunk, part of an image, about an image (the deterministic mode's
     # per-image row offsets and per-pixel entries need about 9 kB for one pixel here)
     for limit in (9000, 20000, 60000) if deterministic else (2000, 4096, 60000):
         with da.workspace_limit(limit):
-            chunked = _run(_arrays(case), kw, grad_out, lambda a: _to_gpu(a, dtype), deterministic)
-        _assert_close(chunked[0], _to_host64(full[0]), tol, f"output, limit {limit}")
+            chunked = _run(_arrays(case), kw, grad_out, lambda a: to_gpu(a, dtype), deterministic)
+        assert_close(chunked[0], to_host64(full[0]), tol, f"output, limit {limit}")
         for gname, g, f in zip(GRAD_NAMES, chunked[1], full[1]):
-            _assert_close(g, _to_host64(f), tol, f"grad {gname}, limit {limit}")
+            assert_close(g, to_host64(f), tol, f"grad {gname}, limit {limit}")
 
 
 def test_non_contiguous_inputs(rng):
     case = make_case(rng, n=2, c_in=4, c_out=4, offset_groups=2)
     kw = _geometry_kwargs(case)
     grad_out = rng.standard_normal(case.out_shape())
-    want = _run(_arrays(case), kw, grad_out, lambda a: _to_gpu(a, np.float32), True)
+    want = _run(_arrays(case), kw, grad_out, lambda a: to_gpu(a, np.float32), True)
 
     def strided(a):  # same values, every axis reversed twice over a padded buffer
         if a is None:
@@ -216,7 +183,7 @@ def test_non_contiguous_inputs(rng):
 def test_half_non_contiguous(rng):
     case = make_case(rng, n=2, c_in=4, c_out=4)
     kw = _geometry_kwargs(case)
-    x, off, w, b, m = (_to_gpu(a, np.float16) for a in _arrays(case))
+    x, off, w, b, m = (to_gpu(a, np.float16) for a in _arrays(case))
     want = da.deform_conv2d(x, off, w, b, mask=m, **kw)
     xt = cupy.ascontiguousarray(x.transpose(0, 1, 3, 2).view(np.uint16)).view(np.float16).transpose(0, 1, 3, 2)
     assert not xt.flags.c_contiguous
@@ -228,10 +195,10 @@ def test_runs_on_current_stream(rng):
     case = make_case(rng)
     kw = _geometry_kwargs(case)
     grad_out = rng.standard_normal(case.out_shape())
-    want = _run(_arrays(case), kw, grad_out, lambda a: _to_gpu(a, np.float64), True)
+    want = _run(_arrays(case), kw, grad_out, lambda a: to_gpu(a, np.float64), True)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        got = _run(_arrays(case), kw, grad_out, lambda a: _to_gpu(a, np.float64), True)
+        got = _run(_arrays(case), kw, grad_out, lambda a: to_gpu(a, np.float64), True)
     stream.synchronize()
     np.testing.assert_array_equal(cupy.asnumpy(got[0]), cupy.asnumpy(want[0]))
     for g, w in zip(got[1], want[1]):
@@ -242,7 +209,7 @@ def test_runs_on_current_stream(rng):
 def test_empty_batch(rng):
     case = make_case(rng, n=0)
     kw = _geometry_kwargs(case)
-    x, off, w, b, m = (_to_gpu(a, np.float32) for a in _arrays(case))
+    x, off, w, b, m = (to_gpu(a, np.float32) for a in _arrays(case))
     out = da.deform_conv2d(x, off, w, b, mask=m, **kw)
     assert out.shape == case.out_shape()
     grads = da.deform_conv2d_backward(cupy.zeros(case.out_shape(), np.float32), x, off, w, b, mask=m, **kw)
@@ -290,8 +257,8 @@ def test_64_bit_index_path_is_bitwise_equal(rng, dtype, deterministic, monkeypat
 
     case = make_case(rng, **CASES["wider"], dtype=np.float64)
     kw = _geometry_kwargs(case)
-    grad_out = _to_gpu(rng.standard_normal(case.out_shape()), dtype)
-    x, off, w, b, m = (_to_gpu(a, dtype) for a in _arrays(case))
+    grad_out = to_gpu(rng.standard_normal(case.out_shape()), dtype)
+    x, off, w, b, m = (to_gpu(a, dtype) for a in _arrays(case))
 
     def run():
         out = da.deform_conv2d(x, off, w, b, mask=m, **kw)
@@ -317,7 +284,7 @@ def test_tf32_switch_changes_only_float32_products(rng):
     case = make_case(rng, **CASES["wider"], dtype=np.float64)
     kw = _geometry_kwargs(case)
     for dtype, moves in (("float32", None), ("float64", False)):
-        x, off, w, b, m = (_to_gpu(a, dtype) for a in _arrays(case))
+        x, off, w, b, m = (to_gpu(a, dtype) for a in _arrays(case))
         strict = cupy.asnumpy(da.deform_conv2d(x, off, w, b, mask=m, **kw))
         with da.allow_tf32(True):
             fast = cupy.asnumpy(da.deform_conv2d(x, off, w, b, mask=m, **kw))

@@ -14,45 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gpu_checks import DTYPES, MODES, TOL, assert_close, dtype_of, to_gpu
 
 import deformarray as da
 
 cupy = pytest.importorskip("cupy")
 
 pytestmark = pytest.mark.gpu
-
-TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
-DTYPES = ["float64", "float32", "float16", "bfloat16"]
-MODES = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-
-
-def _bfloat16():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    dt = np.dtype(ml_dtypes.bfloat16)
-    try:
-        cupy.asarray(np.zeros(2, dtype=dt))
-    except Exception as exc:  # CuPy < 14 has no bfloat16
-        pytest.skip(f"this CuPy has no bfloat16 arrays: {exc}")
-    return dt
-
-
-def _dtype(name):
-    return _bfloat16() if name == "bfloat16" else np.dtype(name)
-
-
-def _to_gpu(a, dtype):
-    return cupy.asarray(np.asarray(a).astype(dtype))
-
-
-def _to_host64(a):
-    return cupy.asnumpy(a).astype(np.float64) if isinstance(a, cupy.ndarray) else np.asarray(a, np.float64)
-
-
-def _assert_close(got, want, tol, what):
-    got, want = _to_host64(got), _to_host64(want)
-    assert got.shape == want.shape, what
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 def msda_case(rng, n=2, shapes=((8, 10), (4, 5), (2, 3), (1, 1)), m=4, d=8, lq=30, p=4, spread=0.1):
@@ -88,7 +56,7 @@ def _reference(arrays, grad_out, dt, shapes, starts):
     if dt.itemsize == 2:
         arrays = {k: v.astype(dt).astype(np.float32) for k, v in arrays.items()}
         grad_out = grad_out.astype(dt).astype(np.float32)
-        want = _run(arrays, shapes, starts, grad_out, lambda a: _to_gpu(a, np.float32), False)
+        want = _run(arrays, shapes, starts, grad_out, lambda a: to_gpu(a, np.float32), False)
     else:
         want = _run(arrays, shapes, starts, grad_out, lambda a: np.asarray(a).astype(dt), True)
     return arrays, grad_out, want
@@ -98,17 +66,17 @@ def _reference(arrays, grad_out, dt, shapes, starts):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_msda_matches_numpy_backend(rng, name, dtype, deterministic):
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     arrays, shapes, starts = msda_case(rng, **CASES[name])
     n, lq, m = arrays["loc"].shape[:3]
     grad_out = rng.standard_normal((n, lq, m * arrays["value"].shape[3]))
     arrays, grad_out, (want_out, want) = _reference(arrays, grad_out, dt, shapes, starts)
-    out, grads = _run(arrays, shapes, starts, grad_out, lambda a: _to_gpu(a, dt), deterministic)
+    out, grads = _run(arrays, shapes, starts, grad_out, lambda a: to_gpu(a, dt), deterministic)
     assert isinstance(out, cupy.ndarray) and out.dtype == dt
-    _assert_close(out, want_out, TOL[dtype], "output")
+    assert_close(out, want_out, TOL[dtype], "output")
     for gname, g, wg in zip(("value", "sampling_locations", "attention_weights"), grads, want):
         assert isinstance(g, cupy.ndarray) and g.dtype == dt, gname
-        _assert_close(g, wg, TOL[dtype], f"grad {gname}")
+        assert_close(g, wg, TOL[dtype], f"grad {gname}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -116,7 +84,7 @@ def test_msda_deterministic_is_bitwise_repeatable(rng, dtype):
     # many queries sampling few pixels: atomics would reorder the sums
     arrays, shapes, starts = msda_case(rng, **CASES["many_queries_one_pixel"])
     grad_out = rng.standard_normal((1, 300, 8))
-    cast = lambda a: _to_gpu(a, dtype)  # noqa: E731
+    cast = lambda a: to_gpu(a, dtype)  # noqa: E731
     runs = [_run(arrays, shapes, starts, grad_out, cast, True)[1] for _ in range(5)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
@@ -128,15 +96,15 @@ def test_msda_deterministic_is_bitwise_repeatable(rng, dtype):
 def test_msda_chunked_equals_unchunked(rng, dtype, deterministic):
     arrays, shapes, starts = msda_case(rng, n=3)
     grad_out = rng.standard_normal((3, 30, 32))
-    cast = lambda a: _to_gpu(a, dtype)  # noqa: E731
+    cast = lambda a: to_gpu(a, dtype)  # noqa: E731
     full = _run(arrays, shapes, starts, grad_out, cast, deterministic)
     tol = 1e-12 if dtype == "float64" else 2e-3
     for limit in (1, 20_000, 200_000):
         with da.workspace_limit(limit):
             chunked = _run(arrays, shapes, starts, grad_out, cast, deterministic)
-        _assert_close(chunked[0], full[0], tol, f"output, limit {limit}")
+        assert_close(chunked[0], full[0], tol, f"output, limit {limit}")
         for g, f in zip(chunked[1], full[1]):
-            _assert_close(g, f, tol, f"grads, limit {limit}")
+            assert_close(g, f, tol, f"grads, limit {limit}")
 
 
 def _strided(a, dtype):
@@ -150,11 +118,11 @@ def _strided(a, dtype):
 def test_msda_non_contiguous_and_stream(rng):
     arrays, shapes, starts = msda_case(rng)
     grad_out = rng.standard_normal((2, 30, 32))
-    want = _run(arrays, shapes, starts, grad_out, lambda a: _to_gpu(a, np.float32), True)
+    want = _run(arrays, shapes, starts, grad_out, lambda a: to_gpu(a, np.float32), True)
     got = _run(arrays, shapes, starts, grad_out, lambda a: _strided(a, np.float32), True)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        on_stream = _run(arrays, shapes, starts, grad_out, lambda a: _to_gpu(a, np.float32), True)
+        on_stream = _run(arrays, shapes, starts, grad_out, lambda a: to_gpu(a, np.float32), True)
     stream.synchronize()
     for res in (got, on_stream):
         np.testing.assert_array_equal(cupy.asnumpy(res[0]), cupy.asnumpy(want[0]))
@@ -167,7 +135,7 @@ def test_msda_64bit_index_path(rng, monkeypatch):
 
     arrays, shapes, starts = msda_case(rng)
     grad_out = rng.standard_normal((2, 30, 32))
-    cast = lambda a: _to_gpu(a, np.float64)  # noqa: E731
+    cast = lambda a: to_gpu(a, np.float64)  # noqa: E731
     narrow = _run(arrays, shapes, starts, grad_out, cast, True)
     monkeypatch.setattr(cuda_msda, "_INDEX32_MAX", 0)
     wide = _run(arrays, shapes, starts, grad_out, cast, True)
@@ -179,7 +147,7 @@ def test_msda_64bit_index_path(rng, monkeypatch):
 @pytest.mark.parametrize("n, lq", [(0, 5), (2, 0)])
 def test_msda_empty(rng, n, lq):
     arrays, shapes, starts = msda_case(rng, n=n, lq=lq)
-    v, loc, a = (_to_gpu(arrays[k], np.float32) for k in ("value", "loc", "attn"))
+    v, loc, a = (to_gpu(arrays[k], np.float32) for k in ("value", "loc", "attn"))
     out = da.ms_deform_attn(v, shapes, starts, loc, a)
     assert out.shape == (n, lq, 32) and isinstance(out, cupy.ndarray)
     grads = da.ms_deform_attn_backward(cupy.zeros(out.shape, np.float32), v, shapes, starts, loc, a)

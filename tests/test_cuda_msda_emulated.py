@@ -27,6 +27,8 @@ cuda_emulation = pytest.importorskip("cuda_emulation")
 if cuda_emulation.compiler() is None:  # pragma: no cover
     pytest.skip("no host C++ compiler (g++) for the kernel emulation", allow_module_level=True)
 
+from checks import close, dtype_of  # noqa: E402
+
 from deformarray.cuda import ms_deform_attn as cuda_msda  # noqa: E402
 
 GRAD_NAMES = ("value", "sampling_locations", "attention_weights")
@@ -36,23 +38,6 @@ MODES = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "
 @pytest.fixture(scope="module")
 def be():
     return cuda_emulation.EmulatedBackend("ms_deform_attn.cu")
-
-
-def _bf16():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def _dtype(name):
-    return _bf16() if name == "bfloat16" else np.dtype(name)
-
-
-def _close(got, want, tol, what):
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, what
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,9 +196,9 @@ def test_matches_reference_loops(be):
     want = ref_backward(pr, grad_out, arrays["value"], arrays["loc"], arrays["attn"])
     for det in (False, True):
         out, grads = emulated(be, pr, arrays, grad_out, np.float64, det)
-        _close(out, want_out, 1e-13, "output")
+        close(out, want_out, 1e-13, "output")
         for gname, g, wg in zip(GRAD_NAMES, grads, want):
-            _close(g, wg, 1e-13, f"grad {gname}")
+            close(g, wg, 1e-13, f"grad {gname}")
 
 
 @MODES
@@ -228,9 +213,9 @@ def test_edge_locations(be, seed, deterministic):
     assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
     want_out = ref_forward(pr, arrays["value"], arrays["loc"], arrays["attn"])
     want = ref_backward(pr, grad_out, arrays["value"], arrays["loc"], arrays["attn"])
-    _close(out, want_out, 1e-13, "output (loops)")
+    close(out, want_out, 1e-13, "output (loops)")
     for gname, g, wg in zip(GRAD_NAMES, grads, want):
-        _close(g, wg, 1e-13, f"grad {gname} (loops)")
+        close(g, wg, 1e-13, f"grad {gname} (loops)")
     cpu_out, cpu = cpu_results(pr, arrays, grad_out)
     assert _ulps(out, cpu_out) <= 4, "output (CPU backend)"
     for gname, g, wg in zip(GRAD_NAMES, grads, cpu):
@@ -293,7 +278,7 @@ def test_reduced_precision(be, dtype):
     """float32 against the NumPy backend on the same float32 values; the 16-bit types
     against the kernels' float32 run on the same rounded inputs (both compute coordinates
     in float32, so they agree on the corners)."""
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     rng = np.random.default_rng(7)
     pr, arrays = case(rng, m=2, d=4, lq=6, p=3)
     arrays, grad_out = _rounded(arrays, rng.standard_normal(pr.out_shape), dt)
@@ -305,10 +290,10 @@ def test_reduced_precision(be, dtype):
     for det in (False, True):
         out, grads = emulated(be, pr, arrays, grad_out, dt, det)
         assert out.dtype == dt
-        _close(out, want_out, tol, "output")
+        close(out, want_out, tol, "output")
         for gname, g, wg in zip(GRAD_NAMES, grads, want):
             assert g.dtype == dt and g.shape == wg.shape, gname
-            _close(g, wg, tol, f"grad {gname}")
+            close(g, wg, tol, f"grad {gname}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,7 +316,7 @@ def test_chunking_matches_unchunked(be, dtype, deterministic):
         assert out.tobytes() == full_out.tobytes(), limit
         for gname, g, f in zip(GRAD_NAMES, grads, full):
             if gname == "value":
-                _close(g, f, tol, f"grad {gname}, limit {limit}")
+                close(g, f, tol, f"grad {gname}, limit {limit}")
             else:  # one thread per point in every mode and plan
                 assert g.tobytes() == f.tobytes(), (gname, limit)
 
@@ -377,7 +362,7 @@ def test_deterministic_is_repeatable_and_close_to_atomic(be):
     atomic = emulated(be, pr, arrays, grad_out, np.float32, False)[1]
     for a, b, c in zip(first, again, atomic):
         assert a.tobytes() == b.tobytes()
-        _close(c, a, 1e-5, "atomic vs deterministic")
+        close(c, a, 1e-5, "atomic vs deterministic")
 
 
 def test_64bit_index_path_gives_the_same_bits(be, monkeypatch):

@@ -25,6 +25,9 @@ cuda_emulation = pytest.importorskip("cuda_emulation")
 if cuda_emulation.compiler() is None:  # pragma: no cover
     pytest.skip("no host C++ compiler (g++) for the kernel emulation", allow_module_level=True)
 
+from checks import close, dtype_of  # noqa: E402
+from reference_roi import image_rois  # noqa: E402
+
 from deformarray.cuda import psroi_pool as cuda_psroi  # noqa: E402
 from deformarray.cuda import roi_pool as cuda_roi  # noqa: E402
 
@@ -42,38 +45,8 @@ def ps_be():
     return cuda_emulation.EmulatedBackend("psroi_pool.cu")
 
 
-def _close(got, want, tol, what):
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, what
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
-
-
-def _bf16():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def _dtype(name):
-    return _bf16() if name == "bfloat16" else np.dtype(name)
-
-
 # ---------------------------------------------------------------------------------------
 # deform_roi_pool
-
-
-def _rois(rng, n, r, h, w, scale, integer=False):
-    """(r, 5) RoIs in image coordinates, some reaching outside the image."""
-    H, W = h / scale, w / scale
-    x1 = rng.uniform(-0.3 * W, 0.9 * W, r)
-    y1 = rng.uniform(-0.3 * H, 0.9 * H, r)
-    x2 = x1 + rng.uniform(0.2 * W, 0.8 * W, r)
-    y2 = y1 + rng.uniform(0.2 * H, 0.8 * H, r)
-    out = np.stack([rng.integers(0, n, r), x1, y1, x2, y2], axis=1)
-    if integer:
-        out[:, 1:] = np.round(out[:, 1:])
-    return out
 
 
 def roi_case(
@@ -93,7 +66,7 @@ def roi_case(
     offset_scale=1.0,
     empty_roi=False,
 ):
-    rois = _rois(rng, n, r, h, w, scale, integer)
+    rois = image_rois(rng, n, r, h, w, scale, integer)
     if empty_roi:  # zero width: with sampling_ratio 0 its bins have no sample
         rois[0, 3] = rois[0, 1]
     ph, pw = pooled
@@ -164,12 +137,12 @@ def test_roi_matches_cpu_backend(roi_be, name, deterministic):
     grad_out = rng.standard_normal(p.out_shape)
     want_out, want = _roi_cpu(p, arrays, grad_out)
     out, grads = _roi_emulated(roi_be, p, arrays, grad_out, np.float64, deterministic)
-    _close(out, want_out, 1e-10, "output")
+    close(out, want_out, 1e-10, "output")
     for gname, g, wg in zip(GRAD_NAMES, grads, want):
         if wg is None:
             assert g is None, gname
         else:
-            _close(g, wg, 1e-10, f"grad {gname}")
+            close(g, wg, 1e-10, f"grad {gname}")
 
 
 def test_roi_matches_reference_loops(roi_be):
@@ -187,9 +160,9 @@ def test_roi_matches_reference_loops(roi_be):
     want_out = reference_roi.ref_deform_roi_pool(arrays["input"], arrays["rois"], arrays["offset"], **kw)
     want = reference_roi.ref_deform_roi_pool_backward(grad_out, arrays["input"], arrays["rois"], arrays["offset"], **kw)
     out, grads = _roi_emulated(roi_be, p, arrays, grad_out, np.float64, True)
-    _close(out, want_out, 1e-10, "output")
+    close(out, want_out, 1e-10, "output")
     for gname, g, wg in zip(GRAD_NAMES, grads, want):
-        _close(g, wg, 1e-10, f"grad {gname}")
+        close(g, wg, 1e-10, f"grad {gname}")
 
 
 def test_roi_gradients_by_definition(roi_be):
@@ -233,7 +206,7 @@ def _rounded(arrays, grad_out, dt):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_roi_reduced_precision(roi_be, dtype):
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     rng = np.random.default_rng(7)
     p, arrays = roi_case(rng, c=4, r=6)
     arrays, grad_out = _rounded(arrays, rng.standard_normal(p.out_shape), dt)
@@ -245,10 +218,10 @@ def test_roi_reduced_precision(roi_be, dtype):
     for deterministic in (False, True):
         out, grads = _roi_emulated(roi_be, p, arrays, grad_out, dt, deterministic)
         assert out.dtype == dt
-        _close(out, want_out, tol, "output")
+        close(out, want_out, tol, "output")
         for gname, g, wg in zip(GRAD_NAMES, grads, want):
             assert g.dtype == dt, gname
-            _close(g, wg, tol, f"grad {gname}")
+            close(g, wg, tol, f"grad {gname}")
 
 
 @pytest.mark.parametrize("ratio", [0, 2])  # per-RoI sample counts read back / fixed
@@ -265,9 +238,9 @@ def test_roi_chunking_matches_unchunked(roi_be, dtype, deterministic, ratio):
         with deformarray.workspace_limit(limit):
             out, grads = _roi_emulated(roi_be, p, arrays, grad_out, np.dtype(dtype), deterministic)
         tol = 1e-12 if dtype == "float64" else 2e-3
-        _close(out, full_out, tol, f"output, limit {limit}")
+        close(out, full_out, tol, f"output, limit {limit}")
         for gname, g, f in zip(GRAD_NAMES, grads, full):
-            _close(g, f, tol, f"grad {gname}, limit {limit}")
+            close(g, f, tol, f"grad {gname}, limit {limit}")
 
 
 def test_roi_deterministic_is_repeatable_and_close_to_atomic(roi_be):
@@ -281,8 +254,8 @@ def test_roi_deterministic_is_repeatable_and_close_to_atomic(roi_be):
     atomic = _roi_emulated(roi_be, p, arrays, grad_out, np.float32, False)[1]
     for a, b, c, d in zip(first, again, chunked, atomic):
         assert a.tobytes() == b.tobytes()
-        _close(c, a, 1e-5, "chunked deterministic")
-        _close(d, a, 1e-5, "atomic vs deterministic")
+        close(c, a, 1e-5, "chunked deterministic")
+        close(d, a, 1e-5, "atomic vs deterministic")
 
 
 def test_roi_zero_rois_and_empty(roi_be):
@@ -359,7 +332,7 @@ def ps_case(
 ):
     part = pooled if part is None else part
     c = output_dim * group_size * group_size
-    rois = _rois(rng, n, r, h, w, scale, integer)
+    rois = image_rois(rng, n, r, h, w, scale, integer)
     if on_grid:
         # scale 1, RoIs [x1, x1 + 1] (width 2), pooled 2, spp 2, zero offsets: sub-bins of
         # 0.5 put every other sample on an integer coordinate, including 0 and W-1 / H-1
@@ -428,12 +401,12 @@ def test_psroi_matches_cpu_backend(ps_be, name, deterministic):
     grad_out = rng.standard_normal(p.out_shape)
     want_out, want = _ps_cpu(p, arrays, grad_out)
     out, grads = _ps_emulated(ps_be, p, arrays, grad_out, np.float64, deterministic)
-    _close(out, want_out, 1e-10, "output")
+    close(out, want_out, 1e-10, "output")
     for gname, g, wg in zip(("input", "offset"), grads, want):
         if wg is None:
             assert g is None, gname
         else:
-            _close(g, wg, 1e-10, f"grad {gname}")
+            close(g, wg, 1e-10, f"grad {gname}")
 
 
 def test_psroi_matches_reference_loops(ps_be):
@@ -455,9 +428,9 @@ def test_psroi_matches_reference_loops(ps_be):
         grad_out, arrays["input"], arrays["rois"], arrays["offset"], **kw
     )
     out, grads = _ps_emulated(ps_be, p, arrays, grad_out, np.float64, True)
-    _close(out, want_out, 1e-10, "output")
+    close(out, want_out, 1e-10, "output")
     for gname, g, wg in zip(("input", "offset"), grads, want):
-        _close(g, wg, 1e-10, f"grad {gname}")
+        close(g, wg, 1e-10, f"grad {gname}")
 
 
 def test_psroi_gradients_by_definition(ps_be):
@@ -484,7 +457,7 @@ def test_psroi_gradients_by_definition(ps_be):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_psroi_reduced_precision(ps_be, dtype):
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     rng = np.random.default_rng(8)
     p, arrays = ps_case(rng, integer=False, scale=1.0)
     arrays, grad_out = _rounded(arrays, rng.standard_normal(p.out_shape), dt)
@@ -496,10 +469,10 @@ def test_psroi_reduced_precision(ps_be, dtype):
     for deterministic in (False, True):
         out, grads = _ps_emulated(ps_be, p, arrays, grad_out, dt, deterministic)
         assert out.dtype == dt
-        _close(out, want_out, tol, "output")
+        close(out, want_out, tol, "output")
         for gname, g, wg in zip(("input", "offset"), grads, want):
             assert g.dtype == dt, gname
-            _close(g, wg, tol, f"grad {gname}")
+            close(g, wg, tol, f"grad {gname}")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16"])
@@ -513,9 +486,9 @@ def test_psroi_chunking_matches_unchunked(ps_be, dtype, deterministic):
         with deformarray.workspace_limit(limit):
             out, grads = _ps_emulated(ps_be, p, arrays, grad_out, np.dtype(dtype), deterministic)
         tol = 1e-12 if dtype == "float64" else 2e-3
-        _close(out, full_out, tol, f"output, limit {limit}")
+        close(out, full_out, tol, f"output, limit {limit}")
         for gname, g, f in zip(("input", "offset"), grads, full):
-            _close(g, f, tol, f"grad {gname}, limit {limit}")
+            close(g, f, tol, f"grad {gname}, limit {limit}")
 
 
 def test_psroi_zero_rois(ps_be):

@@ -19,62 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gpu_checks import DTYPES, MODES, TOL, assert_close, dtype_of, to_gpu, to_host64
+from reference_roi import image_rois
 
 import deformarray as da
 
 cupy = pytest.importorskip("cupy")
 
 pytestmark = pytest.mark.gpu
-
-TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
-DTYPES = ["float64", "float32", "float16", "bfloat16"]
-MODES = pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-
-
-def _bfloat16():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    dt = np.dtype(ml_dtypes.bfloat16)
-    try:
-        cupy.asarray(np.zeros(2, dtype=dt))
-    except Exception as exc:  # CuPy < 14 has no bfloat16
-        pytest.skip(f"this CuPy has no bfloat16 arrays: {exc}")
-    return dt
-
-
-def _dtype(name):
-    return _bfloat16() if name == "bfloat16" else np.dtype(name)
-
-
-def _to_gpu(a, dtype):
-    return None if a is None else cupy.asarray(np.asarray(a).astype(dtype))
-
-
-def _to_host64(a):
-    return None if a is None else cupy.asnumpy(a).astype(np.float64)
-
-
-def _assert_close(got, want, tol, what):
-    if want is None:
-        assert got is None, what
-        return
-    got = _to_host64(got)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, what
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
-
-
-def _rois(rng, n, r, h, w, scale, integer=False, margin=0.3):
-    """(r, 5) RoIs in image coordinates; with margin > 0 some reach outside the image."""
-    H, W = h / scale, w / scale
-    x1 = rng.uniform(-margin * W, 0.9 * W, r)
-    y1 = rng.uniform(-margin * H, 0.9 * H, r)
-    x2 = x1 + rng.uniform(0.2 * W, 0.8 * W, r)
-    y2 = y1 + rng.uniform(0.2 * H, 0.8 * H, r)
-    out = np.stack([rng.integers(0, n, r), x1, y1, x2, y2], axis=1)
-    if integer:
-        out[:, 1:] = np.round(out[:, 1:])
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,7 +52,7 @@ def roi_case(
     ph, pw = pooled
     arrays = dict(
         input=rng.standard_normal((n, c, h, w)),
-        rois=_rois(rng, n, r, h, w, scale, integer),
+        rois=image_rois(rng, n, r, h, w, scale, integer),
         offset=rng.uniform(-offset_scale, offset_scale, (r, 2, ph, pw)) if offset else None,
         mask=rng.uniform(0.2, 1.5, (r, 1, ph, pw)) if mask else None,
     )
@@ -135,7 +87,7 @@ def _reference(arrays, grad_out, dt, run):
     if dt.itemsize == 2:
         arrays = {k: (None if v is None else v.astype(dt).astype(np.float32)) for k, v in arrays.items()}
         grad_out = grad_out.astype(dt).astype(np.float32)
-        return arrays, grad_out, run(arrays, grad_out, lambda a: _to_gpu(a, np.float32), False)
+        return arrays, grad_out, run(arrays, grad_out, lambda a: to_gpu(a, np.float32), False)
     return arrays, grad_out, run(arrays, grad_out, lambda a: None if a is None else a.astype(dt), True)
 
 
@@ -143,20 +95,20 @@ def _reference(arrays, grad_out, dt, run):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(ROI_CASES))
 def test_roi_matches_numpy_backend(rng, name, dtype, deterministic):
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     arrays, kw = roi_case(rng, **ROI_CASES[name])
     grad_out = rng.standard_normal((len(arrays["rois"]), arrays["input"].shape[1]) + kw["output_size"])
     arrays, grad_out, (want_out, want) = _reference(
         arrays, grad_out, dt, lambda a, g, cast, det: _roi_run(a, kw, g, cast, det)
     )
-    want_out, want = _to_host64(want_out), [_to_host64(g) for g in want]
-    out, grads = _roi_run(arrays, kw, grad_out, lambda a: _to_gpu(a, dt), deterministic)
+    want_out, want = to_host64(want_out), [to_host64(g) for g in want]
+    out, grads = _roi_run(arrays, kw, grad_out, lambda a: to_gpu(a, dt), deterministic)
     assert isinstance(out, cupy.ndarray) and out.dtype == dt
-    _assert_close(out, want_out, TOL[dtype], "output")
+    assert_close(out, want_out, TOL[dtype], "output")
     for gname, g, wg in zip(("input", "offset", "mask"), grads, want):
         if g is not None:
             assert isinstance(g, cupy.ndarray) and g.dtype == dt, gname
-        _assert_close(g, wg, TOL[dtype], f"grad {gname}")
+        assert_close(g, wg, TOL[dtype], f"grad {gname}")
 
 
 @pytest.mark.parametrize("ratio", [0, 2])
@@ -170,9 +122,9 @@ def test_roi_matches_torchvision(rng, ratio):
     arrays, kw = roi_case(
         rng, n=2, c=6, h=11, w=13, r=9, pooled=(3, 4), scale=0.7, ratio=ratio, offset=False, mask=False
     )
-    x, rois = _to_gpu(arrays["input"], np.float64), _to_gpu(arrays["rois"], np.float64)
+    x, rois = to_gpu(arrays["input"], np.float64), to_gpu(arrays["rois"], np.float64)
     out = da.deform_roi_pool(x, rois, **kw)
-    grad_out = _to_gpu(rng.standard_normal(out.shape), np.float64)
+    grad_out = to_gpu(rng.standard_normal(out.shape), np.float64)
     g_in = da.deform_roi_pool_backward(grad_out, x, rois, **kw).input
     tx = torch.from_dlpack(x).clone().requires_grad_(True)
     t_out = tv_ops.roi_align(
@@ -184,8 +136,8 @@ def test_roi_matches_torchvision(rng, ratio):
         aligned=True,
     )
     t_out.backward(torch.from_dlpack(grad_out))
-    _assert_close(out, t_out.detach().cpu().numpy(), 1e-10, "output")
-    _assert_close(g_in, tx.grad.cpu().numpy(), 1e-10, "grad input")
+    assert_close(out, t_out.detach().cpu().numpy(), 1e-10, "output")
+    assert_close(g_in, tx.grad.cpu().numpy(), 1e-10, "grad input")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -193,8 +145,8 @@ def test_roi_deterministic_is_bitwise_repeatable(rng, dtype):
     # many overlapping RoIs on one image: atomics would reorder the sums
     arrays, kw = roi_case(rng, n=1, c=16, h=12, w=12, r=64, pooled=(7, 7), ratio=2)
     grad_out = rng.standard_normal((64, 16, 7, 7))
-    x, rois, off, m = (_to_gpu(arrays[k], dtype) for k in ("input", "rois", "offset", "mask"))
-    go = _to_gpu(grad_out, dtype)
+    x, rois, off, m = (to_gpu(arrays[k], dtype) for k in ("input", "rois", "offset", "mask"))
+    go = to_gpu(grad_out, dtype)
     runs = [da.deform_roi_pool_backward(go, x, rois, off, mask=m, deterministic=True, **kw) for _ in range(5)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
@@ -206,15 +158,15 @@ def test_roi_deterministic_is_bitwise_repeatable(rng, dtype):
 def test_roi_chunked_equals_unchunked(rng, dtype, deterministic):
     arrays, kw = roi_case(rng, n=3, r=9)
     grad_out = rng.standard_normal((9, 5, 3, 2))
-    cast = lambda a: _to_gpu(a, dtype)  # noqa: E731
+    cast = lambda a: to_gpu(a, dtype)  # noqa: E731
     full = _roi_run(arrays, kw, grad_out, cast, deterministic)
     tol = 1e-12 if dtype == "float64" else 2e-3
     for limit in (1, 3000, 20000):  # one image / one bin per chunk, a few bins, more
         with da.workspace_limit(limit):
             chunked = _roi_run(arrays, kw, grad_out, cast, deterministic)
-        _assert_close(chunked[0], _to_host64(full[0]), tol, f"output, limit {limit}")
+        assert_close(chunked[0], to_host64(full[0]), tol, f"output, limit {limit}")
         for gname, g, f in zip(("input", "offset", "mask"), chunked[1], full[1]):
-            _assert_close(g, _to_host64(f), tol, f"grad {gname}, limit {limit}")
+            assert_close(g, to_host64(f), tol, f"grad {gname}, limit {limit}")
 
 
 def _strided(a, dtype):
@@ -231,11 +183,11 @@ def _strided(a, dtype):
 def test_roi_non_contiguous_and_stream(rng):
     arrays, kw = roi_case(rng)
     grad_out = rng.standard_normal((7, 5, 3, 2))
-    want = _roi_run(arrays, kw, grad_out, lambda a: _to_gpu(a, np.float32), True)
+    want = _roi_run(arrays, kw, grad_out, lambda a: to_gpu(a, np.float32), True)
     got = _roi_run(arrays, kw, grad_out, lambda a: _strided(a, np.float32), True)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        on_stream = _roi_run(arrays, kw, grad_out, lambda a: _to_gpu(a, np.float32), True)
+        on_stream = _roi_run(arrays, kw, grad_out, lambda a: to_gpu(a, np.float32), True)
     stream.synchronize()
     for res in (got, on_stream):
         np.testing.assert_array_equal(cupy.asnumpy(res[0]), cupy.asnumpy(want[0]))
@@ -243,9 +195,9 @@ def test_roi_non_contiguous_and_stream(rng):
             np.testing.assert_array_equal(cupy.asnumpy(g), cupy.asnumpy(w))
 
 
-def test_roi_zero_rois(rng):
+def test_roi_zeroimage_rois(rng):
     arrays, kw = roi_case(rng, r=0)
-    x, rois, off, m = (_to_gpu(arrays[k], np.float32) for k in ("input", "rois", "offset", "mask"))
+    x, rois, off, m = (to_gpu(arrays[k], np.float32) for k in ("input", "rois", "offset", "mask"))
     out = da.deform_roi_pool(x, rois, off, mask=m, **kw)
     assert out.shape == (0, 5, 3, 2)
     grads = da.deform_roi_pool_backward(cupy.zeros(out.shape, np.float32), x, rois, off, mask=m, **kw)
@@ -279,7 +231,7 @@ def ps_case(
     c = output_dim * group_size * group_size
     arrays = dict(
         input=rng.standard_normal((n, c, h, w)),
-        rois=_rois(rng, n, r, h, w, scale, integer),
+        rois=image_rois(rng, n, r, h, w, scale, integer),
         offset=rng.uniform(-offset_scale, offset_scale, (r, 2 * num_classes, part, part)) if offset else None,
     )
     kw = dict(
@@ -316,21 +268,21 @@ def _ps_run(arrays, kw, grad_out, cast, deterministic):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(PS_CASES))
 def test_psroi_matches_numpy_backend(rng, name, dtype, deterministic):
-    dt = _dtype(dtype)
+    dt = dtype_of(dtype)
     arrays, kw = ps_case(rng, **PS_CASES[name])
     p = kw["pooled_size"]
     grad_out = rng.standard_normal((len(arrays["rois"]), kw["output_dim"], p, p))
     arrays, grad_out, (want_out, want) = _reference(
         arrays, grad_out, dt, lambda a, g, cast, det: _ps_run(a, kw, g, cast, det)
     )
-    want_out, want = _to_host64(want_out), [_to_host64(g) for g in want]
-    out, grads = _ps_run(arrays, kw, grad_out, lambda a: _to_gpu(a, dt), deterministic)
+    want_out, want = to_host64(want_out), [to_host64(g) for g in want]
+    out, grads = _ps_run(arrays, kw, grad_out, lambda a: to_gpu(a, dt), deterministic)
     assert isinstance(out, cupy.ndarray) and out.dtype == dt
-    _assert_close(out, want_out, TOL[dtype], "output")
+    assert_close(out, want_out, TOL[dtype], "output")
     for gname, g, wg in zip(("input", "offset"), grads, want):
         if g is not None:
             assert isinstance(g, cupy.ndarray) and g.dtype == dt, gname
-        _assert_close(g, wg, TOL[dtype], f"grad {gname}")
+        assert_close(g, wg, TOL[dtype], f"grad {gname}")
 
 
 def test_psroi_matches_torchvision(rng):
@@ -358,25 +310,25 @@ def test_psroi_matches_torchvision(rng):
     by1 = y1 - hei / (2 * P * spp)
     boxes = np.stack([rois[:, 0], bx1, by1, bx1 + wid, by1 + hei], axis=1)
     kw = dict(output_dim=od, group_size=P, pooled_size=P, sample_per_part=spp, spatial_scale=s)
-    gx, grois = _to_gpu(x, np.float64), _to_gpu(rois, np.float64)
+    gx, grois = to_gpu(x, np.float64), to_gpu(rois, np.float64)
     out = da.deform_psroi_pool(gx, grois, **kw)
-    grad_out = _to_gpu(rng.standard_normal(out.shape), np.float64)
+    grad_out = to_gpu(rng.standard_normal(out.shape), np.float64)
     g_in = da.deform_psroi_pool_backward(grad_out, gx, grois, **kw).input
     tx = torch.from_dlpack(gx).clone().requires_grad_(True)
     t_out = tv_ops.ps_roi_align(
-        tx, torch.from_dlpack(_to_gpu(boxes, np.float64)), output_size=P, spatial_scale=s, sampling_ratio=spp
+        tx, torch.from_dlpack(to_gpu(boxes, np.float64)), output_size=P, spatial_scale=s, sampling_ratio=spp
     )
     t_out.backward(torch.from_dlpack(grad_out))
-    _assert_close(out, t_out.detach().cpu().numpy(), 1e-10, "output")
-    _assert_close(g_in, tx.grad.cpu().numpy(), 1e-10, "grad input")
+    assert_close(out, t_out.detach().cpu().numpy(), 1e-10, "output")
+    assert_close(g_in, tx.grad.cpu().numpy(), 1e-10, "grad input")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_psroi_deterministic_is_bitwise_repeatable(rng, dtype):
     arrays, kw = ps_case(rng, n=1, r=48, h=10, w=10, scale=1.0, spp=4)
     grad_out = rng.standard_normal((48, 4, 3, 3))
-    x, rois, off = (_to_gpu(arrays[k], dtype) for k in ("input", "rois", "offset"))
-    go = _to_gpu(grad_out, dtype)
+    x, rois, off = (to_gpu(arrays[k], dtype) for k in ("input", "rois", "offset"))
+    go = to_gpu(grad_out, dtype)
     runs = [da.deform_psroi_pool_backward(go, x, rois, off, deterministic=True, **kw) for _ in range(5)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
@@ -388,25 +340,25 @@ def test_psroi_deterministic_is_bitwise_repeatable(rng, dtype):
 def test_psroi_chunked_equals_unchunked(rng, dtype, deterministic):
     arrays, kw = ps_case(rng, n=3, r=8)
     grad_out = rng.standard_normal((8, 4, 3, 3))
-    cast = lambda a: _to_gpu(a, dtype)  # noqa: E731
+    cast = lambda a: to_gpu(a, dtype)  # noqa: E731
     full = _ps_run(arrays, kw, grad_out, cast, deterministic)
     tol = 1e-12 if dtype == "float64" else 2e-3
     for limit in (1, 5000, 60000):
         with da.workspace_limit(limit):
             chunked = _ps_run(arrays, kw, grad_out, cast, deterministic)
-        _assert_close(chunked[0], _to_host64(full[0]), tol, f"output, limit {limit}")
+        assert_close(chunked[0], to_host64(full[0]), tol, f"output, limit {limit}")
         for gname, g, f in zip(("input", "offset"), chunked[1], full[1]):
-            _assert_close(g, _to_host64(f), tol, f"grad {gname}, limit {limit}")
+            assert_close(g, to_host64(f), tol, f"grad {gname}, limit {limit}")
 
 
 def test_psroi_non_contiguous_and_stream(rng):
     arrays, kw = ps_case(rng)
     grad_out = rng.standard_normal((6, 4, 3, 3))
-    want = _ps_run(arrays, kw, grad_out, lambda a: _to_gpu(a, np.float32), True)
+    want = _ps_run(arrays, kw, grad_out, lambda a: to_gpu(a, np.float32), True)
     got = _ps_run(arrays, kw, grad_out, lambda a: _strided(a, np.float32), True)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        on_stream = _ps_run(arrays, kw, grad_out, lambda a: _to_gpu(a, np.float32), True)
+        on_stream = _ps_run(arrays, kw, grad_out, lambda a: to_gpu(a, np.float32), True)
     stream.synchronize()
     for res in (got, on_stream):
         np.testing.assert_array_equal(cupy.asnumpy(res[0]), cupy.asnumpy(want[0]))
@@ -414,9 +366,9 @@ def test_psroi_non_contiguous_and_stream(rng):
             np.testing.assert_array_equal(cupy.asnumpy(g), cupy.asnumpy(w))
 
 
-def test_psroi_zero_rois(rng):
+def test_psroi_zeroimage_rois(rng):
     arrays, kw = ps_case(rng, r=0)
-    x, rois, off = (_to_gpu(arrays[k], np.float16) for k in ("input", "rois", "offset"))
+    x, rois, off = (to_gpu(arrays[k], np.float16) for k in ("input", "rois", "offset"))
     out = da.deform_psroi_pool(x, rois, off, **kw)
     assert out.shape == (0, 4, 3, 3) and out.dtype == np.float16
     grads = da.deform_psroi_pool_backward(cupy.zeros(out.shape, np.float16), x, rois, off, **kw)
