@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gpu_checks import TOL, assert_close, dtype_of, to_gpu, to_host64
-from reference import make_case
+from reference import CONV_CASES, make_case
 
 import deformarray as da
 from deformarray import _chunking
@@ -24,25 +24,21 @@ pytestmark = pytest.mark.gpu
 
 GRAD_NAMES = ("input", "offset", "weight", "bias", "mask")
 
+# the NumPy tests' geometries (reference.CONV_CASES), and a wider one
 CASES = {
-    "basic_v2": dict(),
-    "v1_no_bias_stride2_nopad": dict(stride=2, padding=0, mask=False, bias=False, height=7, width=8),
-    "dilation2_groups2_og2": dict(dilation=2, padding=2, groups=2, offset_groups=2, c_out=6),
-    "rect_kernel_pairs": dict(
-        kernel=(2, 3),
-        stride=(2, 1),
-        padding=(0, 1),
-        dilation=(1, 2),
-        groups=2,
-        offset_groups=4,
-        c_out=6,
-        height=7,
-        width=6,
-    ),
-    "depthwise_og4_v1": dict(groups=4, offset_groups=4, c_out=8, mask=False),
-    "large_offsets_leave_image": dict(offset_scale=7.0, offset_groups=2, height=5, width=5),
-    "zero_offsets_pad1": dict(offset_scale=0.0),  # samples at exactly h = -1 / w = -1
-    "kernel1x1": dict(kernel=1, padding=0, c_out=5, offset_scale=2.0),
+    **{
+        k: CONV_CASES[k]
+        for k in (
+            "basic_v2",
+            "v1_no_bias_stride2_nopad",
+            "dilation2_groups2_og2",
+            "rect_kernel_pairs",
+            "depthwise_og4_v1",
+            "large_offsets_leave_image",
+            "zero_offsets_pad1",
+            "kernel1x1",
+        )
+    },
     "wider": dict(n=3, c_in=16, c_out=8, height=11, width=9, groups=2, offset_groups=4),
 }
 

@@ -230,22 +230,9 @@ CASES = [
 # Geometries for tests/reference.py's make_case (the CPU tests' reference, hand-derived
 # gradients).
 REF_CASES = {
-    "basic_v2": dict(),
-    "v1_stride2_nopad": dict(stride=2, padding=0, mask=False, bias=False, height=7, width=8),
-    "dilation2_groups2_og2": dict(dilation=2, padding=2, groups=2, offset_groups=2, c_out=6),
-    "rect_kernel_pairs": dict(
-        kernel=(2, 3),
-        stride=(2, 1),
-        padding=(0, 1),
-        dilation=(1, 2),
-        groups=2,
-        offset_groups=4,
-        c_out=6,
-        height=7,
-        width=6,
-    ),
-    "large_offsets_leave_image": dict(offset_scale=7.0, offset_groups=2, height=5, width=5),
-    "zero_offsets_pad1": dict(offset_scale=0.0),  # samples at exactly h = -1 / w = -1
+    **{k: reference.CONV_CASES[k] for k in ("basic_v2", "dilation2_groups2_og2", "rect_kernel_pairs")},
+    "v1_stride2_nopad": reference.CONV_CASES["v1_no_bias_stride2_nopad"],
+    **{k: reference.CONV_CASES[k] for k in ("large_offsets_leave_image", "zero_offsets_pad1")},
     "integer_offsets": dict(offset_scale=0.0, padding=2),
     # sample points on and one ulp either side of -1, 0, H-1, H (H, W powers of two)
     "one_ulp_edges": dict(height=4, width=8, offset_groups=2),

@@ -7,6 +7,7 @@ import pytest
 from checks import DTYPES, assert_close, reversed_view, strided_view, traced_peak, transposed_view
 from edges import TINY, around, edge_targets, targeted_offsets
 from reference import (
+    CONV_CASES,
     geometry,
     make_case,
     ref_deform_conv2d,
@@ -23,30 +24,7 @@ from deformarray.cpu import deform_conv as cpu_conv
 GRAD_NAMES = ("input", "offset", "weight", "bias", "mask")
 
 # Geometries (keyword arguments of reference.make_case). Small: the reference is slow Python.
-CASES = {
-    "basic_v2": dict(),
-    "v1_no_bias_stride2_nopad": dict(stride=2, padding=0, mask=False, bias=False, height=7, width=8),
-    "dilation2_groups2_og2": dict(dilation=2, padding=2, groups=2, offset_groups=2, c_out=6),
-    "rect_kernel_pairs": dict(
-        kernel=(2, 3),
-        stride=(2, 1),
-        padding=(0, 1),
-        dilation=(1, 2),
-        groups=2,
-        offset_groups=4,
-        c_out=6,
-        height=7,
-        width=6,
-    ),
-    "depthwise_og4_v1": dict(groups=4, offset_groups=4, c_out=8, mask=False),
-    "groups1_og2_stride_pad_pairs": dict(offset_groups=2, stride=(1, 2), padding=(2, 0), c_out=3),
-    "groups2_og1": dict(groups=2, offset_groups=1, c_out=2, bias=False),
-    "large_offsets_leave_image": dict(offset_scale=7.0, offset_groups=2, height=5, width=5),
-    "zero_offsets_pad1": dict(offset_scale=0.0),  # kernel row/col 0 at exactly h = -1 / w = -1
-    "kernel1x1": dict(kernel=1, padding=0, c_out=5, offset_scale=2.0),
-    "single_pixel_out": dict(n=1, c_in=1, c_out=1, height=3, width=3, padding=0),
-    "big_padding": dict(padding=3, height=4, width=5, offset_scale=2.5, n=1),
-}
+CASES = CONV_CASES
 
 
 def run_forward(case):
