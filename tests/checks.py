@@ -199,3 +199,25 @@ def close(got, want, tol, what):
     assert got.shape == want.shape, what
     scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def masked(a):
+    """``a`` as a numpy.ma.MaskedArray that masks nothing."""
+    return np.ma.masked_array(a, mask=np.zeros(a.shape, bool))
+
+
+def check_masked_array_raises(name, args, out_shape, forward, backward):
+    """``name`` (an argument of ``forward(**args)`` / ``backward(grad_output, **args)``, or
+    grad_output) as a numpy.ma.MaskedArray: TypeError naming it and the ways out (its mask
+    would otherwise be ignored, silently)."""
+    grad_output = np.ones(out_shape)
+    if name == "grad_output":
+        grad_output = masked(grad_output)
+    else:
+        args[name] = masked(args[name])
+    message = rf"^{name} is a numpy masked array.*{name}\.filled\(0\).*np\.asarray"
+    with pytest.raises(TypeError, match=message):
+        backward(grad_output, **args)
+    if name != "grad_output":
+        with pytest.raises(TypeError, match=message):
+            forward(**args)

@@ -67,3 +67,26 @@ def restore_threads():
     numba.set_num_threads(before[0])
     if torch is not None and before[1] is not None:
         torch.set_num_threads(before[1])
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """A stand-in ``cupy`` module in sys.modules, so the mixed-backend checks run on the CPU;
+    its arrays have ``.get()`` (a device -> host copy)."""
+    import sys
+    import types
+
+    class ndarray:
+        def __init__(self, a):
+            self._a = np.asarray(a)
+            self.shape = self._a.shape
+            self.dtype = self._a.dtype
+            self.ndim = self._a.ndim
+
+        def get(self):
+            return self._a.copy()
+
+    mod = types.ModuleType("cupy")
+    mod.ndarray = ndarray
+    monkeypatch.setitem(sys.modules, "cupy", mod)
+    return mod

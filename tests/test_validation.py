@@ -6,9 +6,6 @@ types, mixed dtypes and mixed or unknown array backends.
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
 
@@ -235,23 +232,6 @@ def test_none_for_a_required_array_raises_type_error(name, call):
     args[name] = None
     with pytest.raises(TypeError, match=name):
         call(args)
-
-
-@pytest.fixture
-def fake_cupy(monkeypatch):
-    """A stand-in ``cupy`` module in sys.modules, so the mixed-backend check can run on CPU."""
-
-    class ndarray:
-        def __init__(self, a):
-            self._a = np.asarray(a)
-            self.shape = self._a.shape
-            self.dtype = self._a.dtype
-            self.ndim = self._a.ndim
-
-    mod = types.ModuleType("cupy")
-    mod.ndarray = ndarray
-    monkeypatch.setitem(sys.modules, "cupy", mod)
-    return mod
 
 
 @BOTH

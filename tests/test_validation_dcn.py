@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import pytest
+from checks import check_masked_array_raises
 
 import deformarray as da
 
@@ -229,27 +230,13 @@ def test_required_arrays(which, call, good):
         call(args)
 
 
-def _masked(a):
-    return np.ma.masked_array(a, mask=np.zeros(a.shape, bool))
-
-
 @pytest.mark.parametrize("name", ["grad_output", "input", "offset", "mask", "offset_mask"])
 def test_masked_arrays_raise_type_error(name):
     good, forward, backward = (
         (good4, da.dcnv4, da.dcnv4_backward) if name == "offset_mask" else (good3, da.dcnv3, da.dcnv3_backward)
     )
     args = good()
-    grad_output = np.ones(OUT_SHAPE)
-    if name == "grad_output":
-        grad_output = _masked(grad_output)
-    else:
-        args[name] = _masked(args[name])
-    message = rf"^{name} is a numpy masked array.*{name}\.filled\(0\).*np\.asarray"
-    with pytest.raises(TypeError, match=message):
-        backward(grad_output, **args)
-    if name != "grad_output":
-        with pytest.raises(TypeError, match=message):
-            forward(**args)
+    check_masked_array_raises(name, args, OUT_SHAPE, forward, backward)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -9,11 +9,10 @@ and mixed backends.
 from __future__ import annotations
 
 import re
-import sys
-import types
 
 import numpy as np
 import pytest
+from checks import check_masked_array_raises, masked
 
 import deformarray as da
 
@@ -193,24 +192,10 @@ def test_required_arrays(name, call):
         call(args)
 
 
-def _masked(a):
-    return np.ma.masked_array(a, mask=np.zeros(a.shape, bool))
-
-
 @pytest.mark.parametrize("name", ["grad_output", "value", "sampling_locations", "attention_weights"])
 def test_masked_arrays_raise_type_error(name):
     args = good()
-    grad_output = np.ones(OUT_SHAPE)
-    if name == "grad_output":
-        grad_output = _masked(grad_output)
-    else:
-        args[name] = _masked(args[name])
-    message = rf"^{name} is a numpy masked array.*{name}\.filled\(0\).*np\.asarray"
-    with pytest.raises(TypeError, match=message):
-        da.ms_deform_attn_backward(grad_output, **args)
-    if name != "grad_output":
-        with pytest.raises(TypeError, match=message):
-            forward(args)
+    check_masked_array_raises(name, args, OUT_SHAPE, lambda **a: forward(a), da.ms_deform_attn_backward)
 
 
 @pytest.mark.parametrize("names", [["value"], ["sampling_locations"], ["attention_weights"], ["grad_output"], ["all"]])
@@ -246,26 +231,6 @@ def test_output_too_large_raises_value_error():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_cupy(monkeypatch):
-    """A stand-in ``cupy`` module whose arrays have ``.get()`` (a device -> host copy)."""
-
-    class ndarray:
-        def __init__(self, a):
-            self._a = np.asarray(a)
-            self.shape = self._a.shape
-            self.dtype = self._a.dtype
-            self.ndim = self._a.ndim
-
-        def get(self):
-            return self._a.copy()
-
-    mod = types.ModuleType("cupy")
-    mod.ndarray = ndarray
-    monkeypatch.setitem(sys.modules, "cupy", mod)
-    return mod
-
-
 @BOTH
 @pytest.mark.parametrize("name", ["value", "sampling_locations", "attention_weights"])
 def test_mixed_backends(fake_cupy, name, call):
@@ -297,6 +262,6 @@ def test_torch_tensors_raise_type_error():
 def test_masked_geometry_raises_type_error(name):
     """The integer arguments too: a mask on them would be ignored just the same."""
     args = good()
-    args[name] = _masked(np.asarray(args[name]))
+    args[name] = masked(np.asarray(args[name]))
     with pytest.raises(TypeError, match=rf"^{name} is a numpy masked array.*np\.asarray"):
         forward(args)

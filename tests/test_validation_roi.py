@@ -7,11 +7,10 @@ expected shape), TypeError for bad types, mixed dtypes and mixed or unknown back
 from __future__ import annotations
 
 import re
-import sys
-import types
 
 import numpy as np
 import pytest
+from checks import check_masked_array_raises
 
 import deformarray as da
 
@@ -334,26 +333,6 @@ def test_ps_mixed_dtypes(name, call):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_cupy(monkeypatch):
-    """A stand-in ``cupy`` module whose arrays have ``.get()`` (a device -> host copy)."""
-
-    class ndarray:
-        def __init__(self, a):
-            self._a = np.asarray(a)
-            self.shape = self._a.shape
-            self.dtype = self._a.dtype
-            self.ndim = self._a.ndim
-
-        def get(self):
-            return self._a.copy()
-
-    mod = types.ModuleType("cupy")
-    mod.ndarray = ndarray
-    monkeypatch.setitem(sys.modules, "cupy", mod)
-    return mod
-
-
 @pytest.mark.parametrize("name", ["rois", "offset", "mask"])
 def test_roi_mixed_backends(fake_cupy, name):
     args = roi_good()
@@ -446,10 +425,6 @@ def test_ps_byte_swapped_arrays_compute_as_native(names, dtype):
     _assert_same(da.deform_psroi_pool_backward(grad_output, **args), expected[1])
 
 
-def _masked(a):
-    return np.ma.masked_array(a, mask=np.zeros(a.shape, bool))
-
-
 MASKED_CASES = [
     ("roi", name, roi_good, (3, 4, 2, 3), da.deform_roi_pool, da.deform_roi_pool_backward)
     for name in ("grad_output", "input", "rois", "offset", "mask")
@@ -466,17 +441,7 @@ def test_masked_arrays_raise_type_error(op, name, good, out_shape, forward, back
     """numpy.ma.MaskedArray: TypeError naming the argument and the ways out (its mask would
     otherwise be ignored, silently)."""
     args = good()
-    grad_output = np.ones(out_shape)
-    if name == "grad_output":
-        grad_output = _masked(grad_output)
-    else:
-        args[name] = _masked(args[name])
-    message = rf"^{name} is a numpy masked array.*{name}\.filled\(0\).*np\.asarray"
-    with pytest.raises(TypeError, match=message):
-        backward(grad_output, **args)
-    if name != "grad_output":
-        with pytest.raises(TypeError, match=message):
-            forward(**args)
+    check_masked_array_raises(name, args, out_shape, forward, backward)
 
 
 # ---------------------------------------------------------------------------------------
