@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from checks import check_masked_array_raises
 
 import deformarray as da
 
@@ -300,16 +301,7 @@ def test_byte_swapped_grad_output_computes_as_native():
 def test_masked_arrays_raise_type_error(name):
     """A numpy.ma.MaskedArray: TypeError naming the argument and the ways out (its mask
     would otherwise be ignored, silently)."""
-    args = good()
-    args["grad_output"] = np.ones((2, 6, 6, 7))
-    args[name] = np.ma.masked_array(args[name], mask=np.zeros(args[name].shape, bool))
-    grad_output = args.pop("grad_output")
-    calls = [lambda: da.deform_conv2d_backward(grad_output, **args)]
-    if name != "grad_output":
-        calls.append(lambda: da.deform_conv2d(**args))
-    for call in calls:
-        with pytest.raises(TypeError, match=rf"^{name} is a numpy masked array.*{name}\.filled\(0\).*np\.asarray"):
-            call()
+    check_masked_array_raises(name, good(), (2, 6, 6, 7), da.deform_conv2d, da.deform_conv2d_backward)
 
 
 # ---------------------------------------------------------------------------------------
