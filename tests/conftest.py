@@ -90,3 +90,14 @@ def fake_cupy(monkeypatch):
     mod.ndarray = ndarray
     monkeypatch.setitem(sys.modules, "cupy", mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def jax_x64():
+    """float64 in JAX for a module's numerical checks; restored afterwards so that other
+    test modules in the same process see JAX's default."""
+    jax = pytest.importorskip("jax")
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", old)

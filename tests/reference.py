@@ -311,3 +311,21 @@ CONV_CASES = {
     "single_pixel_out": dict(n=1, c_in=1, c_out=1, height=3, width=3, padding=0),
     "big_padding": dict(padding=3, height=4, width=5, offset_scale=2.5, n=1),
 }
+
+
+def off_kink(rng, shape, spread=2):
+    """Offsets in [-spread - 0.8, spread + 0.8] whose fractional parts stay in [0.2, 0.8]:
+    off the bilinear kinks, so finite differences see one smooth piece."""
+    whole = rng.integers(-spread, spread + 1, size=shape)
+    return whole + rng.uniform(0.2, 0.8, size=shape) * rng.choice([-1, 1], size=shape)
+
+
+def off_kink_conv_case(rng, n, c_in, c_out, hw):
+    """deform_conv2d arguments (3x3 kernel, NCHW) with offsets off the kinks (``off_kink``)."""
+    return dict(
+        input=rng.standard_normal((n, c_in, *hw)),
+        offset=off_kink(rng, (n, 18, *hw)),
+        weight=rng.standard_normal((c_out, c_in, 3, 3)),
+        bias=rng.standard_normal(c_out),
+        mask=rng.uniform(0.1, 1.0, (n, 9, *hw)),
+    )

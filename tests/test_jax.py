@@ -23,14 +23,8 @@ import deformarray.jax as dj  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    """float64 for the numerical gradient checks; restored afterwards so that other test
-    modules in the same process see JAX's default."""
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+# float64 for the numerical checks (conftest.py restores the default afterwards)
+pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 def _off_kink(rng, shape, spread=2):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import off_kink_conv_case
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -30,12 +31,8 @@ needs_buffer_callback = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+# float64 for the numerical checks (conftest.py restores the default afterwards)
+pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 @pytest.fixture
@@ -59,19 +56,8 @@ def calls(monkeypatch):
     return counts
 
 
-def _off_kink(rng, shape, spread=2):
-    whole = rng.integers(-spread, spread + 1, size=shape)
-    return whole + rng.uniform(0.2, 0.8, size=shape) * rng.choice([-1, 1], size=shape)
-
-
 def conv_case(rng, n=2, c_in=4, c_out=3, hw=(5, 6)):
-    return dict(
-        input=rng.standard_normal((n, c_in, *hw)),
-        offset=_off_kink(rng, (n, 18, *hw)),
-        weight=rng.standard_normal((c_out, c_in, 3, 3)),
-        bias=rng.standard_normal(c_out),
-        mask=rng.uniform(0.1, 1.0, (n, 9, *hw)),
-    )
+    return off_kink_conv_case(rng, n, c_in, c_out, hw)
 
 
 def _close(a, b, tol=1e-10):

@@ -16,12 +16,8 @@ import deformarray.jax as dj  # noqa: E402
 GEO = dict(kernel_size=3, stride=1, padding=1, dilation=1, group=2, group_channels=2, offset_scale=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+# float64 for the numerical checks (conftest.py restores the default afterwards)
+pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 def case(rng, n=2, h=4, w=3, g=2, d=2, p=9):

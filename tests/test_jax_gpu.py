@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import off_kink_conv_case
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -64,19 +65,8 @@ def device_path(monkeypatch):
     return counts
 
 
-def _off_kink(rng, shape, spread=2):
-    whole = rng.integers(-spread, spread + 1, size=shape)
-    return whole + rng.uniform(0.2, 0.8, size=shape) * rng.choice([-1, 1], size=shape)
-
-
 def conv_case(rng, n=2, c_in=8, c_out=6, hw=(9, 10)):
-    return dict(
-        input=rng.standard_normal((n, c_in, *hw)),
-        offset=_off_kink(rng, (n, 18, *hw)),
-        weight=rng.standard_normal((c_out, c_in, 3, 3)),
-        bias=rng.standard_normal(c_out),
-        mask=rng.uniform(0.1, 1.0, (n, 9, *hw)),
-    )
+    return off_kink_conv_case(rng, n, c_in, c_out, hw)
 
 
 def _put(gpu, arrays, dtype=None):

@@ -18,12 +18,8 @@ SHAPES = [[3, 4], [2, 2], [1, 1]]
 STARTS = [0, 12, 16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+# float64 for the numerical checks (conftest.py restores the default afterwards)
+pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 def msda_case(rng, n=2, lq=3, m=2, d=3, p=2):
