@@ -6,7 +6,8 @@ one group (or head), row ``y*W + x``, the D channels of that group in its column
 ``value[n, start:start + H*W, m]`` of an ``(N, S, M, D)`` array or ``x[n, :, g]`` of an
 ``(N, H*W, G, D)`` one, passed as a flat array, a base and a row stride (below).
 The operator modules own the loops (which query, which point, the
-parallel split); these helpers own the numbers. CUDA's ``kernels_cu/aggregate.cuh`` keeps
+parallel split); these helpers own the numbers, and ``split`` / ``channel_block`` the index
+arithmetic of the splits the operators share. CUDA's ``kernels_cu/aggregate.cuh`` keeps
 the same contract, so both backends agree to rounding, and bit for bit where the order of
 the sums agrees.
 
@@ -78,6 +79,23 @@ else:
         """An index as uint64: Numba does not wrap-around-check unsigned indices, so the
         loops over d stay free of selects and vectorise."""
         return np.uint64(i)
+
+
+@njit(cache=True, inline="always")
+def split(task, n1, n2):
+    """``(i0, i1, i2)`` of ``task = (i0*n1 + i1)*n2 + i2``: a parallel task over three axes,
+    the last fastest."""
+    i0 = task // (n1 * n2)
+    rest = task - i0 * (n1 * n2)
+    i1 = rest // n2
+    return i0, i1, rest - i1 * n2
+
+
+@njit(cache=True, inline="always")
+def channel_block(b, blocks, depth):
+    """Channels ``[d0, d1)`` of block b of ``blocks`` over ``depth`` channels (empty when
+    there are more blocks than channels)."""
+    return b * depth // blocks, (b + 1) * depth // blocks
 
 
 @njit(cache=True, inline="always")

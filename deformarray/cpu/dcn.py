@@ -53,7 +53,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._validate_dcn import DcnParams
-from ._aggregate import add_sample, corners, dots, scatter
+from ._aggregate import add_sample, channel_block, corners, dots, scatter, split
 
 # DCN's window: a point is processed only for -1 < y < H and -1 < x < W (InternImage's
 # CUDA test; at exactly -1 every gradient of the point is 0, unlike grid_sample).
@@ -82,99 +82,98 @@ def _location(base, tap, off, s):
     return base + (f(tap) + off) * s
 
 
+@njit(cache=True, inline="always")
+def _window(geo, scale):
+    """What every kernel reads of ``geo`` and ``scale``, once: ``(taps, s, w_out, sh, sw,
+    ph, pw, eh, ew, off_group, mask_base, mask_group, height, width)``, with ``taps[k]``
+    the (width, height) distance ``(i*dw, j*dh)`` of kept tap k from the first: i along the
+    width (outer), j along the height (inner), the centre skipped with remove_center."""
+    kh, kw, sh, sw, ph, pw = geo[_KH], geo[_KW], geo[_SH], geo[_SW], geo[_PH], geo[_PW]
+    dh, dw, rc = geo[_DH], geo[_DW], geo[_RC]
+    taps = np.empty((kh * kw - (1 if rc != 0 else 0), 2), np.int64)
+    k = 0
+    for i in range(kw):
+        for j in range(kh):
+            if rc != 0 and i == kw // 2 and j == kh // 2:
+                continue
+            taps[k, 0] = i * dw
+            taps[k, 1] = j * dh
+            k += 1
+    eh = (dh * (kh - 1)) // 2
+    ew = (dw * (kw - 1)) // 2
+    w_out, height, width = geo[_W_OUT], geo[_H], geo[_W]
+    off_group, mask_base, mask_group = geo[_OFF_GROUP], geo[_MASK_BASE], geo[_MASK_GROUP]
+    return taps, scale[0], w_out, sh, sw, ph, pw, eh, ew, off_group, mask_base, mask_group, height, width
+
+
+@njit(cache=True, inline="always")
+def _pixel(win, q, g):
+    """Output pixel q of group g: (first offset column, first mask column, base_y, base_x)."""
+    _, s, w_out, sh, sw, ph, pw, eh, ew, off_group, mask_base, mask_group, _, _ = win
+    ho = q // w_out
+    wo = q - ho * w_out
+    return g * off_group, mask_base + g * mask_group, _base(ho * sh - ph + eh, eh, s), _base(wo * sw - pw + ew, ew, s)
+
+
+@njit(cache=True, inline="always")
+def _tap(win, offset, n, q, o0, k, base_y, base_x):
+    """``corners`` of tap k of output pixel q (offset columns from o0)."""
+    taps, s, height, width = win[0], win[1], win[12], win[13]
+    x = _location(base_x, taps[k, 0], offset[n, q, o0 + 2 * k], s)
+    y = _location(base_y, taps[k, 1], offset[n, q, o0 + 2 * k + 1], s)
+    return corners(y, x, height, width, _LOWER)
+
+
 @njit(cache=True, parallel=True)
 def _forward_kernel(inp, offset, mask, scale, geo, out):
     """out[n, q, g, :] = sum_k m * sample; inp (N, H*W, G, D), offset / mask (N, Q, *),
     out (N, Q, G, D) zeros."""
-    n_img, _, n_groups, _ = inp.shape
+    n_img, n_rows, n_groups, depth = inp.shape
     n_q = out.shape[1]
-    kh, kw, sh, sw, ph, pw = geo[_KH], geo[_KW], geo[_SH], geo[_SW], geo[_PH], geo[_PW]
-    dh, dw, rc = geo[_DH], geo[_DW], geo[_RC]
-    off_group, mask_base, mask_group = geo[_OFF_GROUP], geo[_MASK_BASE], geo[_MASK_GROUP]
-    w_out, height, width = geo[_W_OUT], geo[_H], geo[_W]
-    eh = (dh * (kh - 1)) // 2
-    ew = (dw * (kw - 1)) // 2
-    s = scale[0]
-    depth = inp.shape[3]
+    win = _window(geo, scale)
+    n_taps = win[0].shape[0]
     xflat = inp.reshape(-1)
     oflat = out.reshape(-1)
     stride = n_groups * depth
-    n_rows = inp.shape[1]
     for task in prange(n_img * n_q * n_groups):
-        n = task // (n_q * n_groups)
-        rest = task - n * (n_q * n_groups)
-        q = rest // n_groups
-        g = rest - q * n_groups
-        ho = q // w_out
-        wo = q - ho * w_out
-        base_y = _base(ho * sh - ph + eh, eh, s)
-        base_x = _base(wo * sw - pw + ew, ew, s)
+        n, q, g = split(task, n_q, n_groups)
         base = (n * n_rows * n_groups + g) * depth  # inp[n, 0, g, 0]
         off = task * depth  # out[n, q, g, 0]
-        o0 = g * off_group
-        m0 = mask_base + g * mask_group
-        k = 0
-        for i in range(kw):
-            for j in range(kh):
-                if rc != 0 and i == kw // 2 and j == kh // 2:
-                    continue
-                x = _location(base_x, i * dw, offset[n, q, o0 + 2 * k], s)
-                y = _location(base_y, j * dh, offset[n, q, o0 + 2 * k + 1], s)
-                c = corners(y, x, height, width, _LOWER)
-                if c[0]:
-                    add_sample(xflat, base, stride, c, mask[n, q, m0 + k], oflat, off, depth)
-                k += 1
+        o0, m0, base_y, base_x = _pixel(win, q, g)
+        for k in range(n_taps):
+            c = _tap(win, offset, n, q, o0, k, base_y, base_x)
+            if c[0]:
+                add_sample(xflat, base, stride, c, mask[n, q, m0 + k], oflat, off, depth)
 
 
 @njit(cache=True, parallel=True)
 def _grad_point_kernel(inp, offset, mask, scale, geo, go, grad_offset, grad_mask):
     """Offset and mask gradients; ``go`` (N, Q, G, D); outputs zeros (for DCNv4 both are
     the same array: the entries written are disjoint)."""
-    n_img, _, n_groups, _ = inp.shape
+    n_img, n_rows, n_groups, depth = inp.shape
     n_q = go.shape[1]
-    kh, kw, sh, sw, ph, pw = geo[_KH], geo[_KW], geo[_SH], geo[_SW], geo[_PH], geo[_PW]
-    dh, dw, rc = geo[_DH], geo[_DW], geo[_RC]
-    off_group, mask_base, mask_group = geo[_OFF_GROUP], geo[_MASK_BASE], geo[_MASK_GROUP]
-    w_out, height, width = geo[_W_OUT], geo[_H], geo[_W]
-    eh = (dh * (kh - 1)) // 2
-    ew = (dw * (kw - 1)) // 2
-    s = scale[0]
-    depth = inp.shape[3]
+    win = _window(geo, scale)
+    n_taps = win[0].shape[0]
+    s = win[1]
     xflat = inp.reshape(-1)
     gflat = go.reshape(-1)
     stride = n_groups * depth
-    n_rows = inp.shape[1]
     n_tasks = n_img * n_q * n_groups
     for chunk in prange((n_tasks + _CHUNK - 1) // _CHUNK):
         buf = np.empty(3 * depth, dtype=inp.dtype)
         for task in range(chunk * _CHUNK, min(n_tasks, (chunk + 1) * _CHUNK)):
-            n = task // (n_q * n_groups)
-            rest = task - n * (n_q * n_groups)
-            q = rest // n_groups
-            g = rest - q * n_groups
-            ho = q // w_out
-            wo = q - ho * w_out
-            base_y = _base(ho * sh - ph + eh, eh, s)
-            base_x = _base(wo * sw - pw + ew, ew, s)
+            n, q, g = split(task, n_q, n_groups)
             base = (n * n_rows * n_groups + g) * depth  # inp[n, 0, g, 0]
             goff = task * depth  # go[n, q, g, 0]
-            o0 = g * off_group
-            m0 = mask_base + g * mask_group
-            k = 0
-            for i in range(kw):
-                for j in range(kh):
-                    if rc != 0 and i == kw // 2 and j == kh // 2:
-                        continue
-                    x = _location(base_x, i * dw, offset[n, q, o0 + 2 * k], s)
-                    y = _location(base_y, j * dh, offset[n, q, o0 + 2 * k + 1], s)
-                    c = corners(y, x, height, width, _LOWER)
-                    if c[0]:
-                        ms = mask[n, q, m0 + k] * s
-                        gs, gy, gx = dots(xflat, base, stride, c, gflat, goff, depth, buf)
-                        grad_mask[n, q, m0 + k] = gs
-                        grad_offset[n, q, o0 + 2 * k] = ms * gx
-                        grad_offset[n, q, o0 + 2 * k + 1] = ms * gy
-                    k += 1
+            o0, m0, base_y, base_x = _pixel(win, q, g)
+            for k in range(n_taps):
+                c = _tap(win, offset, n, q, o0, k, base_y, base_x)
+                if c[0]:
+                    ms = mask[n, q, m0 + k] * s
+                    gs, gy, gx = dots(xflat, base, stride, c, gflat, goff, depth, buf)
+                    grad_mask[n, q, m0 + k] = gs
+                    grad_offset[n, q, o0 + 2 * k] = ms * gx
+                    grad_offset[n, q, o0 + 2 * k + 1] = ms * gy
 
 
 @njit(cache=True, parallel=True)
@@ -184,48 +183,26 @@ def _grad_input_kernel(grad_input, offset, mask, scale, geo, go, blocks):
 
     (grad_input comes first: the cold-cache notice reads a kernel's dtype from its first
     array argument, ``_warmup._array_dtype``.)"""
-    n_img, _, n_groups, depth = grad_input.shape
+    n_img, n_rows, n_groups, depth = grad_input.shape
     n_q = go.shape[1]
-    kh, kw, sh, sw, ph, pw = geo[_KH], geo[_KW], geo[_SH], geo[_SW], geo[_PH], geo[_PW]
-    dh, dw, rc = geo[_DH], geo[_DW], geo[_RC]
-    off_group, mask_base, mask_group = geo[_OFF_GROUP], geo[_MASK_BASE], geo[_MASK_GROUP]
-    w_out, height, width = geo[_W_OUT], geo[_H], geo[_W]
-    eh = (dh * (kh - 1)) // 2
-    ew = (dw * (kw - 1)) // 2
-    s = scale[0]
+    win = _window(geo, scale)
+    n_taps = win[0].shape[0]
     xflat = grad_input.reshape(-1)
     gflat = go.reshape(-1)
     stride = n_groups * depth
-    n_rows = grad_input.shape[1]
     for task in prange(n_img * n_groups * blocks):
-        n = task // (n_groups * blocks)
-        rest = task - n * (n_groups * blocks)
-        g = rest // blocks
-        b = rest - g * blocks
-        d0 = b * depth // blocks
-        d1 = (b + 1) * depth // blocks
+        n, g, b = split(task, n_groups, blocks)
+        d0, d1 = channel_block(b, blocks, depth)
         if d1 == d0:
             continue
         base = (n * n_rows * n_groups + g) * depth + d0  # grad_input[n, 0, g, d0]
-        o0 = g * off_group
-        m0 = mask_base + g * mask_group
         for q in range(n_q):
-            ho = q // w_out
-            wo = q - ho * w_out
-            base_y = _base(ho * sh - ph + eh, eh, s)
-            base_x = _base(wo * sw - pw + ew, ew, s)
             goff = ((n * n_q + q) * n_groups + g) * depth + d0  # go[n, q, g, d0]
-            k = 0
-            for i in range(kw):
-                for j in range(kh):
-                    if rc != 0 and i == kw // 2 and j == kh // 2:
-                        continue
-                    x = _location(base_x, i * dw, offset[n, q, o0 + 2 * k], s)
-                    y = _location(base_y, j * dh, offset[n, q, o0 + 2 * k + 1], s)
-                    c = corners(y, x, height, width, _LOWER)
-                    if c[0]:
-                        scatter(xflat, base, stride, c, mask[n, q, m0 + k], gflat, goff, d1 - d0)
-                    k += 1
+            o0, m0, base_y, base_x = _pixel(win, q, g)
+            for k in range(n_taps):
+                c = _tap(win, offset, n, q, o0, k, base_y, base_x)
+                if c[0]:
+                    scatter(xflat, base, stride, c, mask[n, q, m0 + k], gflat, goff, d1 - d0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._validate_msda import MsdaParams
-from ._aggregate import add_sample, corners, dots, pixel, scatter
+from ._aggregate import add_sample, channel_block, corners, dots, pixel, scatter, split
 
 # grid_sample's zero padding: points with h or w in (-2, -1] still have a corner whose
 # weight or derivative counts (at -1 exactly the sample is 0, its gradient is not).
@@ -57,6 +57,30 @@ _LOWER = -2
 _QUERY_BLOCK = 2048
 
 
+@njit(cache=True, inline="always")
+def _query_block(task, n_heads, n_q):
+    """Task (image n, head m, block of queries) of the forward and point-gradient kernels:
+    (n, m, first query, end query)."""
+    n, m, blk = split(task, n_heads, (n_q + _QUERY_BLOCK - 1) // _QUERY_BLOCK)
+    q0 = blk * _QUERY_BLOCK
+    return n, m, q0, min(n_q, q0 + _QUERY_BLOCK)
+
+
+@njit(cache=True, inline="always")
+def _level(shapes, starts, lv, n, m, n_rows, n_heads, depth):
+    """Level lv's plane of image n and head m in an (N, S, M, D) array: (height, width,
+    flat index of its (0, 0))."""
+    return shapes[lv, 0], shapes[lv, 1], ((n * n_rows + starts[lv]) * n_heads + m) * depth
+
+
+@njit(cache=True, inline="always")
+def _point(loc, n, q, m, lv, pt, height, width):
+    """``corners`` of point pt of query q and head m at level lv (height x width)."""
+    h = pixel(loc[n, q, m, lv, pt, 1], height)
+    w = pixel(loc[n, q, m, lv, pt, 0], width)
+    return corners(h, w, height, width, _LOWER)
+
+
 @njit(cache=True, parallel=True)
 def _forward_kernel(value, shapes, starts, loc, attn, out):
     """out[n, q, m, :] = sum_{l, p} attn * sample; ``out`` (N, Lq, M, D) zeros."""
@@ -65,23 +89,14 @@ def _forward_kernel(value, shapes, starts, loc, attn, out):
     vflat = value.reshape(-1)
     oflat = out.reshape(-1)
     stride = n_heads * depth
-    n_blocks = (n_q + _QUERY_BLOCK - 1) // _QUERY_BLOCK
-    for task in prange(n_img * n_heads * n_blocks):
-        n = task // (n_heads * n_blocks)
-        rest = task - n * (n_heads * n_blocks)
-        m = rest // n_blocks
-        q0 = (rest - m * n_blocks) * _QUERY_BLOCK
-        q1 = min(n_q, q0 + _QUERY_BLOCK)
+    for task in prange(n_img * n_heads * ((n_q + _QUERY_BLOCK - 1) // _QUERY_BLOCK)):
+        n, m, q0, q1 = _query_block(task, n_heads, n_q)
         for lv in range(n_levels):
-            height = shapes[lv, 0]
-            width = shapes[lv, 1]
-            base = ((n * n_rows + starts[lv]) * n_heads + m) * depth
+            height, width, base = _level(shapes, starts, lv, n, m, n_rows, n_heads, depth)
             for q in range(q0, q1):
                 off = ((n * n_q + q) * n_heads + m) * depth  # out[n, q, m, 0]
                 for pt in range(n_points):
-                    h = pixel(loc[n, q, m, lv, pt, 1], height)
-                    w = pixel(loc[n, q, m, lv, pt, 0], width)
-                    c = corners(h, w, height, width, _LOWER)
+                    c = _point(loc, n, q, m, lv, pt, height, width)
                     if c[0]:
                         add_sample(vflat, base, stride, c, attn[n, q, m, lv, pt], oflat, off, depth)
 
@@ -94,27 +109,17 @@ def _grad_point_kernel(value, shapes, starts, loc, attn, go, grad_loc, grad_attn
     vflat = value.reshape(-1)
     gflat = go.reshape(-1)
     stride = n_heads * depth
-    n_blocks = (n_q + _QUERY_BLOCK - 1) // _QUERY_BLOCK
-    for task in prange(n_img * n_heads * n_blocks):
-        n = task // (n_heads * n_blocks)
-        rest = task - n * (n_heads * n_blocks)
-        m = rest // n_blocks
-        q0 = (rest - m * n_blocks) * _QUERY_BLOCK
-        q1 = min(n_q, q0 + _QUERY_BLOCK)
+    for task in prange(n_img * n_heads * ((n_q + _QUERY_BLOCK - 1) // _QUERY_BLOCK)):
+        n, m, q0, q1 = _query_block(task, n_heads, n_q)
         buf = np.empty(3 * depth, dtype=value.dtype)
         for lv in range(n_levels):
-            height = shapes[lv, 0]
-            width = shapes[lv, 1]
-            base = ((n * n_rows + starts[lv]) * n_heads + m) * depth
+            height, width, base = _level(shapes, starts, lv, n, m, n_rows, n_heads, depth)
             for q in range(q0, q1):
                 goff = ((n * n_q + q) * n_heads + m) * depth  # go[n, q, m, 0]
                 for pt in range(n_points):
-                    y = loc[n, q, m, lv, pt, 1]
-                    h = pixel(y, height)
-                    w = pixel(loc[n, q, m, lv, pt, 0], width)
-                    c = corners(h, w, height, width, _LOWER)
+                    c = _point(loc, n, q, m, lv, pt, height, width)
                     if c[0]:
-                        f = type(y)
+                        f = type(c[9])  # the locations' type
                         a = attn[n, q, m, lv, pt]
                         gs, gh, gw = dots(vflat, base, stride, c, gflat, goff, depth, buf)
                         grad_attn[n, q, m, lv, pt] = gs
@@ -134,28 +139,20 @@ def _grad_value_kernel(grad_value, shapes, starts, loc, attn, go, blocks):
     gflat = go.reshape(-1)
     stride = n_heads * depth
     for task in prange(n_img * n_heads * blocks):
-        n = task // (n_heads * blocks)
-        rest = task - n * (n_heads * blocks)
-        m = rest // blocks
-        b = rest - m * blocks
-        d0 = b * depth // blocks
-        d1 = (b + 1) * depth // blocks
+        n, m, b = split(task, n_heads, blocks)
+        d0, d1 = channel_block(b, blocks, depth)
         if d1 == d0:
             continue
         # level by level: a row of grad_value belongs to one level, so each entry still
         # sees its additions in the order (q, p, corner), and the small levels stay in cache
         for lv in range(n_levels):
-            height = shapes[lv, 0]
-            width = shapes[lv, 1]
-            base = ((n * n_rows + starts[lv]) * n_heads + m) * depth + d0
+            height, width, base = _level(shapes, starts, lv, n, m, n_rows, n_heads, depth)
             for q in range(n_q):
                 goff = ((n * n_q + q) * n_heads + m) * depth + d0  # go[n, q, m, d0]
                 for pt in range(n_points):
-                    h = pixel(loc[n, q, m, lv, pt, 1], height)
-                    w = pixel(loc[n, q, m, lv, pt, 0], width)
-                    c = corners(h, w, height, width, _LOWER)
+                    c = _point(loc, n, q, m, lv, pt, height, width)
                     if c[0]:
-                        scatter(vflat, base, stride, c, attn[n, q, m, lv, pt], gflat, goff, d1 - d0)
+                        scatter(vflat, base + d0, stride, c, attn[n, q, m, lv, pt], gflat, goff, d1 - d0)
 
 
 # ---------------------------------------------------------------------------------------
