@@ -78,9 +78,11 @@ def _tile_bases(p_lo, cnt, geo, h0, w0):
 
 
 @njit(cache=True, inline="always")
-def _tile_points(off, mask, has_mask, n, ch, k, p_lo, cnt, geo, h0, w0, idx, valid, fh, fw, wts):
+def _tile_points(off, mask, has_mask, n, ch, k, p_lo, cnt, geo, bufs):
     """Sample points of kernel point k (offset channel pair ch) for the tile, and their
-    bilinear weights times the mask in ``wts`` (the data's precision)."""
+    bilinear weights times the mask in ``wts`` (the data's precision); ``bufs``: the
+    task's ``_tile_buffers``."""
+    h0, w0, fh, fw, idx, valid, wts = bufs
     height, width, kw, dh, dw = geo[0], geo[1], geo[3], geo[8], geo[9]
     tile_corners(
         h0,
@@ -105,6 +107,20 @@ def _tile_points(off, mask, has_mask, n, ch, k, p_lo, cnt, geo, h0, w0, idx, val
         wts[3, j] = valid[3, j] * fh[j] * fw[j] * s
 
 
+@njit(cache=True, inline="always")
+def _tile(task, n_tiles, n_pix):
+    """Task (image n, tile of output pixels) of the kernels parallel over tiles: (n, first
+    pixel of the tile, pixels in it)."""
+    lo = (task % n_tiles) * _TILE
+    return task // n_tiles, lo, min(_TILE, n_pix - lo)
+
+
+@njit(cache=True, inline="always")
+def _quad(a, j):
+    """Point j's four corner entries of a (4, _TILE) tile array, in corner order."""
+    return a[0, j], a[1, j], a[2, j], a[3, j]
+
+
 # Channel runs. A "block" is a set of channels of one offset group (so they share sample
 # points); its channels form contiguous runs inside one conv group each. runs[b, j] =
 # (first channel, length, column index of the first channel at kernel point 0); the column
@@ -113,6 +129,12 @@ def _tile_points(off, mask, has_mask, n, ch, k, p_lo, cnt, geo, h0, w0, idx, val
 # Corner indices, runs and channel counters are unsigned: Numba adds a negative-index
 # wraparound select to every signed index it cannot prove non-negative, which stops the
 # channel loops from vectorising (measured: 2.3x slower gathers).
+
+
+@njit(cache=True, inline="always")
+def _run(runs, b, r, k, cg):
+    """Run r of block b at kernel point k: (first channel, first column, length)."""
+    return runs[b, r, 0], runs[b, r, 2] + np.uint64(k * cg), runs[b, r, 1]
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -125,24 +147,20 @@ def _im2col(xt, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, runs,
     nc, n_pix = cols.shape[0], cols.shape[1]
     n_tiles = (n_pix + _TILE - 1) // _TILE
     for task in prange(nc * n_tiles):
-        n = task // n_tiles
-        lo = (task % n_tiles) * _TILE
-        cnt = min(_TILE, n_pix - lo)
-        h0, w0, fh, fw, idx, valid, wts = _tile_buffers(xt)
+        n, lo, cnt = _tile(task, n_tiles, n_pix)
+        bufs = _tile_buffers(xt)
+        h0, w0, _, _, idx, _, wts = bufs
         _tile_bases(p0 + lo, cnt, geo, h0, w0)
         for b in range(block_group.shape[0]):
             g = block_group[b]
             for k in range(n_k):
-                _tile_points(
-                    off, mask, has_mask, n0 + n, g * n_k + k, k, p0 + lo, cnt, geo, h0, w0, idx, valid, fh, fw, wts
-                )
+                _tile_points(off, mask, has_mask, n0 + n, g * n_k + k, k, p0 + lo, cnt, geo, bufs)
                 for j in range(cnt):
-                    i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
-                    a0, a1, a2, a3 = wts[0, j], wts[1, j], wts[2, j], wts[3, j]
+                    i0, i1, i2, i3 = _quad(idx, j)
+                    a0, a1, a2, a3 = _quad(wts, j)
                     for r in range(n_runs[b]):
-                        c0 = runs[b, r, 0]
-                        d0 = runs[b, r, 2] + np.uint64(k * cg)
-                        for cc in range(runs[b, r, 1]):
+                        c0, d0, length = _run(runs, b, r, k, cg)
+                        for cc in range(length):
                             cols[n, lo + j, d0 + cc] = (
                                 a0 * xt[n, i0, c0 + cc]
                                 + a1 * xt[n, i1, c0 + cc]
@@ -179,21 +197,19 @@ def _col2im(gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_runs, ru
                     c0 = runs[b, r, 0]
                     for cc in range(runs[b, r, 1]):
                         dst[n, i, c0 + cc] = 0
-        h0, w0, fh, fw, idx, valid, wts = _tile_buffers(grad_xt)
+        bufs = _tile_buffers(grad_xt)
+        h0, w0, _, _, idx, _, wts = bufs
         for lo in range(part * n_pix // n_parts, (part + 1) * n_pix // n_parts, _TILE):
             cnt = min(_TILE, (part + 1) * n_pix // n_parts - lo)
             _tile_bases(p0 + lo, cnt, geo, h0, w0)
             for k in range(n_k):
-                _tile_points(
-                    off, mask, has_mask, n0 + n, g * n_k + k, k, p0 + lo, cnt, geo, h0, w0, idx, valid, fh, fw, wts
-                )
+                _tile_points(off, mask, has_mask, n0 + n, g * n_k + k, k, p0 + lo, cnt, geo, bufs)
                 for j in range(cnt):
-                    i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
-                    a0, a1, a2, a3 = wts[0, j], wts[1, j], wts[2, j], wts[3, j]
+                    i0, i1, i2, i3 = _quad(idx, j)
+                    a0, a1, a2, a3 = _quad(wts, j)
                     for r in range(n_runs[b]):
-                        c0 = runs[b, r, 0]
-                        d0 = runs[b, r, 2] + np.uint64(k * cg)
-                        for cc in range(runs[b, r, 1]):
+                        c0, d0, length = _run(runs, b, r, k, cg)
+                        for cc in range(length):
                             v = gcols[n, lo + j, d0 + cc]
                             dst[n, i0, c0 + cc] += a0 * v
                             dst[n, i1, c0 + cc] += a1 * v
@@ -210,33 +226,31 @@ def _coord_grad(xt, gcols, off, mask, has_mask, n0, p0, geo, cg, block_group, n_
     nc, n_pix = gcols.shape[0], gcols.shape[1]
     n_tiles = (n_pix + _TILE - 1) // _TILE
     for task in prange(nc * n_tiles):
-        n = task // n_tiles
-        lo = (task % n_tiles) * _TILE
-        cnt = min(_TILE, n_pix - lo)
-        h0, w0, fh, fw, idx, valid, wts = _tile_buffers(xt)
+        n, lo, cnt = _tile(task, n_tiles, n_pix)
+        bufs = _tile_buffers(xt)
+        h0, w0, fh, fw, idx, valid, wts = bufs
         zero = xt[n, xt.shape[1] - 1, 0]  # the zero row: a zero typed like the data
         _tile_bases(p0 + lo, cnt, geo, h0, w0)
         for b in range(block_group.shape[0]):
             g = block_group[b]
             for k in range(n_k):
                 ch = g * n_k + k
-                _tile_points(off, mask, False, n0 + n, ch, k, p0 + lo, cnt, geo, h0, w0, idx, valid, fh, fw, wts)
+                _tile_points(off, mask, False, n0 + n, ch, k, p0 + lo, cnt, geo, bufs)
                 for j in range(cnt):
-                    i0, i1, i2, i3 = idx[0, j], idx[1, j], idx[2, j], idx[3, j]
+                    i0, i1, i2, i3 = _quad(idx, j)
                     s0 = zero
                     s1 = zero
                     s2 = zero
                     s3 = zero
                     for r in range(n_runs[b]):
-                        c0 = runs[b, r, 0]
-                        d0 = runs[b, r, 2] + np.uint64(k * cg)
-                        for cc in range(runs[b, r, 1]):
+                        c0, d0, length = _run(runs, b, r, k, cg)
+                        for cc in range(length):
                             v = gcols[n, lo + j, d0 + cc]
                             s0 += v * xt[n, i0, c0 + cc]
                             s1 += v * xt[n, i1, c0 + cc]
                             s2 += v * xt[n, i2, c0 + cc]
                             s3 += v * xt[n, i3, c0 + cc]
-                    v0, v1, v2, v3 = valid[0, j], valid[1, j], valid[2, j], valid[3, j]
+                    v0, v1, v2, v3 = _quad(valid, j)
                     lh, lw = fh[j], fw[j]
                     # invalid corners read the zero row, but their S may still be NaN (0 * NaN
                     # grad), so each term is also gated by its validity
