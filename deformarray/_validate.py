@@ -431,6 +431,19 @@ def roi_pool_params(
     )
 
 
+# psroi_pool_params's arguments after the arrays, as the array API names them: the
+# adapters pass their values on by these names
+PSROI_POOL_ARGS = (
+    "output_dim",
+    "group_size",
+    "pooled_size",
+    "part_size",
+    "sample_per_part",
+    "trans_std",
+    "spatial_scale",
+)
+
+
 def psroi_pool_params(
     input: Any,
     rois: Any,

@@ -431,6 +431,13 @@ def apply(op: Op, arrays: dict, statics: dict):
     return _differentiable(op)(frozen, *(arrays[k] for k in op.arrays))
 
 
+def checked_specs(arrays: dict) -> dict:
+    """Every operator's first shape check: the arrays' stand-ins (``specs``), once their
+    dtypes pass ``check_dtypes``."""
+    check_dtypes(arrays)
+    return specs(arrays)
+
+
 def check_dtypes(arrays: dict) -> None:
     """The array API's dtype check, for the backend the call will take. On the host,
     float16 and bfloat16 are computed in float32 (``_host_compute``): when every array has

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from .. import _api, _validate
-from ._machinery import Op, apply, check_dtypes, specs
+from ._machinery import Op, apply, checked_specs
 
 
 def _conv_out_shape(arrays: dict, statics: dict) -> tuple:
-    a = specs(arrays)
-    check_dtypes(arrays)
+    a = checked_specs(arrays)
     return _validate.conv_params(
         a["input"],
         a["offset"],

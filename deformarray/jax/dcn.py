@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from .. import _api, _validate_dcn
-from ._machinery import Op, apply, check_dtypes, specs
+from ._machinery import Op, apply, checked_specs
 
 _GEOMETRY = ("kernel_size", "stride", "padding", "dilation", "group", "group_channels", "offset_scale", "remove_center")
 
 
 def _dcnv3_out_shape(arrays: dict, statics: dict) -> tuple:
-    check_dtypes(arrays)
-    a = specs(arrays)
+    a = checked_specs(arrays)
     return _validate_dcn.dcnv3_params(a["input"], a["offset"], a["mask"], **statics).out_shape
 
 
 def _dcnv4_out_shape(arrays: dict, statics: dict) -> tuple:
-    check_dtypes(arrays)
-    a = specs(arrays)
+    a = checked_specs(arrays)
     return _validate_dcn.dcnv4_params(a["input"], a["offset_mask"], **statics).out_shape
 
 

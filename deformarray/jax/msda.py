@@ -9,12 +9,11 @@ import jax
 import numpy as np
 
 from .. import _api, _validate_msda
-from ._machinery import Op, apply, check_dtypes, freeze, specs
+from ._machinery import Op, apply, checked_specs, freeze
 
 
 def _msda_out_shape(arrays: dict, statics: dict) -> tuple:
-    a = specs(arrays)
-    check_dtypes(arrays)
+    a = checked_specs(arrays)
     return _validate_msda.msda_params(
         a["value"],
         statics["spatial_shapes"],

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from .. import _api, _validate
-from ._machinery import Op, apply, check_dtypes, specs
+from ._machinery import Op, apply, checked_specs
 
 
 def _host_rois(rois: Any) -> np.ndarray:
@@ -22,8 +22,7 @@ def _host_rois(rois: Any) -> np.ndarray:
 
 
 def _roi_out_shape(arrays: dict, statics: dict) -> tuple:
-    a = specs(arrays)
-    check_dtypes(arrays)
+    a = checked_specs(arrays)
     return _validate.roi_pool_params(
         a["input"],
         _host_rois(arrays["rois"]),
@@ -37,8 +36,7 @@ def _roi_out_shape(arrays: dict, statics: dict) -> tuple:
 
 
 def _psroi_out_shape(arrays: dict, statics: dict) -> tuple:
-    a = specs(arrays)
-    check_dtypes(arrays)
+    a = checked_specs(arrays)
     return _validate.psroi_pool_params(a["input"], _host_rois(arrays["rois"]), a["offset"], **statics).out_shape
 
 
@@ -90,13 +88,5 @@ def deform_psroi_pool(
     """``deformarray.deform_psroi_pool`` on JAX arrays. Gradients flow to input and offset;
     ``rois`` gets zeros. See docs/jax.md."""
     arrays = dict(input=input, rois=rois, offset=offset)
-    statics = dict(
-        output_dim=output_dim,
-        group_size=group_size,
-        pooled_size=pooled_size,
-        part_size=part_size,
-        sample_per_part=sample_per_part,
-        trans_std=trans_std,
-        spatial_scale=spatial_scale,
-    )
-    return apply(_PSROI, arrays, statics)
+    geometry = (output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
+    return apply(_PSROI, arrays, dict(zip(_validate.PSROI_POOL_ARGS, geometry)))

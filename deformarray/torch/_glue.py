@@ -209,6 +209,17 @@ def _empty_like_nothing(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def _grad_or_nothing(grad: Tensor | None, like: Tensor) -> Tensor:
+    """A backward operator's output for one gradient: contiguous, or (absent argument) the
+    empty placeholder."""
+    return _empty_like_nothing(like) if grad is None else grad.contiguous()
+
+
+def _fake_grad_or_nothing(arg: Tensor | None, like: Tensor) -> Tensor:
+    """What ``_grad_or_nothing`` gives, in a fake kernel: shaped as the argument ``arg``."""
+    return like.new_empty((0,)) if arg is None else torch.empty_like(arg, memory_format=torch.contiguous_format)
+
+
 def _deterministic_flag() -> bool:
     """What the backward operators receive: True when PyTorch asks for deterministic
     algorithms; False means "deformarray's own default" (``set_deterministic``)."""

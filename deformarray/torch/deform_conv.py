@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _api
+from .._validate import conv_params, sliding_output_size
 from . import _onnx_nodes
 from ._glue import (
     OP_TAGS,
@@ -17,7 +18,8 @@ from ._glue import (
     _cast_back,
     _common_dtype,
     _deterministic_flag,
-    _empty_like_nothing,
+    _fake_grad_or_nothing,
+    _grad_or_nothing,
     _pair_list,
     _register_autocast,
     _static_shapes,
@@ -79,13 +81,11 @@ def _deform_conv2d_op(
 def _conv_out_shape(input, offset, weight, bias, stride, padding, dilation, mask):
     if _static_shapes(input, offset, weight, bias, mask):
         # Same ValueError as the eager call, raised while tracing
-        from .._validate import conv_params
-
         return conv_params(input, offset, weight, bias, tuple(stride), tuple(padding), tuple(dilation), mask).out_shape
     n, _, h, w = input.shape
     c_out, _, kh, kw = weight.shape
-    h_out = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    h_out = sliding_output_size(h, kh, stride[0], padding[0], dilation[0])
+    w_out = sliding_output_size(w, kw, stride[1], padding[1], dilation[1])
     return (n, c_out, h_out, w_out)
 
 
@@ -125,8 +125,8 @@ def _deform_conv2d_backward_op(
         g.input.contiguous(memory_format=fmt),
         g.offset.contiguous(),
         g.weight.contiguous(memory_format=fmt),
-        _empty_like_nothing(input) if g.bias is None else g.bias.contiguous(),
-        _empty_like_nothing(input) if g.mask is None else g.mask.contiguous(),
+        _grad_or_nothing(g.bias, input),
+        _grad_or_nothing(g.mask, input),
     )
 
 
@@ -137,8 +137,8 @@ def _(grad_output, input, offset, weight, bias, stride, padding, dilation, mask,
         torch.empty_like(input, memory_format=fmt),
         torch.empty_like(offset, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=fmt),
-        input.new_empty((0,)) if bias is None else torch.empty_like(bias),
-        input.new_empty((0,)) if mask is None else torch.empty_like(mask, memory_format=torch.contiguous_format),
+        _fake_grad_or_nothing(bias, input),
+        _fake_grad_or_nothing(mask, input),
     )
 
 

@@ -24,7 +24,39 @@ def _pair(value: Any) -> tuple[int, int]:
     return (int(value), int(value))
 
 
-class DeformConv2d(nn.Module):
+class _DeformConvModule(nn.Module):
+    """What the deformable convolution modules share: their geometry attributes, ``weight``
+    and ``bias`` (made, not initialised: each module has its library's init), and the call
+    of ``deform_conv2d`` with them."""
+
+    def _make_parameters(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias) -> None:
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        if bias:  # mmcv: a truthy value, 'auto' included, means a bias
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+
+    def _deform(self, x: Tensor, offset: Tensor, mask: Tensor | None) -> Tensor:
+        return deform_conv2d(
+            x,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
+        )
+
+
+class DeformConv2d(_DeformConvModule):
     """``torchvision.ops.DeformConv2d``: same constructor, parameters (``weight``,
     ``bias``), initialisation and ``forward(input, offset, mask=None)``, so torchvision
     checkpoints load as they are. The offset groups follow from ``offset``'s channels."""
@@ -45,18 +77,7 @@ class DeformConv2d(nn.Module):
             raise ValueError("in_channels must be divisible by groups")
         if out_channels % groups != 0:
             raise ValueError("out_channels must be divisible by groups")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
+        self._make_parameters(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -68,16 +89,7 @@ class DeformConv2d(nn.Module):
             init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
-        return deform_conv2d(
-            input,
-            offset,
-            self.weight,
-            self.bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            mask=mask,
-        )
+        return self._deform(input, offset, mask)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -99,7 +111,7 @@ def _mmcv_init_weight(weight: Tensor, in_channels: int, kernel_size: tuple[int, 
         weight.uniform_(-stdv, stdv)
 
 
-class _MmcvConvBase(nn.Module):
+class _MmcvConvBase(_DeformConvModule):
     """Constructor and parameters shared by the mmcv-style modules."""
 
     def __init__(
@@ -121,34 +133,11 @@ class _MmcvConvBase(nn.Module):
             raise ValueError(f"out_channels {out_channels} must be divisible by groups {groups}")
         if in_channels % deform_groups != 0:
             raise ValueError(f"in_channels {in_channels} must be divisible by deform_groups {deform_groups}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = groups
+        self._make_parameters(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.deform_groups = deform_groups
         # nn.Conv2d look-alike attributes (mmcv sets them too; some tools read them)
         self.transposed = False
         self.output_padding = (0,)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        if bias:  # mmcv: a truthy value, 'auto' included, means a bias
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
-
-    def _deform(self, x: Tensor, offset: Tensor, mask: Tensor | None) -> Tensor:
-        return deform_conv2d(
-            x,
-            offset,
-            self.weight,
-            self.bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            mask=mask,
-        )
 
     def _make_conv_offset(self, per_point: int) -> nn.Conv2d:
         """The offset (and mask) predictor, zero-initialised: offsets 0 (and masks
@@ -362,9 +351,13 @@ class DeformRoIPoolPack(DeformRoIPool):
                 f"input must have output_channels = {self.output_channels} channels, got shape {tuple(input.shape)}"
             )
 
-    def _offset(self, pooled: Tensor) -> Tensor:
+    def _head(self, fc: nn.Module, pooled: Tensor, channels: int) -> Tensor:
+        """A head's output per RoI, ``(R, channels, ph, pw)``, from the pooled features."""
         r = pooled.shape[0]
-        return self.offset_fc(pooled.reshape(r, -1)).reshape(r, 2, *self.output_size)
+        return fc(pooled.reshape(r, -1)).reshape(r, channels, *self.output_size)
+
+    def _offset(self, pooled: Tensor) -> Tensor:
+        return self._head(self.offset_fc, pooled, 2)
 
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
         self._check_channels(input)
@@ -393,9 +386,7 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
         self._check_channels(input)
         pooled = self._pool(input, rois, None)
-        r = pooled.shape[0]
-        mask = self.mask_fc(pooled.reshape(r, -1)).reshape(r, 1, *self.output_size)
-        return self._pool(input, rois, self._offset(pooled), mask)
+        return self._pool(input, rois, self._offset(pooled), self._head(self.mask_fc, pooled, 1))
 
 
 class DeformPSRoIPool(nn.Module):

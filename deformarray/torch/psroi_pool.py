@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _api
-from .._validate import MAX_SAMPLES_PER_SIDE
+from .._validate import MAX_SAMPLES_PER_SIDE, PSROI_POOL_ARGS
 from . import _onnx_nodes
 from ._glue import (
     OP_TAGS,
@@ -15,7 +15,8 @@ from ._glue import (
     _cast_back,
     _common_dtype,
     _deterministic_flag,
-    _empty_like_nothing,
+    _fake_grad_or_nothing,
+    _grad_or_nothing,
     _int_arg,
     _register_autocast,
     _roi_out_shape,
@@ -35,16 +36,9 @@ def _deform_psroi_pool_op(
     trans_std: float,
     spatial_scale: float,
 ) -> Tensor:
+    geometry = (output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
     out = _call_array_api(
-        _api.deform_psroi_pool,
-        dict(input=input, rois=rois, offset=offset),
-        output_dim=output_dim,
-        group_size=group_size,
-        pooled_size=pooled_size,
-        part_size=part_size,
-        sample_per_part=sample_per_part,
-        trans_std=trans_std,
-        spatial_scale=spatial_scale,
+        _api.deform_psroi_pool, dict(input=input, rois=rois, offset=offset), **dict(zip(PSROI_POOL_ARGS, geometry))
     )
     return out.contiguous()
 
@@ -72,22 +66,14 @@ def _deform_psroi_pool_backward_op(
     deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """Gradients (input, offset); an absent offset gives an empty tensor."""
+    geometry = (output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
     g = _call_array_api(
         _api.deform_psroi_pool_backward,
         dict(grad_output=grad_output, input=input, rois=rois, offset=offset),
-        output_dim=output_dim,
-        group_size=group_size,
-        pooled_size=pooled_size,
-        part_size=part_size,
-        sample_per_part=sample_per_part,
-        trans_std=trans_std,
-        spatial_scale=spatial_scale,
+        **dict(zip(PSROI_POOL_ARGS, geometry)),
         deterministic=True if deterministic else None,
     )
-    return (
-        g.input.contiguous(),
-        _empty_like_nothing(input) if g.offset is None else g.offset.contiguous(),
-    )
+    return g.input.contiguous(), _grad_or_nothing(g.offset, input)
 
 
 @_deform_psroi_pool_backward_op.register_fake
@@ -105,10 +91,7 @@ def _(
     spatial_scale,
     deterministic,
 ):
-    return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
-        input.new_empty((0,)) if offset is None else torch.empty_like(offset, memory_format=torch.contiguous_format),
-    )
+    return torch.empty_like(input, memory_format=torch.contiguous_format), _fake_grad_or_nothing(offset, input)
 
 
 def _deform_psroi_pool_setup_context(ctx, inputs, output):

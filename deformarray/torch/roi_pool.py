@@ -17,7 +17,8 @@ from ._glue import (
     _cast_back,
     _common_dtype,
     _deterministic_flag,
-    _empty_like_nothing,
+    _fake_grad_or_nothing,
+    _grad_or_nothing,
     _int_arg,
     _pair_list,
     _register_autocast,
@@ -76,19 +77,15 @@ def _deform_roi_pool_backward_op(
         gamma=gamma,
         deterministic=True if deterministic else None,
     )
-    return (
-        g.input.contiguous(),
-        _empty_like_nothing(input) if g.offset is None else g.offset.contiguous(),
-        _empty_like_nothing(input) if g.mask is None else g.mask.contiguous(),
-    )
+    return g.input.contiguous(), _grad_or_nothing(g.offset, input), _grad_or_nothing(g.mask, input)
 
 
 @_deform_roi_pool_backward_op.register_fake
 def _(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask, deterministic):
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
-        input.new_empty((0,)) if offset is None else torch.empty_like(offset, memory_format=torch.contiguous_format),
-        input.new_empty((0,)) if mask is None else torch.empty_like(mask, memory_format=torch.contiguous_format),
+        _fake_grad_or_nothing(offset, input),
+        _fake_grad_or_nothing(mask, input),
     )
 
 
