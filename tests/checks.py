@@ -61,6 +61,14 @@ def reversed_view(a):
     return np.ascontiguousarray(a[flip])[flip]
 
 
+# the layouts of the operators' non-contiguous input tests
+VIEWS = pytest.mark.parametrize(
+    "make_view",
+    [transposed_view, strided_view, reversed_view, np.asfortranarray],
+    ids=["transposed", "strided", "reversed", "fortran"],
+)
+
+
 # Determinism, threads and workspace checks of an operator's forward and backward
 # (``run_forward(case)``, ``run_backward(grad_output, case, **extra)``; the gradients a tuple).
 

@@ -24,12 +24,10 @@ import numpy as np
 import pytest
 from checks import (
     DTYPES,
+    VIEWS,
     assert_close,
     check_bitwise_deterministic,
     check_calls_from_threads,
-    reversed_view,
-    strided_view,
-    transposed_view,
 )
 from dcn_cases import SETTINGS, dcn_geometries, edge_coords, targeted
 from edges import around, edge_targets
@@ -442,11 +440,7 @@ def _scatter_counts(counts, ones, geom, shifts):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize(
-    "make_view",
-    [transposed_view, strided_view, reversed_view, np.asfortranarray],
-    ids=["transposed", "strided", "reversed", "fortran"],
-)
+@VIEWS
 def test_non_contiguous_inputs(make_view, dtype, rng):
     c = make_dcn_case(rng, n=1, dtype=dtype)
     checks.check_non_contiguous_inputs(run_forward, run_backward, c, rng, dtype, make_view, GRAD_NAMES)

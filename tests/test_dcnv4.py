@@ -14,10 +14,9 @@ Default shapes are tiny: CI also runs this file with NUMBA_DISABLE_JIT=1.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
-from checks import DTYPES, assert_close, reversed_view, strided_view, transposed_view
+from checks import DTYPES, VIEWS, assert_close, check_bitwise_deterministic
 from dcn_cases import SETTINGS, dcn_geometries, targeted
 from edges import edge_targets
 from hypothesis import given
@@ -123,11 +122,7 @@ def test_empty_batch(dtype, rng):
     assert grads.offset_mask.dtype == dtype
 
 
-@pytest.mark.parametrize(
-    "make_view",
-    [transposed_view, strided_view, reversed_view, np.asfortranarray],
-    ids=["transposed", "strided", "reversed", "fortran"],
-)
+@VIEWS
 def test_non_contiguous_inputs(make_view, rng):
     c = dcnv4_case(make_dcn_case(rng, n=1, dtype=np.float32), fill=0.5)
     y = run_forward(c)
@@ -143,18 +138,5 @@ def test_non_contiguous_inputs(make_view, rng):
 def test_bitwise_deterministic(rng):
     """Same bits on every run and with one thread; deterministic=False too."""
     c = dcnv4_case(make_dcn_case(rng, n=2, h=4, w=3, spread=2.0))
-    y = run_forward(c)
-    go = rng.standard_normal(y.shape)
-    first = run_backward(go, c)
-    again = run_backward(go, c, deterministic=False)
-    threads = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        single = run_backward(go, c)
-        y_single = run_forward(c)
-    finally:
-        numba.set_num_threads(threads)
-    assert y_single.tobytes() == y.tobytes()
-    for other in (again, single):
-        assert other.input.tobytes() == first.input.tobytes()
-        assert other.offset_mask.tobytes() == first.offset_mask.tobytes()
+    # the shared check also asks for a second run's bits and nonzero gradients
+    check_bitwise_deterministic(run_forward, run_backward, c, rng)

@@ -24,12 +24,10 @@ import numpy as np
 import pytest
 from checks import (
     DTYPES,
+    VIEWS,
     assert_close,
     check_bitwise_deterministic,
     check_calls_from_threads,
-    reversed_view,
-    strided_view,
-    transposed_view,
 )
 from edges import around, edge_targets
 from hypothesis import HealthCheck, given, settings
@@ -427,11 +425,7 @@ def test_linear_in_attention_weights(geom, scale, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize(
-    "make_view",
-    [transposed_view, strided_view, reversed_view, np.asfortranarray],
-    ids=["transposed", "strided", "reversed", "fortran"],
-)
+@VIEWS
 def test_non_contiguous_inputs(make_view, dtype, rng):
     c = make_msda_case(rng, dtype=dtype)
     checks.check_non_contiguous_inputs(run_forward, run_backward, c, rng, dtype, make_view, FLOATS)

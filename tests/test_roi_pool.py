@@ -15,7 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from checks import DTYPES, assert_close, reversed_view, strided_view, traced_peak, transposed_view
+from checks import DTYPES, VIEWS, assert_close, traced_peak
 from edges import edge_coordinate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -393,11 +393,7 @@ def test_edge_sample_points_property(points, dtype, with_mask, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize(
-    "make_view",
-    [transposed_view, strided_view, reversed_view, np.asfortranarray],
-    ids=["transposed", "strided", "reversed", "fortran"],
-)
+@VIEWS
 def test_non_contiguous_inputs(make_view, dtype, rng):
     a, kw = make_case(rng, dtype=dtype)
     go = rng.standard_normal(run_forward(a, kw).shape).astype(dtype)
