@@ -52,3 +52,29 @@ def assert_close(got, want, tol, what):
     assert got.shape == want.shape, what
     scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def check_chunked_equals_unchunked(run, dtype, limits=(1, 20_000, 200_000)):
+    """``run()`` -> (output, gradients) under each workspace limit against the unbounded run:
+    float64 to 1e-12, the others to 2e-3 (the chunks sum in another order)."""
+    import deformarray as da
+
+    full = run()
+    tol = 1e-12 if dtype == "float64" else 2e-3
+    for limit in limits:
+        with da.workspace_limit(limit):
+            chunked = run()
+        assert_close(chunked[0], full[0], tol, f"output, limit {limit}")
+        for g, f in zip(chunked[1], full[1]):
+            assert_close(g, f, tol, f"grads, limit {limit}")
+
+
+def strided(a, dtype):
+    """``a`` as ``dtype`` on the GPU, every axis strided by 2 inside a larger buffer."""
+    import cupy
+
+    big = cupy.zeros(tuple(2 * s for s in a.shape), dtype=dtype)
+    view = big[tuple(slice(None, None, 2) for _ in a.shape)]
+    view[...] = cupy.asarray(np.asarray(a).astype(dtype))
+    assert not view.flags.c_contiguous
+    return view

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_checks import DTYPES, MODES, TOL, assert_close, dtype_of, to_gpu
+from gpu_checks import DTYPES, MODES, TOL, assert_close, check_chunked_equals_unchunked, dtype_of, strided, to_gpu
 
 import deformarray as da
 
@@ -97,29 +97,14 @@ def test_msda_chunked_equals_unchunked(rng, dtype, deterministic):
     arrays, shapes, starts = msda_case(rng, n=3)
     grad_out = rng.standard_normal((3, 30, 32))
     cast = lambda a: to_gpu(a, dtype)  # noqa: E731
-    full = _run(arrays, shapes, starts, grad_out, cast, deterministic)
-    tol = 1e-12 if dtype == "float64" else 2e-3
-    for limit in (1, 20_000, 200_000):
-        with da.workspace_limit(limit):
-            chunked = _run(arrays, shapes, starts, grad_out, cast, deterministic)
-        assert_close(chunked[0], full[0], tol, f"output, limit {limit}")
-        for g, f in zip(chunked[1], full[1]):
-            assert_close(g, f, tol, f"grads, limit {limit}")
-
-
-def _strided(a, dtype):
-    big = cupy.zeros(tuple(2 * s for s in a.shape), dtype=dtype)
-    view = big[tuple(slice(None, None, 2) for _ in a.shape)]
-    view[...] = cupy.asarray(np.asarray(a).astype(dtype))
-    assert not view.flags.c_contiguous
-    return view
+    check_chunked_equals_unchunked(lambda: _run(arrays, shapes, starts, grad_out, cast, deterministic), dtype)
 
 
 def test_msda_non_contiguous_and_stream(rng):
     arrays, shapes, starts = msda_case(rng)
     grad_out = rng.standard_normal((2, 30, 32))
     want = _run(arrays, shapes, starts, grad_out, lambda a: to_gpu(a, np.float32), True)
-    got = _run(arrays, shapes, starts, grad_out, lambda a: _strided(a, np.float32), True)
+    got = _run(arrays, shapes, starts, grad_out, lambda a: strided(a, np.float32), True)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         on_stream = _run(arrays, shapes, starts, grad_out, lambda a: to_gpu(a, np.float32), True)
