@@ -149,6 +149,23 @@ def _all_present(c):
 
 
 @njit(cache=True, inline="always")
+def _offsets(base, stride, c):
+    """Flat indices of the rows of corners 1-4 (all present) in the plane, unsigned."""
+    return _u(base + c[1] * stride), _u(base + c[2] * stride), _u(base + c[3] * stride), _u(base + c[4] * stride)
+
+
+@njit(cache=True, inline="always")
+def _sample(flat, o1, o2, o3, o4, w1, w2, w3, w4, d, zero):
+    """``S_d`` with all four corners present: from 0, in corner order."""
+    s = zero
+    s += flat[o1 + d] * w1
+    s += flat[o2 + d] * w2
+    s += flat[o3 + d] * w3
+    s += flat[o4 + d] * w4
+    return s
+
+
+@njit(cache=True, inline="always")
 def add_sample(flat, base, stride, c, a, acc, off, depth):
     """``acc[off + d] += a * S_d`` for d < depth, the sample of the point set up in ``c``
     (``corners``) from the plane ``(flat, base, stride)``."""
@@ -156,18 +173,10 @@ def add_sample(flat, base, stride, c, a, acc, off, depth):
     w1, w2, w3, w4 = c[5], c[6], c[7], c[8]
     zero = type(a)(0.0)
     if _all_present(c):
-        o1 = _u(base + r1 * stride)
-        o2 = _u(base + r2 * stride)
-        o3 = _u(base + r3 * stride)
-        o4 = _u(base + r4 * stride)
+        o1, o2, o3, o4 = _offsets(base, stride, c)
         oa = _u(off)
         for d in range(_u(depth)):
-            s = zero
-            s += flat[o1 + d] * w1
-            s += flat[o2 + d] * w2
-            s += flat[o3 + d] * w3
-            s += flat[o4 + d] * w4
-            acc[oa + d] += a * s
+            acc[oa + d] += a * _sample(flat, o1, o2, o3, o4, w1, w2, w3, w4, d, zero)
         return
     for d in range(depth):
         s = zero
@@ -218,21 +227,13 @@ def dots(flat, base, stride, c, g, goff, depth, buf):
     gh = zero
     gw = zero
     if _all_present(c):
-        o1 = _u(base + r1 * stride)
-        o2 = _u(base + r2 * stride)
-        o3 = _u(base + r3 * stride)
-        o4 = _u(base + r4 * stride)
+        o1, o2, o3, o4 = _offsets(base, stride, c)
         og = _u(goff)
         uh = _u(depth)
         uw = _u(2 * depth)
         # three loops, one store each: few enough runtime alias checks for LLVM to vectorise
         for d in range(_u(depth)):
-            s = zero
-            s += flat[o1 + d] * w1
-            s += flat[o2 + d] * w2
-            s += flat[o3 + d] * w3
-            s += flat[o4 + d] * w4
-            buf[d] = g[og + d] * s
+            buf[d] = g[og + d] * _sample(flat, o1, o2, o3, o4, w1, w2, w3, w4, d, zero)
         for d in range(_u(depth)):
             buf[uh + d] = g[og + d] * (hw * (flat[o3 + d] - flat[o1 + d]) + lw * (flat[o4 + d] - flat[o2 + d]))
         for d in range(_u(depth)):
