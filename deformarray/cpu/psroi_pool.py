@@ -51,12 +51,11 @@ _MARGIN = 0.5  # MXNet: a sample outside [-0.5, size - 0.5] is skipped
 
 
 @njit(cache=True, inline="always")
-def _bin_axes(bins, r, i, j, cls, pi, pj, ys, xs):
+def _bin_axes(box, off, has_off, trans_std, height, width, spp, r, i, j, cls, pi, pj, ys, xs):
     """Row and column weights (``axis_weights`` into the ``axis_scratch`` tuples ys, xs) of
     bin (i, j) of RoI r for offset class cls at part (pi, pj): (used rows * used columns =
-    valid samples, touched rows, touched columns). ``bins``: the kernel's (box, off,
-    has_off, trans_std, height, width, spp)."""
-    box, off, has_off, trans_std, height, width, spp = bins
+    valid samples, touched rows, touched columns). The kernel's arguments come one by one:
+    a tuple of them, unpacked per bin, made the forward 1.4-1.5x slower (2-core VM)."""
     y_w, y_s, y_idx, y_cw, y_cs = ys
     x_w, x_s, x_idx, x_cw, x_cs = xs
     hs = i * box[r, 4] + box[r, 0]
@@ -77,7 +76,6 @@ def _forward_kernel(x, o0, rlist, rslot, box, off, has_off, trans_std, dims, out
     oc = x.shape[1] // (gs * gs)
     nr = rlist.shape[0]
     wd = np.uint64(width)
-    bins = (box, off, has_off, trans_std, height, width, spp)
     for task in prange(oc * ps):
         c = o0 + task // ps
         i = task % ps
@@ -95,7 +93,7 @@ def _forward_kernel(x, o0, rlist, rslot, box, off, has_off, trans_std, dims, out
             for k in range(nr):
                 r = rlist[k]
                 n = rslot[k]
-                cnt, my, mx = _bin_axes(bins, r, i, j, cls, pi, pj, ys, xs)
+                cnt, my, mx = _bin_axes(box, off, has_off, trans_std, height, width, spp, r, i, j, cls, pi, pj, ys, xs)
                 total = 0.0
                 for a in range(my):
                     row = y_idx[a] * wd
@@ -139,7 +137,6 @@ def _grad_kernel(x, xc0, ch0, n_ch, rlist, rslot, rimg, box, go, off, has_off, t
     gg = gs * gs
     oc0 = ch0 // gg
     wd = np.uint64(width)
-    bins = (box, off, has_off, trans_std, height, width, spp)
     for t in prange(n_ch):
         ch = ch0 + t
         c = ch // gg
@@ -162,7 +159,9 @@ def _grad_kernel(x, xc0, ch0, n_ch, rlist, rslot, rimg, box, go, off, has_off, t
                 pi = i * part // ps
                 for j in range(j_lo, j_hi):
                     pj = j * part // ps
-                    cnt, my, mx = _bin_axes(bins, r, i, j, cls, pi, pj, ys, xs)
+                    cnt, my, mx = _bin_axes(
+                        box, off, has_off, trans_std, height, width, spp, r, i, j, cls, pi, pj, ys, xs
+                    )
                     if cnt == 0:  # no sample: zero output, zero gradients
                         if has_off:
                             terms[c - oc0, i, j, k, 0] = 0.0
